@@ -1,0 +1,3 @@
+"""ekd: Evaluation-oriented Knowledge Distillation for face recognition."""
+
+__version__ = "0.1.0"
