@@ -1,0 +1,55 @@
+"""Evaluation layer: verification metrics, pair protocols and embedding extraction.
+
+``extract_embeddings`` (which needs torch) is imported lazily on first use, so the numpy-only
+metrics and protocols can be used without importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ekd.eval.metrics import (
+    DEFAULT_FPRS,
+    kfold_bounds,
+    l2_normalize,
+    roc_auc,
+    roc_curve,
+    threshold_at_fpr,
+    tpr_at_fpr,
+    verification_accuracy,
+)
+from ekd.eval.protocols import (
+    PairList,
+    all_pairs_scores,
+    cap_per_identity,
+    read_lfw_pairs,
+    read_pair_list,
+)
+
+if TYPE_CHECKING:
+    from ekd.eval.embed import extract_embeddings
+
+__all__ = [
+    "DEFAULT_FPRS",
+    "PairList",
+    "all_pairs_scores",
+    "cap_per_identity",
+    "extract_embeddings",
+    "kfold_bounds",
+    "l2_normalize",
+    "read_lfw_pairs",
+    "read_pair_list",
+    "roc_auc",
+    "roc_curve",
+    "threshold_at_fpr",
+    "tpr_at_fpr",
+    "verification_accuracy",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "extract_embeddings":
+        from ekd.eval.embed import extract_embeddings
+
+        return extract_embeddings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,85 @@
+"""Evaluate a face model on verification protocols (pair lists and all-pairs over a folder).
+
+- Pair protocols (LFW View-2 ``pairs.txt`` or a generic ``path1 path2 label`` list): 10-fold
+  accuracy as InsightFace's ``eval/verification.py``, ROC AUC and TPR at FPR 1e-1 ... 1e-6 of the
+  cosine score.
+- All-pairs over an identity folder: every identity with >= 2 images, its first
+  ``max_per_identity`` images in file-name order, every pair among them; AUC and TPR@FPR.
+
+Embeddings follow InsightFace: ``f(x) + f(flip(x))``, L2-normalised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ekd.data import ImageFolderDataset, ListDataset
+from ekd.eval.embed import extract_embeddings
+from ekd.eval.metrics import roc_auc, threshold_at_fpr, tpr_at_fpr, verification_accuracy
+from ekd.eval.protocols import PairList, all_pairs_scores, cap_per_identity
+
+REPORT_FPRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+THRESHOLD_FPRS = (1e-3, 1e-4, 1e-5)
+
+
+def fpr_key(f: float) -> str:
+    return f"tpr@{f:.0e}".replace("e-0", "e-")
+
+
+def score_metrics(scores: np.ndarray, issame: np.ndarray) -> dict:
+    """AUC, TPR at each report FPR (``None`` = too few negatives) and thresholds for deployment."""
+    out: dict = {"pairs": int(scores.size), "genuine": int(issame.sum()), "auc": roc_auc(scores, issame)}
+    for f, tpr in tpr_at_fpr(scores, issame, REPORT_FPRS).items():
+        out[fpr_key(f)] = tpr
+    out["thresholds"] = {f"{f:.0e}".replace("e-0", "e-"): threshold_at_fpr(scores, issame, f)
+                         for f in THRESHOLD_FPRS}
+    return out
+
+
+def embed_paths(model: nn.Module, paths: list[str], input_size: int, batch_size: int = 128,
+                device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
+    """Flip-summed, L2-normalised embeddings of image files, in order."""
+    loader = DataLoader(ListDataset(paths, input_size), batch_size=batch_size, shuffle=False)
+    return extract_embeddings(model, loader, device=device, progress=progress)
+
+
+def evaluate_pairs(model: nn.Module, pairs: PairList, input_size: int, batch_size: int = 128,
+                   device: torch.device | str = "cpu", progress: bool = False,
+                   nfolds: int = 10) -> dict:
+    """10-fold accuracy (InsightFace protocol), AUC and TPR@FPR of a pair list."""
+    unique = pairs.unique_paths()
+    emb = embed_paths(model, unique, input_size, batch_size, device, progress)
+    index = {p: i for i, p in enumerate(unique)}
+    e1 = emb[[index[p] for p in pairs.paths1]]
+    e2 = emb[[index[p] for p in pairs.paths2]]
+    acc = verification_accuracy(e1, e2, pairs.issame, nfolds=nfolds)
+    out = {"accuracy": acc["accuracy"], "accuracy_std": acc["accuracy_std"]}
+    out.update(score_metrics(np.sum(e1 * e2, axis=1), pairs.issame))
+    return out
+
+
+def evaluate_folder(model: nn.Module, root: str | Path, input_size: int,
+                    max_per_identity: int | None = 10, batch_size: int = 128,
+                    device: torch.device | str = "cpu", progress: bool = False) -> dict:
+    """All-pairs verification over an identity folder with a per-identity cap."""
+    ds = ImageFolderDataset(root, input_size=input_size, train=False)
+    paths = [p for p, _ in ds.samples]
+    keep = cap_per_identity(paths, ds.labels, max_per_identity)
+    emb = embed_paths(model, [paths[i] for i in keep], input_size, batch_size, device, progress)
+    scores, issame = all_pairs_scores(emb, ds.labels[keep])
+    out = score_metrics(scores, issame)
+    out["images"] = int(len(keep))
+    return out
+
+
+def format_value(v: object) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
