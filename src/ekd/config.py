@@ -1,0 +1,351 @@
+"""Typed run configuration: dataclasses loaded from YAML with ``--set a.b=c`` overrides.
+
+Every section is a dataclass; loading is strict: an unknown key or a value of the wrong type is a
+:class:`~ekd.errors.ConfigError` that names the key and lists the valid ones. Impossible values
+(negative sizes, a balanced part larger than the dataset allows, ...) are rejected by
+:func:`validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from ekd.errors import ConfigError
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in procedural face dataset (see :mod:`ekd.data.synthetic`)."""
+
+    train_identities: int = 200
+    train_images: int = 16
+    eval_identities: int = 60
+    eval_images: int = 10
+    num_pairs: int = 2000
+    image_size: int = 56
+    seed: int = 0
+    cache_dir: str = "outputs/synthetic"
+
+
+@dataclass
+class DataConfig:
+    """Training data: an identity folder (``root/<identity>/<image>``) or the synthetic set."""
+
+    kind: str = "synthetic"  # "folder" | "synthetic"
+    root: str | None = None
+    input_size: int = 112
+    num_workers: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class SamplerConfig:
+    """Each batch = ``random_size`` random samples + P identities x K samples (EKD, Sec. 3.3)."""
+
+    random_size: int = 64
+    identities_per_batch: int = 16
+    samples_per_identity: int = 4
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "mobilefacenet"
+    embedding_size: int = 512
+    dropout: float = 0.0
+
+
+@dataclass
+class HeadConfig:
+    kind: str = "arcface"  # "arcface" | "cosface"
+    scale: float = 64.0
+    margin: float = 0.5
+
+
+@dataclass
+class TeacherConfig:
+    """Where the frozen teacher comes from. ``kind: none`` trains without a teacher."""
+
+    kind: str = "none"  # "none" | "checkpoint"
+    path: str | None = None
+    # Architecture, needed for checkpoints that do not store it (arcface_torch backbone.pth).
+    backbone: str | None = None
+    embedding_size: int | None = None
+
+
+@dataclass
+class DistillerConfig:
+    """One distiller of the registry, its overall weight and its own parameters."""
+
+    name: str = "ekd"
+    weight: float = 1.0
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scheduler: str = "cosine"  # "cosine" | "step"
+    warmup_epochs: float = 0.0
+    milestones: list = field(default_factory=list)  # epochs, for the step scheduler
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    seed: int = 0
+    output_dir: str = "runs/default"
+    # The margin cross-entropy sees the random part of the batch ("random", the authors' split)
+    # or the whole batch ("all").
+    ce_on: str = "random"
+    log_every: int = 10
+    progress: bool = True
+    max_steps_per_epoch: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    """Verification sets evaluated after training (a generic pair list and/or all pairs)."""
+
+    pairs: str | None = None  # "path1 path2 label" list
+    pairs_root: str | None = None
+    folder: str | None = None  # all pairs over an identity folder
+    max_per_identity: int | None = 10
+    batch_size: int = 128
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: list[DistillerConfig] = field(default_factory=list)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_CHOICES = {
+    "data.kind": ("folder", "synthetic"),
+    "head.kind": ("arcface", "cosface"),
+    "teacher.kind": ("none", "checkpoint"),
+    "optim.scheduler": ("cosine", "step"),
+    "train.ce_on": ("random", "all"),
+}
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; ``key`` names it in errors."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {_valid_keys(tp)}, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is list or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _valid_keys(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(map(str, data)) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} "
+            + ", ".join(f"'{prefix}{k}'" for k in unknown)
+            + f"; valid keys{' of ' + prefix.rstrip('.') if prefix else ''}: {_valid_keys(cls)}"
+        )
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain Python data (for YAML, checkpoints and hashing)."""
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if isinstance(nxt, list) and parts[i + 1].isdigit():
+            idx = int(parts[i + 1])
+            if idx >= len(nxt):
+                raise ConfigError(f"--set {dotted}: index {idx} out of range (list has {len(nxt)})")
+            node = nxt
+            parts[i + 1] = idx  # type: ignore[call-overload]
+            continue
+        if isinstance(node, list):
+            node = node[part]  # type: ignore[index]
+            continue
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, (dict, list)):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node = nxt
+    node[parts[-1]] = value  # type: ignore[index]
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``a.b=c`` strings; values are read as YAML scalars (``1e-4``, ``true``, ``[1,2]``)."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping safely; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections ({_valid_keys(Config)})")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> Config:
+    """Load a :class:`Config` from YAML (optional) plus ``--set`` overrides, then validate."""
+    tree: dict = dict(base or {})
+    if path is not None:
+        tree.update(read_yaml(path))
+    for key, value in parse_overrides(overrides or []):
+        _set_path(tree, key, value)
+    cfg = from_dict(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values with errors that name the key and the valid choices."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    positive = {
+        "data.input_size": cfg.data.input_size,
+        "model.embedding_size": cfg.model.embedding_size,
+        "sampler.samples_per_identity": cfg.sampler.samples_per_identity,
+        "train.epochs": cfg.train.epochs,
+        "eval.batch_size": cfg.eval.batch_size,
+        "train.log_every": cfg.train.log_every,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    nonneg = {
+        "sampler.random_size": cfg.sampler.random_size,
+        "sampler.identities_per_batch": cfg.sampler.identities_per_batch,
+        "data.num_workers": cfg.data.num_workers,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.warmup_epochs": cfg.optim.warmup_epochs,
+    }
+    for key, value in nonneg.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.sampler.random_size + cfg.sampler.identities_per_batch == 0:
+        raise ConfigError("sampler: the batch is empty (random_size and identities_per_batch are both 0)")
+    if cfg.train.ce_on == "random" and cfg.sampler.random_size == 0:
+        raise ConfigError("train.ce_on is 'random' but sampler.random_size is 0: "
+                          "set train.ce_on=all or a positive random_size")
+    if cfg.data.kind == "folder" and not cfg.data.root:
+        raise ConfigError("data.root is required when data.kind is 'folder'")
+    if cfg.teacher.kind == "checkpoint" and not cfg.teacher.path:
+        raise ConfigError("teacher.path is required when teacher.kind is 'checkpoint'")
+    if cfg.distill and cfg.teacher.kind == "none":
+        names = ", ".join(d.name for d in cfg.distill)
+        raise ConfigError(f"distill lists {names} but teacher.kind is 'none': "
+                          "a distiller needs a teacher (set teacher.kind and teacher.path)")
+    for i, d in enumerate(cfg.distill):
+        if d.weight < 0:
+            raise ConfigError(f"distill[{i}].weight must be >= 0, got {d.weight}")
