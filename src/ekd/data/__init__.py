@@ -1,0 +1,23 @@
+"""Data layer: image loading, folder datasets and the built-in synthetic face benchmark."""
+
+from ekd.data.folder import IMAGE_EXTENSIONS, ImageFolderDataset, ListDataset, write_pairs
+from ekd.data.synthetic import (
+    generate_identity_folder,
+    make_synthetic_benchmark,
+    render_face,
+)
+from ekd.data.transforms import denormalize, load_image, random_flip, to_tensor
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageFolderDataset",
+    "ListDataset",
+    "denormalize",
+    "generate_identity_folder",
+    "load_image",
+    "make_synthetic_benchmark",
+    "random_flip",
+    "render_face",
+    "to_tensor",
+    "write_pairs",
+]

@@ -1,0 +1,73 @@
+"""Image loading and tensor conversion (numpy only, no torchvision).
+
+Images are normalised as InsightFace does: ``(x / 255 - 0.5) / 0.5``, i.e. pixel values in
+``[-1, 1]``. Random horizontal flips use torch's RNG (optionally an explicit
+:class:`torch.Generator`), so ``torch.manual_seed`` makes them reproducible and every
+``DataLoader`` worker, which torch seeds differently, draws its own flips.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ekd.errors import DataError
+
+__all__ = ["load_image", "to_tensor", "random_flip", "denormalize"]
+
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Read an image file and return it in RGB mode.
+
+    Raises :class:`DataError` naming the file if it is missing or cannot be decoded.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode == "RGB":
+                return img.copy()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16/32-bit grayscale: rescale to 8 bits before converting.
+                arr = np.asarray(img, dtype=np.float64)
+                peak = max(float(arr.max()), 1.0)
+                scale = 255.0 / (65535.0 if peak > 255 else 255.0)
+                gray = np.clip(arr * scale, 0, 255).astype(np.uint8)
+                return Image.fromarray(gray, mode="L").convert("RGB")
+            return img.convert("RGB")
+    except FileNotFoundError as exc:
+        raise DataError(f"image file not found: {path}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot read image file {path}: {exc}") from exc
+
+
+def random_flip(generator: torch.Generator | None = None) -> bool:
+    """Return True with probability 0.5, drawn from torch's RNG (or ``generator``)."""
+    return bool(torch.rand((), generator=generator).item() < 0.5)
+
+
+def to_tensor(img: Image.Image, input_size: int, flip: bool = False) -> torch.Tensor:
+    """Convert an RGB image to a normalised float tensor of shape ``[3, input_size, input_size]``.
+
+    The image is resized (bilinear) only when its size differs from ``input_size``; ``flip``
+    mirrors it horizontally. Values are mapped to ``[-1, 1]``.
+    """
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != (input_size, input_size):
+        img = img.resize((input_size, input_size), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.float32)
+    if flip:
+        arr = arr[:, ::-1]
+    arr = (arr - 127.5) / 127.5
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def denormalize(tensor: torch.Tensor) -> np.ndarray:
+    """Invert :func:`to_tensor`: ``[3, H, W]`` in ``[-1, 1]`` to a ``uint8`` ``[H, W, 3]`` array."""
+    arr = tensor.detach().cpu().float().numpy().transpose(1, 2, 0)
+    return np.clip(np.rint(arr * 127.5 + 127.5), 0, 255).astype(np.uint8)
