@@ -195,6 +195,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -233,26 +238,26 @@ def to_dict(cfg: Any) -> dict:
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` (list items by index: ``distill.0.weight``) in a nested mapping."""
     parts = dotted.split(".")
-    node = tree
-    for i, part in enumerate(parts[:-1]):
-        nxt = node.get(part)
-        if isinstance(nxt, list) and parts[i + 1].isdigit():
-            idx = int(parts[i + 1])
-            if idx >= len(nxt):
-                raise ConfigError(f"--set {dotted}: index {idx} out of range (list has {len(nxt)})")
-            node = nxt
-            parts[i + 1] = idx  # type: ignore[call-overload]
-            continue
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth + 1])
         if isinstance(node, list):
-            node = node[part]  # type: ignore[index]
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {dotted}: {where} is not an index of a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
             continue
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, (dict, list)):
-            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
-        node = nxt
-    node[parts[-1]] = value  # type: ignore[index]
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth])} is not a section")
+        if last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
