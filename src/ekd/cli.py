@@ -1,0 +1,102 @@
+"""Command line: ``ekd train``, ``ekd eval``, ``ekd demo``. Only argument wiring lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ekd.errors import EkdError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ekd.config import load_config
+    from ekd.engine.trainer import train
+
+    cfg = load_config(args.config, args.set)
+    result = train(cfg)
+    print(f"run directory: {result.run_dir}\nstudent: {result.model_path}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ekd.engine.evaluation import evaluate_checkpoint, write_report
+
+    sets = {}
+    if args.pairs:
+        sets["pairs"] = ("pairs", args.pairs, args.pairs_root)
+    if args.lfw_pairs:
+        sets["lfw"] = ("lfw", args.lfw_pairs, args.lfw_root)
+    if args.folder:
+        sets["all-pairs"] = ("folder", args.folder, None)
+    if not sets:
+        raise EkdError("ekd eval: give at least one of --pairs, --lfw-pairs, --folder")
+    results = {}
+    for model in args.model:
+        results[model] = evaluate_checkpoint(model, sets, backbone=args.backbone,
+                                             max_per_identity=args.max_per_identity,
+                                             batch_size=args.batch_size, device=args.device)
+    table = write_report(results, Path(args.out) if args.out else None)
+    print(table)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ekd.engine.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, device=args.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ekd", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=0.05 (repeatable)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate one or several models on verification sets")
+    p.add_argument("--model", action="append", required=True,
+                   help="ekd checkpoint or arcface_torch backbone.pth (repeatable)")
+    p.add_argument("--backbone", help="architecture of bare state_dict files, e.g. iresnet50")
+    p.add_argument("--pairs", help="generic pair list: 'path1 path2 label' per line")
+    p.add_argument("--pairs-root", help="folder the pair list's paths are relative to")
+    p.add_argument("--lfw-pairs", help="LFW View-2 pairs.txt")
+    p.add_argument("--lfw-root", help="LFW images folder (<root>/<Name>/<Name>_NNNN.jpg)")
+    p.add_argument("--folder", help="identity folder for all-pairs verification")
+    p.add_argument("--max-per-identity", type=int, default=10,
+                   help="all-pairs: first N images per identity (default 10)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="write metrics.json and results.md into this folder")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="synthetic data -> teacher -> students (no KD, EKD) -> table")
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--quick", action="store_true", help="a 2-minute version")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except EkdError as exc:
+        print(f"ekd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ekd {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""Frozen teachers loaded strictly from files.
+
+Accepted files:
+- an ekd model or training checkpoint (it records its backbone, embedding and input size);
+- an InsightFace arcface_torch ``backbone.pth`` (a bare ``state_dict``); its architecture must be
+  given (``teacher.backbone``), and it loads with ``strict=True``.
+
+A missing file, a wrong architecture, or missing/unexpected keys raise
+:class:`~ekd.errors.CheckpointError` naming the file and the keys. No path returns a randomly
+initialised teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ekd.engine.checkpoint import FORMAT, load_file, load_state_strict
+from ekd.errors import CheckpointError, ConfigError
+from ekd.models import build_backbone
+
+
+@dataclass
+class LoadedModel:
+    """A backbone restored from a file, with what is known about it."""
+
+    model: nn.Module
+    backbone: str
+    embedding_size: int
+    input_size: int
+    head_state: dict | None = None
+
+
+def load_model(path: str | Path, backbone: str | None = None, embedding_size: int | None = None,
+               input_size: int | None = None) -> LoadedModel:
+    """Restore a backbone from an ekd checkpoint or an arcface_torch ``backbone.pth``."""
+    path = Path(path)
+    obj = load_file(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        meta = obj["model_meta"]
+        if backbone is not None and backbone != meta["backbone"]:
+            raise CheckpointError(f"{path}: holds a {meta['backbone']} but {backbone} was requested")
+        name, emb, size = meta["backbone"], meta["embedding_size"], meta["input_size"]
+        if input_size is not None and input_size != size:
+            raise CheckpointError(f"{path}: trained at input size {size}, requested {input_size}")
+        state, head = obj["model"], obj.get("head")
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if backbone is None:
+            raise ConfigError(f"{path}: a bare state_dict (e.g. arcface_torch backbone.pth) does not "
+                              "record its architecture; set teacher.backbone (e.g. iresnet50)")
+        name, state, head = backbone, obj, None
+        emb = embedding_size or _infer_embedding_size(obj, path)
+        size = input_size or 112
+    else:
+        raise CheckpointError(f"{path}: neither an ekd checkpoint nor a state_dict of tensors "
+                              f"(top level: {type(obj).__name__})")
+    model = build_backbone(name, embedding_size=emb, input_size=size)
+    load_state_strict(model, state, str(path), what=f"{name} backbone")
+    return LoadedModel(model, name, emb, size, head)
+
+
+def _infer_embedding_size(state: dict, path: Path) -> int:
+    for key in ("features.weight", "features.layers.3.weight"):  # iresnet, mobilefacenet
+        if key in state:
+            return int(state[key].shape[0])
+    raise CheckpointError(f"{path}: cannot infer the embedding size; set teacher.embedding_size")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no gradients: the teacher never trains (BN statistics stay fixed)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_teacher(path: str | Path, backbone: str | None = None, embedding_size: int | None = None,
+                 input_size: int | None = None, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load and freeze a teacher."""
+    loaded = load_model(path, backbone, embedding_size, input_size)
+    loaded.model = freeze(loaded.model.to(device))
+    return loaded

@@ -1,0 +1,104 @@
+"""The trainer end to end on a tiny synthetic folder: run directory, checkpoints, teacher use."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ekd.cli import main
+from ekd.config import load_config
+from ekd.data import generate_identity_folder
+from ekd.engine.checkpoint import load_file
+from ekd.engine.optim import lr_factor, param_groups
+from ekd.engine.teacher import load_teacher
+from ekd.engine.trainer import Trainer, train
+from ekd.errors import CheckpointError, ConfigError
+from ekd.models import build_backbone
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces") / "train"
+    generate_identity_folder(root, num_identities=12, images_per_identity=6, image_size=32, seed=1)
+    return root
+
+
+def _cfg(folder, out, *extra):
+    return load_config(None, [f"data.kind=folder", f"data.root={folder}", "data.input_size=32",
+                              "model.backbone=mobilefacenet", "model.embedding_size=32",
+                              "sampler.random_size=16", "sampler.identities_per_batch=4",
+                              "train.epochs=2", "train.progress=false", "train.device=cpu",
+                              "train.log_every=1", f"train.output_dir={out}", *extra])
+
+
+def test_train_writes_run_directory_and_checkpoints(folder, tmp_path):
+    result = train(_cfg(folder, tmp_path / "run"))
+    run = result.run_dir
+    assert (run / "config.yaml").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("epoch_end", False) for r in rows) == 2
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    ckpt = load_file(run / "checkpoints" / "last.pt")
+    assert {"model", "head", "optimizer", "scheduler", "epoch", "distillers", "config"} <= set(ckpt)
+    assert ckpt["epoch"] == 2
+    student = load_teacher(result.model_path)  # the final student is loadable as a teacher
+    assert student.backbone == "mobilefacenet" and student.input_size == 32
+
+
+def test_distillation_from_a_trained_teacher(folder, tmp_path):
+    teacher = train(_cfg(folder, tmp_path / "teacher", "train.epochs=1", "train.ce_on=all"))
+    cfg = _cfg(folder, tmp_path / "student", "train.epochs=1", "teacher.kind=checkpoint",
+               f"teacher.path={teacher.model_path}", "distill=[{name: ekd, weight: 1.0}]")
+    trainer = Trainer(cfg)
+    assert not trainer.teacher.model.training
+    before = {k: v.clone() for k, v in trainer.teacher.model.state_dict().items()}
+    result = trainer.fit()
+    assert {"ce", "ekd_pos", "ekd_neg"} <= set(result.final_terms)
+    after = trainer.teacher.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # teacher frozen, BN stats too
+    ckpt = load_file(result.run_dir / "checkpoints" / "last.pt")
+    assert float(ckpt["distillers"]["0.student_anchor"].abs().sum()) > 0
+
+
+def test_a_teacher_that_fails_to_load_stops_training(folder, tmp_path):
+    cfg = _cfg(folder, tmp_path / "s", "teacher.kind=checkpoint", f"teacher.path={tmp_path}/none.pt",
+               "distill=[{name: ekd}]")
+    with pytest.raises(CheckpointError, match="none.pt"):
+        Trainer(cfg)
+    torch.save(build_backbone("iresnet18", 32, 32).state_dict(), tmp_path / "r18.pth")
+    cfg = _cfg(folder, tmp_path / "s", "teacher.kind=checkpoint", f"teacher.path={tmp_path}/r18.pth",
+               "teacher.backbone=mobilefacenet", "distill=[{name: ekd}]")
+    with pytest.raises(CheckpointError, match="r18.pth.*missing keys"):
+        Trainer(cfg)
+
+
+def test_unknown_distiller_parameter(folder, tmp_path):
+    teacher = tmp_path / "t.pt"
+    cfg = _cfg(folder, tmp_path / "s", "teacher.kind=checkpoint", f"teacher.path={teacher}",
+               "distill=[{name: ekd, params: {temprature: 0.1}}]")
+    torch.save(build_backbone("mobilefacenet", 32, 32).state_dict(), teacher)
+    cfg.teacher.backbone = "mobilefacenet"
+    with pytest.raises(ConfigError, match="unknown parameter.*temprature.*valid: fprs, temperature"):
+        Trainer(cfg)
+
+
+def test_cli_train_reports_errors_without_traceback(folder, tmp_path, capsys):
+    code = main(["train", str(tmp_path / "missing.yaml")])
+    assert code == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_no_weight_decay_on_bn_and_bias():
+    model = build_backbone("mobilefacenet", 32, 32)
+    decay, no_decay = param_groups([model], 5e-4)
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_lr_schedule_warmup_cosine_and_step():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(99, 100, 0, "step", [50, 80]) == pytest.approx(0.01)
