@@ -6,12 +6,22 @@ from ekd.data.synthetic import (
     make_synthetic_benchmark,
     render_face,
 )
+from ekd.data.recordio import RecordDataset, RecordIOReader, RecordIOWriter, pack_folder
 from ekd.data.transforms import denormalize, load_image, random_flip, to_tensor
+from ekd.data.verification_bin import BinDataset, load_bin, read_bin, write_bin
 
 __all__ = [
+    "BinDataset",
     "IMAGE_EXTENSIONS",
     "ImageFolderDataset",
     "ListDataset",
+    "RecordDataset",
+    "RecordIOReader",
+    "RecordIOWriter",
+    "load_bin",
+    "pack_folder",
+    "read_bin",
+    "write_bin",
     "denormalize",
     "generate_identity_folder",
     "load_image",

@@ -5,47 +5,85 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from torch import nn
+
 from ekd.engine.teacher import load_model
 from ekd.engine.trainer import resolve_device
 from ekd.errors import ConfigError
-from ekd.eval.evaluate import evaluate_folder, evaluate_pairs, format_value, fpr_key
+from ekd.eval.evaluate import (evaluate_bin, evaluate_folder, evaluate_ijb, evaluate_pairs,
+                               format_value, fpr_key)
 from ekd.eval.protocols import read_lfw_pairs, read_pair_list
 from ekd.models import count_parameters
 
 TABLE_FPRS = (1e-2, 1e-3, 1e-4, 1e-5)
+KINDS = ("pairs", "lfw", "folder", "bin", "cfp", "ijb")
 
 
-def evaluate_checkpoint(path: str | Path, sets: dict[str, tuple[str, str, str | None]],
+def _public(obj: object) -> object:
+    """``obj`` without dict keys starting with ``_`` (ROC points, raw scores), recursively."""
+    if isinstance(obj, dict):
+        return {k: _public(v) for k, v in obj.items() if not str(k).startswith("_")}
+    return obj
+
+
+def _evaluate_set(model: nn.Module, kind: str, target: str, root: str | None, opts: dict,
+                  max_per_identity: int | None, common: dict) -> dict:
+    if kind == "pairs":
+        return evaluate_pairs(model, read_pair_list(Path(target), Path(root) if root else None),
+                              **common)
+    if kind == "lfw":
+        if not root:
+            raise ConfigError("LFW pairs need the images folder (--lfw-root)")
+        res = evaluate_pairs(model, read_lfw_pairs(Path(target), Path(root)), **common)
+        res["protocol"] = "LFW View-2 pairs.txt, " + res["protocol"]
+        return res
+    if kind == "folder":
+        return evaluate_folder(model, target, max_per_identity=max_per_identity, **common)
+    if kind == "bin":
+        return evaluate_bin(model, target, color=opts.get("color", "rgb"), **common)
+    if kind == "cfp":
+        from ekd.eval.cfp import read_cfp_pairs
+
+        split, folds = opts.get("split", "FP"), opts.get("folds")
+        res = evaluate_pairs(model, read_cfp_pairs(target, split, folds), **common)
+        res["protocol"] = (f"CFP-{split} folds {'all' if folds is None else list(folds)}, same/diff "
+                           "interleaved, 10 contiguous folds (InsightFace verification.py)")
+        return res
+    if kind == "ijb":
+        return evaluate_ijb(model, target, **opts, **common)
+    raise ConfigError(f"unknown evaluation set kind {kind!r}; valid: {', '.join(KINDS)}")
+
+
+def evaluate_checkpoint(path: str | Path, sets: dict[str, tuple],
                         backbone: str | None = None, max_per_identity: int | None = 10,
                         batch_size: int = 128, device: str = "auto", progress: bool = True) -> dict:
-    """Evaluate one model file on named sets ``{name: (kind, path, root)}``.
+    """Evaluate one model file on named sets ``{name: (kind, path, root[, options])}``.
 
-    ``kind`` is ``pairs`` (generic list), ``lfw`` (View-2 ``pairs.txt``, root = images folder)
-    or ``folder`` (all pairs over an identity folder).
+    ``kind`` is ``pairs`` (generic list), ``lfw`` (View-2 ``pairs.txt``, root = images folder),
+    ``folder`` (all pairs over an identity folder), ``bin`` (InsightFace ``.bin``; option
+    ``color``), ``cfp`` (CFP folder; options ``split`` FF/FP, ``folds`` list or None = all) or
+    ``ijb`` (IJB folder with ``meta/`` and ``loose_crop/``; options ``target``, ``one_to_n``,
+    ``use_norm_score``, ``use_detector_score``, ``use_flip_test``). Each set's results keep a
+    private ``_roc`` entry for :func:`write_report`'s plots.
     """
     loaded = load_model(path, backbone=backbone)
     dev = resolve_device(device)
     model = loaded.model.to(dev)
     out: dict = {"model": str(path), "backbone": loaded.backbone,
                  "parameters": count_parameters(model), "input_size": loaded.input_size, "sets": {}}
-    for name, (kind, target, root) in sets.items():
+    for name, spec in sets.items():
+        if not 3 <= len(spec) <= 4:
+            raise ConfigError(f"set {name!r}: expected (kind, path, root[, options]), got {spec!r}")
+        kind, target, root = spec[:3]
+        opts = dict(spec[3]) if len(spec) == 4 and spec[3] else {}
         common = dict(input_size=loaded.input_size, batch_size=batch_size, device=dev, progress=progress)
-        if kind == "pairs":
-            pairs = read_pair_list(Path(target), Path(root) if root else None)
-            out["sets"][name] = evaluate_pairs(model, pairs, **common)
-        elif kind == "lfw":
-            if not root:
-                raise ConfigError("LFW pairs need the images folder (--lfw-root)")
-            out["sets"][name] = evaluate_pairs(model, read_lfw_pairs(Path(target), Path(root)), **common)
-        elif kind == "folder":
-            out["sets"][name] = evaluate_folder(model, target, max_per_identity=max_per_identity, **common)
-        else:
-            raise ConfigError(f"unknown evaluation set kind {kind!r}; valid: pairs, lfw, folder")
+        out["sets"][name] = _evaluate_set(model, kind, target, root, opts, max_per_identity, common)
     return out
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-    """One row per (model, set): parameters, 10-fold accuracy, AUC, TPR at FPR."""
+    """One row per (model, set): parameters, 10-fold accuracy, AUC, TPR at FPR; then a 1:N table
+    (IJB) when any set has one, and the protocol variant of every set."""
     head = ["model", "set", "params (M)", "accuracy", "AUC"] + [fpr_key(f).upper().replace("TPR@", "TPR@FPR=")
                                                                for f in TABLE_FPRS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -55,14 +93,33 @@ def markdown_table(results: dict[str, dict]) -> str:
             row = [label, set_name, f"{res['parameters'] / 1e6:.2f}", acc, format_value(m["auc"])]
             row += [format_value(m.get(fpr_key(f))) for f in TABLE_FPRS]
             lines.append("| " + " | ".join(row) + " |")
+    ident = [(label, s, m["1:N"]) for label, res in results.items()
+             for s, m in res["sets"].items() if "1:N" in m]
+    if ident:
+        lines += ["", "| model | set | gallery | top-1 | top-5 | top-10 | TPIR@FPIR=1e-2 | "
+                  "TPIR@FPIR=1e-1 |", "|" + "---|" * 8]
+        for label, set_name, r in ident:
+            for gal, m in [("combined", r)] + [("mean of 2", r["mean_over_galleries"])]:
+                row = [label, set_name, gal] + [format_value(m.get(k)) for k in
+                                                ("top1", "top5", "top10", "tpir@1e-2", "tpir@1e-1")]
+                lines.append("| " + " | ".join(row) + " |")
+    protocols = {s: m["protocol"] for res in results.values() for s, m in res["sets"].items()
+                 if "protocol" in m}
+    if protocols:
+        lines += ["", "Protocols:"] + [f"- {s}: {p}" for s, p in protocols.items()]
     return "\n".join(lines)
 
 
-def write_report(results: dict[str, dict], out_dir: Path | None) -> str:
-    """Write ``metrics.json`` and ``results.md`` (when ``out_dir``); return the table."""
+def write_report(results: dict[str, dict], out_dir: Path | None, plots: bool = False) -> str:
+    """Write ``metrics.json`` (without the private ``_`` entries) and ``results.md`` (when
+    ``out_dir``), and with ``plots`` one ROC PNG per set (``roc_<set>.png``); return the table."""
     table = markdown_table(results)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(json.dumps(results, indent=1))
+        (out_dir / "metrics.json").write_text(json.dumps(_public(results), indent=1))
         (out_dir / "results.md").write_text(table + "\n")
+        if plots:
+            from ekd.eval.plots import write_roc_plots
+
+            write_roc_plots(results, out_dir)
     return table

@@ -18,6 +18,8 @@ from ekd.eval.metrics import (
     tpr_at_fpr,
     verification_accuracy,
 )
+from ekd.eval.cfp import read_cfp_pairs
+from ekd.eval.ijb import read_ijb_meta, tpr_at_fpr_nearest
 from ekd.eval.protocols import (
     PairList,
     all_pairs_scores,
@@ -37,12 +39,15 @@ __all__ = [
     "extract_embeddings",
     "kfold_bounds",
     "l2_normalize",
+    "read_cfp_pairs",
+    "read_ijb_meta",
     "read_lfw_pairs",
     "read_pair_list",
     "roc_auc",
     "roc_curve",
     "threshold_at_fpr",
     "tpr_at_fpr",
+    "tpr_at_fpr_nearest",
     "verification_accuracy",
 ]
 

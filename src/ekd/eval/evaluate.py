@@ -1,10 +1,15 @@
 """Evaluate a face model on verification protocols (pair lists and all-pairs over a folder).
 
-- Pair protocols (LFW View-2 ``pairs.txt`` or a generic ``path1 path2 label`` list): 10-fold
-  accuracy as InsightFace's ``eval/verification.py``, ROC AUC and TPR at FPR 1e-1 ... 1e-6 of the
-  cosine score.
+- Pair protocols (LFW View-2 ``pairs.txt``, CFP ``Split/{FF,FP}`` folds, a generic
+  ``path1 path2 label`` list, or an InsightFace ``.bin``): 10-fold accuracy as InsightFace's
+  ``eval/verification.py``, ROC AUC and TPR at FPR 1e-1 ... 1e-6 of the cosine score.
 - All-pairs over an identity folder: every identity with >= 2 images, its first
   ``max_per_identity`` images in file-name order, every pair among them; AUC and TPR@FPR.
+- IJB-B/C 1:1 and 1:N: :mod:`ekd.eval.ijb`.
+
+Every result holds a ``"protocol"`` line naming the variant and a private ``"_roc"`` entry
+(a few hundred ROC points, :func:`ekd.eval.plots.roc_points`) for plots; reports drop keys
+starting with ``_`` from ``metrics.json``.
 
 Embeddings follow InsightFace: ``f(x) + f(flip(x))``, L2-normalised.
 """
@@ -19,8 +24,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ekd.data import ImageFolderDataset, ListDataset
+from ekd.data.verification_bin import BinDataset
 from ekd.eval.embed import extract_embeddings
 from ekd.eval.metrics import roc_auc, threshold_at_fpr, tpr_at_fpr, verification_accuracy
+from ekd.eval.plots import roc_points
 from ekd.eval.protocols import PairList, all_pairs_scores, cap_per_identity
 
 REPORT_FPRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -38,6 +45,18 @@ def score_metrics(scores: np.ndarray, issame: np.ndarray) -> dict:
         out[fpr_key(f)] = tpr
     out["thresholds"] = {f"{f:.0e}".replace("e-0", "e-"): threshold_at_fpr(scores, issame, f)
                          for f in THRESHOLD_FPRS}
+    out["_roc"] = roc_points(scores, issame)
+    return out
+
+
+def pair_metrics(e1: np.ndarray, e2: np.ndarray, issame: np.ndarray, nfolds: int = 10,
+                 protocol: str = "") -> dict:
+    """Accuracy (InsightFace's 10-fold protocol) and score metrics of embedded pairs."""
+    acc = verification_accuracy(e1, e2, issame, nfolds=nfolds)
+    out = {"protocol": protocol or f"{nfolds}-fold accuracy (InsightFace verification.py), "
+           "cosine AUC and TPR at FPR (largest FPR <= target)",
+           "accuracy": acc["accuracy"], "accuracy_std": acc["accuracy_std"]}
+    out.update(score_metrics(np.sum(e1 * e2, axis=1), issame))
     return out
 
 
@@ -57,10 +76,19 @@ def evaluate_pairs(model: nn.Module, pairs: PairList, input_size: int, batch_siz
     index = {p: i for i, p in enumerate(unique)}
     e1 = emb[[index[p] for p in pairs.paths1]]
     e2 = emb[[index[p] for p in pairs.paths2]]
-    acc = verification_accuracy(e1, e2, pairs.issame, nfolds=nfolds)
-    out = {"accuracy": acc["accuracy"], "accuracy_std": acc["accuracy_std"]}
-    out.update(score_metrics(np.sum(e1 * e2, axis=1), pairs.issame))
-    return out
+    return pair_metrics(e1, e2, pairs.issame, nfolds)
+
+
+def evaluate_bin(model: nn.Module, path: str | Path, input_size: int, batch_size: int = 128,
+                 device: torch.device | str = "cpu", progress: bool = False, nfolds: int = 10,
+                 color: str = "rgb") -> dict:
+    """An InsightFace ``.bin`` (pair ``i`` = images ``2i``, ``2i+1``), decoded in ``color`` order."""
+    ds = BinDataset(path, input_size=input_size, color=color)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
+    emb = extract_embeddings(model, loader, device=device, progress=progress)
+    return pair_metrics(emb[0::2], emb[1::2], ds.issame, nfolds,
+                        f"InsightFace .bin ({color.upper()}), {nfolds}-fold accuracy as "
+                        "verification.py, cosine AUC and TPR at FPR")
 
 
 def evaluate_folder(model: nn.Module, root: str | Path, input_size: int,
@@ -72,9 +100,35 @@ def evaluate_folder(model: nn.Module, root: str | Path, input_size: int,
     keep = cap_per_identity(paths, ds.labels, max_per_identity)
     emb = embed_paths(model, [paths[i] for i in keep], input_size, batch_size, device, progress)
     scores, issame = all_pairs_scores(emb, ds.labels[keep])
-    out = score_metrics(scores, issame)
+    out = {"protocol": f"all pairs, first {max_per_identity} images per identity (>= 2), "
+           "cosine AUC and TPR at FPR (largest FPR <= target)"}
+    out.update(score_metrics(scores, issame))
     out["images"] = int(len(keep))
     return out
+
+
+def evaluate_ijb(model: nn.Module, root: str | Path, target: str = "IJBC", input_size: int = 112,
+                 batch_size: int = 128, device: torch.device | str = "cpu", progress: bool = False,
+                 use_norm_score: bool = True, use_detector_score: bool = True,
+                 use_flip_test: bool = True, one_to_n: bool = False) -> dict:
+    """IJB-B/C: align and embed ``root/loose_crop`` (raw features of each crop and of its mirror,
+    :func:`ekd.eval.align.embed_aligned`), then :func:`ekd.eval.ijb.evaluate_ijb_features` with
+    InsightFace's switches (defaults N1 D1 F1). ``_scores``/``_labels`` become ``_roc`` points."""
+    from ekd.errors import DataError
+    from ekd.eval.align import embed_aligned
+    from ekd.eval.ijb import evaluate_ijb_features, read_ijb_meta
+
+    meta = read_ijb_meta(root, target)
+    crops = meta.root / "loose_crop"
+    if not crops.is_dir():
+        raise DataError(f"IJB image folder not found: {crops}")
+    feats, flips = embed_aligned(model, [crops / n for n in meta.names], meta.landmarks,
+                                 input_size, batch_size, device, flip=use_flip_test,
+                                 progress=progress)
+    res = evaluate_ijb_features(feats, flips, meta, use_norm_score, use_detector_score,
+                                use_flip_test, one_to_n)
+    res["_roc"] = roc_points(res.pop("_scores"), res.pop("_labels"))
+    return res
 
 
 def format_value(v: object) -> str:
