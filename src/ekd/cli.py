@@ -1,4 +1,5 @@
-"""Command line: ``ekd train``, ``ekd eval``, ``ekd demo``. Only argument wiring lives here."""
+"""Command line: ``ekd train``, ``ekd eval``, ``ekd demo``, ``ekd data``. Only argument wiring
+lives here."""
 
 from __future__ import annotations
 
@@ -30,14 +31,36 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         sets["lfw"] = ("lfw", args.lfw_pairs, args.lfw_root)
     if args.folder:
         sets["all-pairs"] = ("folder", args.folder, None)
+    for path in args.bin or []:
+        sets[Path(path).stem] = ("bin", path, None, {"color": args.bin_color})
+    if args.cfp:
+        try:
+            folds = None if args.cfp_folds == "all" else [int(f) for f in args.cfp_folds.split(",")]
+        except ValueError:
+            raise EkdError(f"--cfp-folds: expected 'all' or numbers like 9,10, "
+                           f"got {args.cfp_folds!r}") from None
+        for split in ("FF", "FP"):
+            sets[f"cfp_{split.lower()}"] = ("cfp", args.cfp, None, {"split": split, "folds": folds})
+    if args.ijb:
+        sets[f"{args.ijb_target} 1:1"] = ("ijb", args.ijb, None, {
+            "target": args.ijb_target, "one_to_n": args.ijb_1n,
+            "use_norm_score": not args.ijb_no_norm_score,
+            "use_detector_score": not args.ijb_no_detector_score,
+            "use_flip_test": not args.ijb_no_flip})
     if not sets:
-        raise EkdError("ekd eval: give at least one of --pairs, --lfw-pairs, --folder")
+        raise EkdError("ekd eval: give at least one of --pairs, --lfw-pairs, --folder, --bin, "
+                       "--cfp, --ijb")
+    labels = args.label or args.model
+    if len(labels) != len(args.model):
+        raise EkdError(f"ekd eval: {len(args.label)} --label for {len(args.model)} --model")
+    if args.plots and not args.out:
+        raise EkdError("ekd eval: --plots needs --out")
     results = {}
-    for model in args.model:
-        results[model] = evaluate_checkpoint(model, sets, backbone=args.backbone,
+    for label, model in zip(labels, args.model):
+        results[label] = evaluate_checkpoint(model, sets, backbone=args.backbone,
                                              max_per_identity=args.max_per_identity,
                                              batch_size=args.batch_size, device=args.device)
-    table = write_report(results, Path(args.out) if args.out else None)
+    table = write_report(results, Path(args.out) if args.out else None, plots=args.plots)
     print(table)
     return 0
 
@@ -71,9 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", help="identity folder for all-pairs verification")
     p.add_argument("--max-per-identity", type=int, default=10,
                    help="all-pairs: first N images per identity (default 10)")
+    p.add_argument("--bin", action="append", help="InsightFace verification .bin (repeatable)")
+    p.add_argument("--bin-color", choices=("rgb", "bgr"), default="rgb",
+                   help="channel order fed to the model from .bin images (default rgb, as InsightFace)")
+    p.add_argument("--cfp", help="CFP folder (with Protocol/ and Data/): CFP-FF and CFP-FP")
+    p.add_argument("--cfp-folds", default="all", help="'all' (default) or e.g. '10' or '9,10'")
+    p.add_argument("--ijb", help="IJB-B/C folder with meta/ and loose_crop/")
+    p.add_argument("--ijb-target", choices=("IJBB", "IJBC"), default="IJBC")
+    p.add_argument("--ijb-1n", action="store_true", help="also run IJB 1:N identification")
+    p.add_argument("--ijb-no-norm-score", action="store_true",
+                   help="L2-normalise image features before aggregation (InsightFace N0)")
+    p.add_argument("--ijb-no-detector-score", action="store_true",
+                   help="do not weight by detector score (InsightFace D0)")
+    p.add_argument("--ijb-no-flip", action="store_true", help="no flip test (InsightFace F0)")
+    p.add_argument("--label", action="append", help="display name per --model (repeatable)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="write metrics.json and results.md into this folder")
+    p.add_argument("--plots", action="store_true",
+                   help="also write roc_<set>.png per set into --out (needs matplotlib)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="synthetic data -> teacher -> students (no KD, EKD) -> table")
@@ -81,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a 2-minute version")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_demo)
+
+    from ekd.cli_data import add_data_commands
+
+    add_data_commands(sub)
+    from ekd.cli_deploy import add_deploy_commands
+
+    add_deploy_commands(sub)
     return parser
 
 
