@@ -222,14 +222,7 @@ def load_checkpoint(checkpoint: str | Path, backbone: str | None = None, **kwarg
     """:func:`ekd.engine.teacher.load_model`, with a hint at ``--backbone`` for bare state_dicts."""
     from ekd.engine.teacher import load_model
 
-    try:
-        return load_model(checkpoint, backbone=backbone, **kwargs)
-    except ConfigError as exc:
-        if backbone is None and "does not record its architecture" in str(exc):
-            raise ConfigError(f"{checkpoint}: a bare state_dict (e.g. arcface_torch backbone.pth) "
-                              "does not record its architecture; give it with --backbone "
-                              "(e.g. --backbone iresnet50)") from None
-        raise
+    return load_model(checkpoint, backbone=backbone, backbone_hint="--backbone", **kwargs)
 
 
 @dataclass

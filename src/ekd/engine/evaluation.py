@@ -66,7 +66,7 @@ def evaluate_checkpoint(path: str | Path, sets: dict[str, tuple],
     ``use_norm_score``, ``use_detector_score``, ``use_flip_test``). Each set's results keep a
     private ``_roc`` entry for :func:`write_report`'s plots.
     """
-    loaded = load_model(path, backbone=backbone)
+    loaded = load_model(path, backbone=backbone, backbone_hint="--backbone")
     dev = resolve_device(device)
     model = loaded.model.to(dev)
     out: dict = {"model": str(path), "backbone": loaded.backbone,

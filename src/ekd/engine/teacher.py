@@ -35,22 +35,31 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, backbone: str | None = None, embedding_size: int | None = None,
-               input_size: int | None = None) -> LoadedModel:
-    """Restore a backbone from an ekd checkpoint or an arcface_torch ``backbone.pth``."""
+               input_size: int | None = None, backbone_hint: str = "teacher.backbone") -> LoadedModel:
+    """Restore a backbone from an ekd checkpoint or an arcface_torch ``backbone.pth``.
+
+    ``backbone_hint`` names the setting that gives the architecture in the error raised for a
+    bare state_dict (``teacher.backbone`` in configs, ``--backbone`` on the command line).
+    """
     path = Path(path)
     obj = load_file(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        meta = obj["model_meta"]
-        if backbone is not None and backbone != meta["backbone"]:
-            raise CheckpointError(f"{path}: holds a {meta['backbone']} but {backbone} was requested")
-        name, emb, size = meta["backbone"], meta["embedding_size"], meta["input_size"]
+        try:
+            meta = obj["model_meta"]
+            name, emb, size = meta["backbone"], meta["embedding_size"], meta["input_size"]
+            obj["model"]
+        except (KeyError, TypeError, IndexError) as exc:
+            raise CheckpointError(f"{path}: an ekd checkpoint without its model or model_meta "
+                                  f"entries ({type(exc).__name__}: {exc}); the file is damaged") from None
+        if backbone is not None and backbone != name:
+            raise CheckpointError(f"{path}: holds a {name} but {backbone} was requested")
         if input_size is not None and input_size != size:
             raise CheckpointError(f"{path}: trained at input size {size}, requested {input_size}")
         state, head = obj["model"], obj.get("head")
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if backbone is None:
             raise ConfigError(f"{path}: a bare state_dict (e.g. arcface_torch backbone.pth) does not "
-                              "record its architecture; set teacher.backbone (e.g. iresnet50)")
+                              f"record its architecture; set {backbone_hint} (e.g. iresnet50)")
         name, state, head = backbone, obj, None
         emb = embedding_size or _infer_embedding_size(obj, path)
         size = input_size or 112
