@@ -1,7 +1,30 @@
-"""Distillers: one file per method, registered by name (see :mod:`ekd.distill.base`)."""
+"""Distillers: one file per method, registered by name (see :mod:`ekd.distill.base`).
 
+Importing this package registers every method: ``ekd`` (the paper), the baselines of its tables
+(``fitnet``, ``kd``, ``darkrank``, ``sp``, ``cckd``, ``rkd``, ``cosine``, ``shrinkteanet``,
+``triplet_distill``, ``margin_distill``, ``proxylesskd``) and ``adadistill`` (ECCV 2024).
+"""
+
+from ekd.distill.adadistill import AdaDistillLoss
 from ekd.distill.base import DISTILLERS, Distiller, build_distiller, distiller_params, register_distiller
+from ekd.distill.cckd import CCKDLoss
+from ekd.distill.cosine import CosineLoss
+from ekd.distill.darkrank import HardDarkRankLoss
 from ekd.distill.ekd import EKDLoss
+from ekd.distill.fitnet import FitNetLoss
+from ekd.distill.kd import KDLoss
+from ekd.distill.margin_distill import MarginDistillLoss
+from ekd.distill.proxylesskd import ProxylessKDLoss
+from ekd.distill.rkd import RKDLoss
+from ekd.distill.shrinkteanet import ShrinkTeaNetLoss
+from ekd.distill.sp import SPLoss
+from ekd.distill.triplet_distill import TripletDistillLoss
 
-__all__ = ["DISTILLERS", "Distiller", "EKDLoss", "build_distiller", "distiller_params",
-           "register_distiller"]
+#: Keys a distiller may list in ``requires``; the trainer provides exactly these.
+EXTRAS = frozenset({"teacher_logits", "student_logits", "teacher_centers", "student_head",
+                    "random_size"})
+
+__all__ = ["DISTILLERS", "EXTRAS", "AdaDistillLoss", "CCKDLoss", "CosineLoss", "Distiller",
+           "EKDLoss", "FitNetLoss", "HardDarkRankLoss", "KDLoss", "MarginDistillLoss",
+           "ProxylessKDLoss", "RKDLoss", "SPLoss", "ShrinkTeaNetLoss", "TripletDistillLoss",
+           "build_distiller", "distiller_params", "register_distiller"]

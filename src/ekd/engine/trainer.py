@@ -2,8 +2,11 @@
 
 Per step (EKD, Sec. 4.1): the student embeds the whole batch; the margin cross-entropy sees the
 random part of the batch (``train.ce_on: random``, the authors' split) or all of it; every
-configured distiller sees the whole batch with the frozen teacher's embeddings. The total loss is
-the sum of all named terms, each logged separately.
+configured distiller sees the whole batch with the frozen teacher's embeddings, plus the extras it
+``requires`` (logits, the teacher's class centres, the student's head); methods that train the
+student on another classifier (``replaces_ce``: ProxylessKD, MarginDistillation, AdaDistill) drop
+the margin cross-entropy term. The total loss is the sum of all named terms, each logged
+separately.
 
 A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON object per logged
 step and per epoch), ``checkpoints/last.pt`` (written atomically every epoch) and ``model.pt``
@@ -188,7 +191,7 @@ class Trainer:
         """All named loss terms of one batch (margin CE + every distiller)."""
         emb = self.student(images)
         n_ce = self.cfg.sampler.random_size if self.cfg.train.ce_on == "random" else len(labels)
-        terms = {}
+        terms: dict[str, torch.Tensor] = {}
         if not self.ce_replaced:
             terms["ce"] = F.cross_entropy(self.head(emb[:n_ce], labels[:n_ce]), labels[:n_ce])
         if len(self.distillers):

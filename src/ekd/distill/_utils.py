@@ -1,0 +1,84 @@
+"""Small helpers shared by the distillers of the zoo (not a distiller themselves)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ekd.errors import ConfigError
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[N, -1]``, upcast from half precision to float32 (losses run in >= fp32)."""
+    x = x.reshape(x.shape[0], -1)
+    return x.float() if x.dtype in HALF_DTYPES else x
+
+
+def pair(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student rows (with gradient) and teacher rows detached, in the student's dtype."""
+    s = as_rows(student_emb)
+    t = teacher_emb.detach().reshape(teacher_emb.shape[0], -1).to(s.dtype)
+    if s.shape[0] != t.shape[0]:
+        raise ConfigError(f"student and teacher batches differ: {s.shape[0]} vs {t.shape[0]} rows")
+    return s, t
+
+
+def zero(x: torch.Tensor) -> torch.Tensor:
+    """A scalar 0 connected to ``x``'s graph (keeps ``backward`` valid on empty selections)."""
+    return x.sum() * 0.0
+
+
+def check_dims(name: str, student_dim: int | None, teacher_dim: int | None,
+               must_match: bool) -> None:
+    """Validate widths given by the config/trainer; ``must_match`` for shared-space methods."""
+    for key, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"distiller '{name}': {key} must be a positive integer, got {value!r}")
+    if must_match and student_dim is not None and teacher_dim is not None and student_dim != teacher_dim:
+        raise ConfigError(f"distiller '{name}' compares the student's embeddings with the teacher's "
+                          f"class centres, so the widths must match: student {student_dim}, "
+                          f"teacher {teacher_dim} (set model.embedding_size={teacher_dim})")
+
+
+def check_positive(name: str, **values: float) -> None:
+    for key, value in values.items():
+        if not value > 0:
+            raise ConfigError(f"distiller '{name}': {key} must be > 0, got {value!r}")
+
+
+def margin_target(cos_target: torch.Tensor, margin: torch.Tensor | float, kind: str) -> torch.Tensor:
+    """Target-class cosine after the margin, per sample (``margin`` scalar or ``[N]``).
+
+    ArcFace (Deng et al., CVPR 2019, Eq. 3): ``cos(theta + m)``, continued monotonically by
+    ``cos(theta) - sin(pi - m) * m`` once ``theta + m > pi`` (as :class:`ekd.heads.ArcFace`).
+    CosFace (Wang et al., CVPR 2018, Eq. 4): ``cos(theta) - m``.
+    """
+    m = torch.as_tensor(margin, dtype=cos_target.dtype, device=cos_target.device)
+    if kind == "cosface":
+        return cos_target - m
+    if kind != "arcface":
+        raise ConfigError(f"margin kind must be 'arcface' or 'cosface', got {kind!r}")
+    sin_target = torch.sqrt((1.0 - cos_target * cos_target).clamp_min(1e-12))
+    phi = cos_target * torch.cos(m) - sin_target * torch.sin(m)
+    threshold = torch.cos(math.pi - m)
+    fallback = cos_target - torch.sin(math.pi - m) * m
+    return torch.where(cos_target > threshold, phi, fallback)
+
+
+def margin_cross_entropy(student: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor,
+                         scale: float, margin: torch.Tensor | float, kind: str) -> torch.Tensor:
+    """Margin-softmax cross-entropy of ``student`` rows against (not normalised) ``centres``."""
+    if student.shape[1] != centres.shape[1]:
+        raise ConfigError(f"embedding width {student.shape[1]} differs from the class centres' "
+                          f"width {centres.shape[1]}")
+    if labels.numel() and int(labels.max()) >= centres.shape[0]:
+        raise ConfigError(f"label {int(labels.max())} is outside the {centres.shape[0]} class centres")
+    cos = F.linear(F.normalize(student), F.normalize(centres.to(student.dtype))).clamp(-1.0, 1.0)
+    idx = torch.arange(cos.shape[0], device=cos.device)
+    logits = cos.clone()
+    logits[idx, labels] = margin_target(cos[idx, labels], margin, kind)
+    return F.cross_entropy(logits * scale, labels)
