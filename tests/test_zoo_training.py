@@ -14,6 +14,7 @@ from ekd.cli import main
 from ekd.config import load_config
 from ekd.data import generate_identity_folder
 from ekd.engine.checkpoint import FORMAT, VERSION, load_file, save_atomic
+from ekd.engine.distill_inputs import distiller_extras
 from ekd.engine.trainer import Trainer
 from ekd.errors import ConfigError
 from ekd.models import build_backbone
@@ -124,8 +125,8 @@ def test_fitnet_regressor_is_built_and_optimised(folder, tmp_path):
     assert reg is not None and reg.weight.shape == (2 * EMB, EMB)
     assert any(p is reg.weight for g in trainer.optimizer.param_groups for p in g["params"])
     before = reg.weight.detach().clone()
-    images, labels, _ = next(iter(trainer.loader))
-    terms = trainer.train_step(images, labels)
+    images, labels, indices = next(iter(trainer.loader))
+    terms = trainer.train_step(images, labels, indices, torch.zeros(len(labels), dtype=torch.bool))
     assert {"ce", "fitnet"} <= set(terms) and not torch.equal(before, reg.weight)
 
 
@@ -133,15 +134,19 @@ def test_extras_are_computed_only_when_required(folder, teacher, tmp_path):
     cfg = load_config(None, _tiny(folder, teacher, tmp_path / "s")
                       + ["distill=[{name: cosine, weight: 5}, {name: cosine}, {name: kd}]"])
     trainer = Trainer(cfg)
-    images, labels, _ = next(iter(trainer.loader))
+    images, labels, indices = next(iter(trainer.loader))
     emb, t_emb = torch.randn(len(labels), EMB), torch.randn(len(labels), EMB)
-    extras = trainer.distiller_extras(emb, t_emb)
+
+    def extras_of(distillers):
+        return distiller_extras(distillers, emb, t_emb, trainer.head, trainer.teacher_centers,
+                                trainer.cfg.sampler.random_size)
+
+    extras = extras_of(trainer.distillers)
     assert set(extras) == {"student_logits", "teacher_logits"}
     assert extras["teacher_logits"].shape == (len(labels), IDS)
-    terms = trainer.compute_terms(images, labels)
+    terms = trainer.compute_terms(images, labels, indices, torch.zeros(len(labels), dtype=torch.bool))
     assert {"ce", "cosine", "cosine_1", "kd"} == set(terms)  # composed, each term named
-    trainer.distillers = trainer.distillers[:1]
-    assert trainer.distiller_extras(emb, t_emb) == {}
+    assert extras_of(trainer.distillers[:1]) == {}
 
 
 def test_adadistill_centres_are_checkpointed(folder, teacher, tmp_path):

@@ -42,6 +42,8 @@ class DataConfig:
     root: str | None = None
     input_size: int = 112
     num_workers: int = 0
+    # An unreadable image: "skip" (replaced by a readable one, counted, warned) or "error".
+    on_corrupt: str = "skip"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -66,17 +68,29 @@ class HeadConfig:
     kind: str = "arcface"  # "arcface" | "cosface"
     scale: float = 64.0
     margin: float = 0.5
+    # Partial FC: fraction of negative class centres sampled per step (1.0 = full softmax);
+    # below 1.0, or with several processes, the centres are sharded across ranks.
+    sample_rate: float = 1.0
 
 
 @dataclass
 class TeacherConfig:
     """Where the frozen teacher comes from. ``kind: none`` trains without a teacher."""
 
-    kind: str = "none"  # "none" | "checkpoint"
+    kind: str = "none"  # "none" | "checkpoint" | "onnx" | "cache"
+    # checkpoint: an ekd checkpoint or arcface_torch backbone.pth; onnx: a .onnx model;
+    # cache: a folder written by `ekd teacher-cache`.
     path: str | None = None
     # Architecture, needed for checkpoints that do not store it (arcface_torch backbone.pth).
     backbone: str | None = None
     embedding_size: int | None = None
+    # ONNX teachers: what the model expects from an aligned RGB face with pixels in [0, 255].
+    onnx_color: str = "RGB"  # "RGB" | "BGR"
+    onnx_layout: str = "NCHW"  # "NCHW" | "NHWC"
+    onnx_mean: float = 127.5
+    onnx_std: float = 127.5
+    # cache: the teacher file the cache must have been made from (checked when given).
+    cache_teacher: str | None = None
 
 
 @dataclass
@@ -111,6 +125,13 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     max_steps_per_epoch: int | None = None
+    # Mixed precision on GPU ("bf16" or "fp16" with a grad scaler); ignored on CPU.
+    amp: str = "none"  # "none" | "bf16" | "fp16"
+    channels_last: bool = True  # on GPU only
+    # A non-finite loss or gradient skips the step; this many in a row stop the run.
+    max_bad_steps: int = 5
+    # Resume from a checkpoint ("auto" = output_dir/checkpoints/last.pt when it exists).
+    resume: str | None = None
 
 
 @dataclass
@@ -139,8 +160,12 @@ class Config:
 
 _CHOICES = {
     "data.kind": ("folder", "synthetic"),
+    "data.on_corrupt": ("skip", "error"),
     "head.kind": ("arcface", "cosface"),
-    "teacher.kind": ("none", "checkpoint"),
+    "teacher.kind": ("none", "checkpoint", "onnx", "cache"),
+    "teacher.onnx_color": ("RGB", "BGR"),
+    "teacher.onnx_layout": ("NCHW", "NHWC"),
+    "train.amp": ("none", "bf16", "fp16"),
     "optim.scheduler": ("cosine", "step"),
     "train.ce_on": ("random", "all"),
 }
@@ -245,12 +270,13 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
         last = depth == len(parts) - 1
         where = ".".join(parts[:depth + 1])
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
+            index = int(part) if part.isdecimal() and len(part) < 10 else len(node)
+            if index >= len(node):
                 raise ConfigError(f"--set {dotted}: {where} is not an index of a list of {len(node)}")
             if last:
-                node[int(part)] = value
+                node[index] = value
             else:
-                node = node[int(part)]
+                node = node[index]
             continue
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth])} is not a section")
@@ -267,12 +293,18 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+        value = _safe_yaml(raw, f"--set {key}: cannot parse value {raw!r}") if raw.strip() else ""
         out.append((key.strip(), value))
     return out
+
+
+def _safe_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` (plain data only: a ``!!python/...`` tag is an error, never code run);
+    every failure, including PyYAML's ValueErrors on impossible dates, is a ConfigError."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise ConfigError(f"{what}: {type(exc).__name__}: {exc}") from None
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -281,9 +313,10 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc}") from None
+    data = _safe_yaml(text, f"{path}: invalid YAML")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -345,8 +378,14 @@ def validate(cfg: Config) -> None:
                           "set train.ce_on=all or a positive random_size")
     if cfg.data.kind == "folder" and not cfg.data.root:
         raise ConfigError("data.root is required when data.kind is 'folder'")
-    if cfg.teacher.kind == "checkpoint" and not cfg.teacher.path:
-        raise ConfigError("teacher.path is required when teacher.kind is 'checkpoint'")
+    if cfg.teacher.kind != "none" and not cfg.teacher.path:
+        raise ConfigError(f"teacher.path is required when teacher.kind is '{cfg.teacher.kind}'")
+    if not 0 < cfg.head.sample_rate <= 1:
+        raise ConfigError(f"head.sample_rate must be in (0, 1], got {cfg.head.sample_rate}")
+    if cfg.train.max_bad_steps < 1:
+        raise ConfigError(f"train.max_bad_steps must be >= 1, got {cfg.train.max_bad_steps}")
+    if cfg.teacher.onnx_std <= 0:
+        raise ConfigError(f"teacher.onnx_std must be > 0, got {cfg.teacher.onnx_std}")
     if cfg.distill and cfg.teacher.kind == "none":
         names = ", ".join(d.name for d in cfg.distill)
         raise ConfigError(f"distill lists {names} but teacher.kind is 'none': "
@@ -354,3 +393,6 @@ def validate(cfg: Config) -> None:
     for i, d in enumerate(cfg.distill):
         if d.weight < 0:
             raise ConfigError(f"distill[{i}].weight must be >= 0, got {d.weight}")
+    from ekd.config_checks import check_more  # needs the model/distiller registries
+
+    check_more(cfg)

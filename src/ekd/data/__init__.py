@@ -1,17 +1,24 @@
 """Data layer: image loading, folder datasets and the built-in synthetic face benchmark."""
 
+from ekd.data.check import FolderReport, check_folder
 from ekd.data.folder import IMAGE_EXTENSIONS, ImageFolderDataset, ListDataset, write_pairs
 from ekd.data.synthetic import (
     generate_identity_folder,
     make_synthetic_benchmark,
     render_face,
 )
-from ekd.data.recordio import RecordDataset, RecordIOReader, RecordIOWriter, pack_folder
+from ekd.data.record_dataset import RecordDataset
+from ekd.data.recordio import RecordIOReader, RecordIOWriter, pack_folder
+from ekd.data.robust import ON_CORRUPT, CorruptSampleWarning
 from ekd.data.transforms import denormalize, load_image, random_flip, to_tensor
 from ekd.data.verification_bin import BinDataset, load_bin, read_bin, write_bin
 
 __all__ = [
     "BinDataset",
+    "CorruptSampleWarning",
+    "FolderReport",
+    "ON_CORRUPT",
+    "check_folder",
     "IMAGE_EXTENSIONS",
     "ImageFolderDataset",
     "ListDataset",

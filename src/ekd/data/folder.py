@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ekd.data.robust import SkipCorrupt, check_on_corrupt
 from ekd.data.transforms import load_image, random_flip, to_tensor
 from ekd.errors import DataError
 
@@ -28,22 +29,32 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp")
 def _list_images(folder: Path, extensions: tuple[str, ...]) -> list[str]:
     """File names in ``folder`` with one of ``extensions`` (case-insensitive), sorted."""
     names = []
-    with os.scandir(folder) as it:
-        for entry in it:
-            if entry.name.startswith("."):
-                continue
-            if entry.name.lower().endswith(extensions) and entry.is_file():
-                names.append(entry.name)
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                if entry.name.lower().endswith(extensions) and entry.is_file():
+                    names.append(entry.name)
+    except OSError as exc:
+        raise DataError(f"cannot list the folder {folder}: {exc}") from None
     return sorted(names)
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(SkipCorrupt, Dataset):
     """Face images in ``root/<identity>/<image>``; items are ``(image, label, index)``.
 
     ``identities`` restricts the dataset to a subset of identity folders (labels are then
     contiguous over that subset); ``max_per_identity`` keeps the first N images (by name) of
     each identity. With ``train=True`` images are flipped horizontally with probability 0.5
     using torch's RNG or ``generator``.
+
+    ``on_corrupt="skip"`` (default) replaces an unreadable image by a readable one of the same
+    identity (else the next one) and returns that item's ``(image, label, index)``; the count is
+    :attr:`skipped` and a warning names each unreadable file. ``"error"`` raises
+    :class:`DataError` instead (see :mod:`ekd.data.robust`). Identity folders without images are
+    left out with a warning; :func:`ekd.data.check.check_folder` reports them, unreadable files
+    and duplicate images in full.
     """
 
     def __init__(
@@ -55,19 +66,24 @@ class ImageFolderDataset(Dataset):
         identities: Sequence[str] | None = None,
         max_per_identity: int | None = None,
         generator: torch.Generator | None = None,
+        on_corrupt: str = "skip",
     ) -> None:
         self.root = Path(root)
         self.input_size = int(input_size)
         self.train = bool(train)
         self.generator = generator
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+        check_on_corrupt(on_corrupt)
         if max_per_identity is not None and max_per_identity < 1:
             raise DataError(f"max_per_identity must be >= 1, got {max_per_identity}")
         if not self.root.is_dir():
-            raise DataError(f"dataset folder not found: {self.root}")
-
-        with os.scandir(self.root) as it:
-            folders = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+            what = "is not a folder" if self.root.exists() else "not found"
+            raise DataError(f"dataset folder {what}: {self.root}")
+        try:
+            with os.scandir(self.root) as it:
+                folders = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+        except OSError as exc:
+            raise DataError(f"cannot list the dataset folder {self.root}: {exc}") from None
         if not folders:
             raise DataError(f"dataset folder {self.root} has no identity sub-folders")
         if identities is not None:
@@ -106,6 +122,7 @@ class ImageFolderDataset(Dataset):
         self.samples: list[tuple[str, int]] = samples
         self.labels: np.ndarray = np.fromiter((s[1] for s in samples), dtype=np.int64,
                                               count=len(samples))
+        self._init_skip(on_corrupt)
 
     @property
     def num_classes(self) -> int:
@@ -116,9 +133,12 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        path, label = self.samples[index]
         flip = self.train and random_flip(self.generator)
-        return to_tensor(load_image(path), self.input_size, flip=flip), label, index
+        index, img = self._fetch(index)
+        return to_tensor(img, self.input_size, flip=flip), self.samples[index][1], index
+
+    def _load(self, index: int):  # noqa: ANN202 - a PIL image, or DataError naming the file
+        return load_image(self.samples[index][0])
 
     def __repr__(self) -> str:
         return (f"ImageFolderDataset(root={str(self.root)!r}, images={len(self)}, "

@@ -26,8 +26,6 @@ Images are decoded with PIL and returned in RGB order, the order ``mx.image.imde
 
 from __future__ import annotations
 
-import io
-import math
 import mmap
 import os
 import struct
@@ -36,15 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
 from ekd.data.folder import ImageFolderDataset
-from ekd.data.transforms import random_flip, to_tensor
+from ekd.data.transforms import COLOURS, decode_image, decode_pil
 from ekd.errors import DataError
 
-__all__ = ["MAGIC", "IRHeader", "pack", "unpack", "encode_record", "RecordIOReader",
+__all__ = ["COLOURS", "MAGIC", "IRHeader", "pack", "unpack", "encode_record", "RecordIOReader",
            "RecordIOWriter", "RecordDataset", "decode_image", "decode_pil", "pack_folder", "rec_paths"]
 
 MAGIC = 0xCED7230A
@@ -52,7 +47,6 @@ _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _PART = struct.Struct("<II")
 _HEADER = struct.Struct("<IfQQ")
 _LEN_MASK = (1 << 29) - 1
-COLOURS = ("rgb", "bgr")
 
 
 @dataclass
@@ -253,124 +247,6 @@ class RecordIOWriter:
         self.close()
 
 
-def decode_pil(data: bytes, color: str = "rgb", where: str = "image") -> Image.Image:
-    """Encoded image bytes -> RGB PIL image (``color="bgr"``: channels swapped)."""
-    if color not in COLOURS:
-        raise DataError(f"colour order must be one of {COLOURS}, got {color!r}")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{where}: cannot decode the image ({exc})") from None
-    return Image.merge("RGB", img.split()[::-1]) if color == "bgr" else img
-
-
-def decode_image(data: bytes, color: str = "rgb", where: str = "image") -> np.ndarray:
-    """Encoded image bytes -> ``uint8 [H, W, 3]`` in RGB (``color="bgr"``: channels swapped)."""
-    return np.asarray(decode_pil(data, color, where))
-
-
-class RecordDataset(Dataset):
-    """An InsightFace ``.rec`` as a dataset; items ``(image, label, index)`` like
-    :class:`~ekd.data.folder.ImageFolderDataset`.
-
-    ``labels`` (int64) holds each image's header label (``label[0]`` for array labels), read
-    once at construction; ``num_classes`` is the ``property`` file's count (at least
-    ``max(label) + 1``). ``identity_ranges`` maps identity record keys to ``[start, end)``
-    image key ranges when the file has InsightFace's header record 0.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], input_size: int = 112, train: bool = False,
-                 color: str = "rgb", generator: torch.Generator | None = None) -> None:
-        if color not in COLOURS:
-            raise DataError(f"colour order must be one of {COLOURS}, got {color!r}")
-        self.reader = RecordIOReader(path)
-        self.input_size, self.train, self.color, self.generator = int(input_size), train, color, generator
-        self.header0: tuple[int, int] | None = None
-        self.identity_ranges: dict[int, tuple[int, int]] = {}
-        first = self.reader.read_header(0) if self.reader.offset(0) is not None else None
-        if first is not None and first.flag > 0:
-            a, b = int(first.label[0]), int(first.label[1])
-            self.header0 = (a, b)
-            self.image_keys = np.arange(1, a, dtype=np.int64)
-            for k in range(a, b):
-                h = self.reader.read_header(k)
-                if h.flag < 2:
-                    raise DataError(f"{self.reader.path}: identity record {k} has no [start, end) label")
-                self.identity_ranges[k] = (int(h.label[0]), int(h.label[1]))
-        else:
-            self.image_keys = self.reader.keys.copy()
-        if self.image_keys.size == 0:
-            raise DataError(f"{self.reader.path}: no image records")
-        self.labels = self._read_labels()
-        if self.labels.min() < 0:
-            raise DataError(f"{self.reader.path}: negative identity label {self.labels.min()}")
-        prop = self.reader.path.parent / "property"
-        declared = 0
-        if prop.is_file():
-            try:
-                declared = int(prop.read_text().split(",")[0])
-            except ValueError:
-                raise DataError(f"{prop}: expected 'num_classes,height,width'") from None
-        self._num_classes = max(declared, int(self.labels.max()) + 1)
-
-    def _read_labels(self, block: int = 1 << 20) -> np.ndarray:
-        """Image labels, parsed from the mapped file in blocks with numpy (fast path: magic,
-        flag 0/1 and the header in the first part); other records go through :func:`unpack`."""
-        rd, keys = self.reader, self.image_keys
-        at = np.clip(np.searchsorted(rd.keys, keys, sorter=rd._sorted), 0, rd.keys.size - 1)
-        idx = rd._sorted[at]
-        offs = np.where(rd.keys[idx] == keys, rd.offsets[idx], -1)
-        buf, labels = np.frombuffer(rd._map(), dtype=np.uint8), np.empty(keys.size, np.int64)
-        for a in range(0, keys.size, block):
-            o = offs[a:a + block]
-            ok = (o >= 0) & (o + 36 <= buf.size)
-            raw = buf[np.where(ok, o, 0)[:, None] + np.arange(36)]
-            words = raw[:, :12].copy().view("<u4")  # magic, lrec, header flag
-            vals = raw[:, 12:36].copy().view("<f4")  # header label, id, id2, label[0] of arrays
-            flag, length = words[:, 2], words[:, 1] & _LEN_MASK
-            lab = np.where(flag == 0, vals[:, 0], vals[:, 5])
-            ok &= (words[:, 0] == MAGIC) & (words[:, 1] >> 29 <= 1) & np.isfinite(lab)
-            ok &= length >= 24 + 4 * np.minimum(flag, 1)
-            labels[a:a + block] = np.where(ok, lab, 0).astype(np.int64)
-            for i in np.flatnonzero(~ok):
-                if o[i] < 0:
-                    raise DataError(f"{rd.idx_path}: image key {keys[a + i]} is not in the index")
-                h = rd.read_header(int(keys[a + i]))
-                value = float(h.label if h.flag == 0 else h.label[0])
-                if not math.isfinite(value):
-                    raise DataError(f"{rd.path}: record {keys[a + i]} has label {value}")
-                labels[a + i] = int(value)
-        return labels
-
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
-
-    def __len__(self) -> int:
-        return int(self.image_keys.size)
-
-    def pil_image(self, index: int) -> Image.Image:
-        """Decoded RGB image of item ``index`` in the dataset's colour order."""
-        key = int(self.image_keys[index])
-        _, payload = unpack(self.reader.read(key), f"{self.reader.path} record {key}")
-        return decode_pil(payload, self.color, f"{self.reader.path} record {key} "
-                                               f"(byte offset {self.reader.offset(key)})")
-
-    def image(self, index: int) -> np.ndarray:
-        """Decoded ``uint8 [H, W, 3]`` image of item ``index`` in the dataset's colour order."""
-        return np.asarray(self.pil_image(index))
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        flip = self.train and random_flip(self.generator)
-        img = self.pil_image(index)
-        return to_tensor(img, self.input_size, flip=flip), int(self.labels[index]), index
-
-    def __repr__(self) -> str:
-        return (f"RecordDataset({str(self.reader.path)!r}, images={len(self)}, "
-                f"classes={self.num_classes}, header0={self.header0}, color={self.color!r})")
-
-
 def pack_folder(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict:
     """Write ``out.rec/.idx`` and ``property`` from ``folder/<identity>/<image>`` (InsightFace
     layout: header record 0, images ``1..N`` with scalar labels, then one ``[start, end)``
@@ -396,3 +272,12 @@ def pack_folder(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
             w.write(n + 1 + i, pack(IRHeader(2, np.array([a, b], np.float32), n + 1 + i), b""))
     (rec.parent / "property").write_text(f"{c},{size[0]},{size[1]}\n")
     return {"rec": str(rec), "images": n, "identities": c, "image_size": [int(size[0]), int(size[1])]}
+
+
+def __getattr__(name: str) -> object:
+    """``RecordDataset`` lives in :mod:`ekd.data.record_dataset` (imported on first use)."""
+    if name == "RecordDataset":
+        from ekd.data.record_dataset import RecordDataset
+
+        return RecordDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

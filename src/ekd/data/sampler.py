@@ -51,6 +51,7 @@ class BalancedBatchSampler(Sampler[list[int]]):
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.epoch = 0
+        self.start_batch = 0  # batches of the epoch already trained (resume after an interrupt)
         order = np.argsort(labels, kind="stable")
         ids, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
         self._members = {int(i): order[s:s + c] for i, s, c in zip(ids, starts, counts)}
@@ -78,7 +79,7 @@ class BalancedBatchSampler(Sampler[list[int]]):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.batches_per_epoch
+        return self.batches_per_epoch - self.start_batch
 
     def _identity_samples(self, rng: np.random.Generator, identity: int) -> np.ndarray:
         members = self._members[identity]
@@ -101,7 +102,8 @@ class BalancedBatchSampler(Sampler[list[int]]):
             if self.p:
                 for identity in rng.choice(self._eligible, self.p, replace=False):
                     batch.extend(int(i) for i in self._identity_samples(rng, int(identity)))
-            yield batch
+            if b >= self.start_batch:  # earlier batches are drawn, not yielded: same streams
+                yield batch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "seed": self.seed}

@@ -8,6 +8,7 @@ Images are normalised as InsightFace does: ``(x / 255 - 0.5) / 0.5``, i.e. pixel
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -17,7 +18,11 @@ from PIL import Image, UnidentifiedImageError
 
 from ekd.errors import DataError
 
-__all__ = ["load_image", "to_tensor", "random_flip", "denormalize"]
+__all__ = ["COLOURS", "decode_image", "decode_pil", "load_image", "to_tensor", "random_flip",
+           "denormalize"]
+
+#: Channel orders accepted by the decoders (``bgr`` swaps R and B after decoding).
+COLOURS = ("rgb", "bgr")
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
@@ -41,8 +46,36 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
             return img.convert("RGB")
     except FileNotFoundError as exc:
         raise DataError(f"image file not found: {path}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot read image file {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any decoder failure on a user file is bad data
+        raise DataError(f"cannot read image file {path}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a decoder failed, for messages (Pillow raises many unrelated types on bad input)."""
+    if isinstance(exc, (UnidentifiedImageError, OSError, SyntaxError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def decode_pil(data: bytes, color: str = "rgb", where: str = "image") -> Image.Image:
+    """Encoded image bytes -> RGB PIL image (``color="bgr"``: channels swapped).
+
+    Any decoder failure (not an image, truncated, a decompression bomb, ...) is a
+    :class:`DataError` naming ``where``.
+    """
+    if color not in COLOURS:
+        raise DataError(f"colour order must be one of {COLOURS}, got {color!r}")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - see load_image
+        raise DataError(f"{where}: cannot decode the image ({_reason(exc)})") from None
+    return Image.merge("RGB", img.split()[::-1]) if color == "bgr" else img
+
+
+def decode_image(data: bytes, color: str = "rgb", where: str = "image") -> np.ndarray:
+    """Encoded image bytes -> ``uint8 [H, W, 3]`` in RGB (``color="bgr"``: channels swapped)."""
+    return np.asarray(decode_pil(data, color, where))
 
 
 def random_flip(generator: torch.Generator | None = None) -> bool:

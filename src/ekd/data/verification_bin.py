@@ -84,8 +84,9 @@ def load_bin(path: str | os.PathLike[str]) -> tuple[list[bytes], np.ndarray]:
     except IsADirectoryError:
         raise DataError(f"verification .bin is a directory: {path}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
-            AttributeError, MemoryError, RecursionError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable verification .bin: {exc}") from None
+            AttributeError, MemoryError, RecursionError, OverflowError, OSError) as exc:
+        reason = str(exc) if isinstance(exc, pickle.UnpicklingError) else f"{type(exc).__name__}: {exc}"
+        raise DataError(f"{path}: not a readable verification .bin: {reason}") from None
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         raise DataError(f"{path}: expected a pickled (bins, issame_list) pair, got "
                         f"{type(obj).__name__}")

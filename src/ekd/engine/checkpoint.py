@@ -49,14 +49,14 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: refused to load: it contains objects other than tensors "
                               f"and plain containers (weights_only=True): {exc}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - zipfile, struct, ... errors all mean a bad file
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): "
-                              f"{exc}") from None
+                              f"{type(exc).__name__}: {exc}") from None
 
 
 def _describe(keys: list[str], limit: int = 12) -> str:
     more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
+    return ", ".join(map(str, keys[:limit])) + more
 
 
 def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
@@ -70,6 +70,10 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], sour
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{source}: {what} state is a {type(state).__name__}, not a mapping")
     own = module.state_dict()
+    odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise CheckpointError(f"{source}: {what} state entries that are not tensors: "
+                              f"{_describe([str(k) for k in odd])}")
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own

@@ -39,10 +39,10 @@ class DemoPlan:
     identities_per_batch: int
 
 
-FULL = DemoPlan(train_identities=300, train_images=16, eval_identities=80, eval_images=10,
-                image_size=48, teacher_epochs=8, student_epochs=6, random_size=64,
-                identities_per_batch=16)
-QUICK = DemoPlan(train_identities=100, train_images=10, eval_identities=40, eval_images=8,
+FULL = DemoPlan(train_identities=150, train_images=14, eval_identities=60, eval_images=10,
+                image_size=32, teacher_epochs=5, student_epochs=4, random_size=64,
+                identities_per_batch=8)
+QUICK = DemoPlan(train_identities=64, train_images=8, eval_identities=30, eval_images=8,
                  image_size=32, teacher_epochs=2, student_epochs=2, random_size=32,
                  identities_per_batch=8)
 

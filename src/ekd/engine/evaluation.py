@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from ekd.engine.teacher import load_model
-from ekd.engine.trainer import resolve_device
+from ekd.engine.build import resolve_device
 from ekd.errors import ConfigError
 from ekd.eval.evaluate import (evaluate_bin, evaluate_folder, evaluate_ijb, evaluate_pairs,
                                format_value, fpr_key)

@@ -1,78 +1,49 @@
-"""Single-process training loop (CPU or one GPU): margin softmax + distillers.
+"""Training loop for CPU, one GPU or ``torchrun`` (DDP): margin softmax + distillers.
 
-Per step (EKD, Sec. 4.1): the student embeds the whole batch; the margin cross-entropy sees the
-random part of the batch (``train.ce_on: random``, the authors' split) or all of it; every
-configured distiller sees the whole batch with the frozen teacher's embeddings, plus the extras it
-``requires`` (logits, the teacher's class centres, the student's head); methods that train the
-student on another classifier (``replaces_ce``: ProxylessKD, MarginDistillation, AdaDistill) drop
-the margin cross-entropy term. The total loss is the sum of all named terms, each logged
-separately.
+Per step (EKD, Sec. 4.1): the student embeds the batch; the margin cross-entropy sees the
+random part of the batch (``train.ce_on: random``, the authors' split) or all of it; the
+distillers see the *global* batch (student embeddings all-gathered differentiably, see
+:mod:`ekd.engine.distributed`) with the frozen teacher's embeddings, plus the extras they
+``requires``. Methods that train the student on another classifier (``replaces_ce``) drop the
+margin cross-entropy. The total loss is the sum of all named terms, each logged separately.
 
-A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON object per logged
-step and per epoch), ``checkpoints/last.pt`` (written atomically every epoch) and ``model.pt``
-(the final student, loadable by ``ekd eval`` or as a teacher).
+Images are mirrored here (per sample, p=0.5, torch RNG seeded per rank) rather than in the
+dataset, so the mirror flags are known: an embedding cache returns the matching teacher
+embedding.
+
+A run directory holds ``config.yaml``, ``metrics.jsonl``, ``checkpoints/last.pt`` (written
+atomically every epoch and on Ctrl-C, with everything needed to resume exactly) and ``model.pt``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ekd.config import Config, DistillerConfig, save_config, to_dict
-from ekd.data import ImageFolderDataset, make_synthetic_benchmark
+from ekd.config import Config, save_config
 from ekd.data.sampler import BalancedBatchSampler
-from ekd.distill import EXTRAS, Distiller, build_distiller, distiller_params
-from ekd.engine.checkpoint import FORMAT, VERSION, save_atomic
+from ekd.engine import distributed as D
+from ekd.engine.build import build_train_set, resolve_device, seed_everything
+from ekd.engine.distill_inputs import build_distillers, distiller_extras, teacher_centers_for
 from ekd.engine.optim import build_optimizer, build_scheduler
-from ekd.engine.teacher import LoadedModel, load_teacher
-from ekd.errors import ConfigError, EkdError
+from ekd.engine.state import MetricsLog, TrainState, load_training_state, save_training_checkpoint
+from ekd.engine.teacher import build_teacher
+from ekd.errors import EkdError
 from ekd.heads import build_head
 from ekd.models import build_backbone
 
 log = logging.getLogger("ekd.train")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` = the first CUDA device when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available; use 'cpu' or 'auto'")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"train.device: invalid device {name!r}: {exc}") from None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_train_set(cfg: Config) -> ImageFolderDataset:
-    """The training identity folder: ``data.root`` or the generated synthetic set."""
-    if cfg.data.kind == "synthetic":
-        s = cfg.data.synthetic
-        paths = make_synthetic_benchmark(Path(s.cache_dir), s.train_identities, s.train_images,
-                                         s.eval_identities, s.eval_images, s.image_size,
-                                         s.num_pairs, s.seed)
-        root = paths["train"]
-    else:
-        root = Path(cfg.data.root)  # type: ignore[arg-type]
-    return ImageFolderDataset(root, input_size=cfg.data.input_size, train=True)
 
 
 @dataclass
@@ -81,6 +52,7 @@ class TrainResult:
     model_path: Path
     seconds: float
     final_terms: dict
+    interrupted: bool = False
 
 
 class Trainer:
@@ -88,219 +60,242 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.device = resolve_device(cfg.train.device)
-        seed_everything(cfg.train.seed)
-        self.run_dir = Path(cfg.train.output_dir)
+        tc = cfg.train
+        device = resolve_device(tc.device)
+        self.dist = D.init_distributed(device.type)
+        if device.type == "cuda" and self.dist.enabled:
+            device = torch.device("cuda", self.dist.local_rank)
+        self.device = device
+        seed_everything(tc.seed)  # identical initial weights on every rank
+        self.run_dir = Path(tc.output_dir)
         self.dataset = build_train_set(cfg)
         sc = cfg.sampler
         self.sampler = BalancedBatchSampler(self.dataset.labels, sc.random_size, sc.identities_per_batch,
-                                            sc.samples_per_identity, seed=cfg.train.seed)
-        if cfg.train.max_steps_per_epoch:
-            self.sampler.batches_per_epoch = min(self.sampler.batches_per_epoch,
-                                                 cfg.train.max_steps_per_epoch)
-        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler,
-                                 num_workers=cfg.data.num_workers,
-                                 pin_memory=self.device.type == "cuda",
-                                 persistent_workers=cfg.data.num_workers > 0)
+                                            sc.samples_per_identity, seed=tc.seed, rank=self.dist.rank,
+                                            world_size=self.dist.world_size)
+        if tc.max_steps_per_epoch:
+            self.sampler.batches_per_epoch = min(self.sampler.batches_per_epoch, tc.max_steps_per_epoch)
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=cfg.data.num_workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
+                                 generator=torch.Generator().manual_seed(tc.seed + self.dist.rank))
+        self.use_amp = tc.amp != "none" and device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if tc.amp == "bf16" else torch.float16
         mc = cfg.model
-        self.student = build_backbone(mc.backbone, embedding_size=mc.embedding_size,
-                                      input_size=cfg.data.input_size, dropout=mc.dropout).to(self.device)
+        student = build_backbone(mc.backbone, embedding_size=mc.embedding_size,
+                                 input_size=cfg.data.input_size, dropout=mc.dropout).to(device)
+        self.channels_last = tc.channels_last and device.type == "cuda"
+        if self.channels_last:
+            student = student.to(memory_format=torch.channels_last)
+        self.student = student
+        self.student_ddp: nn.Module = (DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+                                       if self.dist.enabled else student)
         self.head = build_head(cfg.head.kind, mc.embedding_size, self.dataset.num_classes,
-                               cfg.head.scale, cfg.head.margin).to(self.device)
-        self.teacher: LoadedModel | None = None
-        if cfg.teacher.kind == "checkpoint":
-            self.teacher = load_teacher(cfg.teacher.path, cfg.teacher.backbone,  # type: ignore[arg-type]
-                                        cfg.teacher.embedding_size, input_size=cfg.data.input_size,
-                                        device=self.device)
-        self.distillers = nn.ModuleList(self._build_distiller(d) for d in cfg.distill).to(self.device)
-        self.teacher_centers = self._check_extras()
-        # methods that train the student on another classifier (ProxylessKD, AdaDistill, ...)
+                               cfg.head.scale, cfg.head.margin).to(device)
+        self.teacher = build_teacher(cfg.teacher, cfg.data.input_size, self.dataset, device)
+        t_dim = self.teacher.embedding_size if self.teacher else None
+        self.distillers = build_distillers(cfg, t_dim, self.dataset.num_classes).to(device)
+        centers = teacher_centers_for(self.distillers, self.teacher.head_state if self.teacher else None,
+                                      cfg.teacher.path, self.dataset.num_classes, t_dim)
+        self.teacher_centers = centers.to(device) if centers is not None else None
         self.ce_replaced = any(getattr(d, "replaces_ce", False) for d in self.distillers)
         steps_per_epoch = len(self.sampler)
-        self.total_steps = steps_per_epoch * cfg.train.epochs
+        self.total_steps = steps_per_epoch * tc.epochs
         oc = cfg.optim
-        self.optimizer = build_optimizer([self.student, self.head, self.distillers], oc.lr,
-                                         oc.momentum, oc.weight_decay)
+        self.optimizer = build_optimizer([self.student, self.head, self.distillers], oc.lr, oc.momentum,
+                                         oc.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps,
                                          int(round(oc.warmup_epochs * steps_per_epoch)), oc.scheduler,
                                          [int(m * steps_per_epoch) for m in oc.milestones], oc.gamma)
-        self.epoch = 0
-        self.step = 0
-
-    # -- distiller inputs -------------------------------------------------------------------
-    def _build_distiller(self, d: DistillerConfig) -> Distiller:
-        """Build one configured distiller; widths and class count are filled in when its
-        ``__init__`` accepts ``student_dim``/``teacher_dim``/``num_classes`` and the config
-        does not set them."""
-        known = {"student_dim": self.cfg.model.embedding_size,
-                 "teacher_dim": self.teacher.embedding_size if self.teacher else None,
-                 "num_classes": self.dataset.num_classes}
-        accepted = distiller_params(d.name)
-        auto = {k: v for k, v in known.items() if k in accepted and k not in d.params and v is not None}
-        return build_distiller(d.name, d.weight, **auto, **d.params)
-
-    def _check_extras(self) -> torch.Tensor | None:
-        """Refuse at start what the trainer cannot provide; returns the teacher's class centres
-        when some distiller needs the teacher's classifier."""
-        centers = None
-        for d in self.distillers:
-            unknown = sorted(d.requires - EXTRAS)
-            if unknown:
-                raise ConfigError(f"distiller '{d.name}' requires {', '.join(unknown)}, which the "
-                                  f"trainer does not provide (it provides {', '.join(sorted(EXTRAS))})")
-            if not d.requires & {"teacher_logits", "teacher_centers"}:
-                continue
-            assert self.teacher is not None
-            state = self.teacher.head_state
-            if not state or "weight" not in state:
-                raise ConfigError(
-                    f"distiller '{d.name}' needs the teacher's classifier (class centres), but the "
-                    f"teacher file {self.cfg.teacher.path} has none (e.g. an arcface_torch "
-                    "backbone.pth); use an ekd checkpoint trained with its margin head, or a "
-                    "distiller that needs only embeddings")
-            weight = state["weight"]
-            if tuple(weight.shape) != (self.dataset.num_classes, self.teacher.embedding_size):
-                raise ConfigError(
-                    f"distiller '{d.name}': the classifier of teacher {self.cfg.teacher.path} has "
-                    f"shape {tuple(weight.shape)}, expected ({self.dataset.num_classes} classes of "
-                    f"the training data, {self.teacher.embedding_size}); the teacher must be "
-                    "trained on the same identities")
-            centers = weight.detach().float().to(self.device)
-        return centers
-
-    def distiller_extras(self, emb: torch.Tensor, teacher_emb: torch.Tensor) -> dict[str, object]:
-        """The extra inputs some configured distiller requires (and only those)."""
-        needed = set().union(*(d.requires for d in self.distillers))
-        extras: dict[str, object] = {}
-        if "student_logits" in needed:  # margin-free s * cos against the student's own centres
-            extras["student_logits"] = self.head.cosine(emb) * self.head.scale
-        if "teacher_logits" in needed:
-            with torch.no_grad():
-                cos = F.linear(F.normalize(teacher_emb.float()), F.normalize(self.teacher_centers))
-                extras["teacher_logits"] = cos.clamp(-1, 1) * self.head.scale
-        if "teacher_centers" in needed:
-            extras["teacher_centers"] = self.teacher_centers
-        if "student_head" in needed:
-            extras["student_head"] = self.head
-        if "random_size" in needed:
-            extras["random_size"] = self.cfg.sampler.random_size
-        return extras
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.use_amp and tc.amp == "fp16")
+        seed_everything(tc.seed + self.dist.rank)  # per-rank streams (dropout)
+        self.state = TrainState()
+        self._stop_requested = False
+        resume = tc.resume
+        if resume == "auto":
+            candidate = self.run_dir / "checkpoints" / "last.pt"
+            resume = str(candidate) if candidate.is_file() else None
+        if resume:
+            load_training_state(self, resume)
 
     # -- one step -------------------------------------------------------------------------
-    def compute_terms(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """All named loss terms of one batch (margin CE + every distiller)."""
-        emb = self.student(images)
+    def _mirror(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mirror each sample with p=0.5; the stream depends only on (seed, rank, epoch, batch),
+        so a resumed run (any point, any world size) draws the same flips."""
+        st = self.state
+        gen = torch.Generator().manual_seed(
+            (self.cfg.train.seed * 1_000_003 + self.dist.rank) * 1_000_003 + st.epoch * 100_003 + st.batch_in_epoch)
+        flipped = torch.rand(images.shape[0], generator=gen) < 0.5
+        images = torch.where(flipped.to(images.device)[:, None, None, None], images.flip(-1), images)
+        return images, flipped
+
+    def compute_terms(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                      flipped: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All named loss terms of one batch (margin CE + every distiller on the global batch)."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            emb = self.student_ddp(images)
+        emb = emb.float()
         n_ce = self.cfg.sampler.random_size if self.cfg.train.ce_on == "random" else len(labels)
         terms: dict[str, torch.Tensor] = {}
         if not self.ce_replaced:
             terms["ce"] = F.cross_entropy(self.head(emb[:n_ce], labels[:n_ce]), labels[:n_ce])
         if len(self.distillers):
             assert self.teacher is not None
-            with torch.no_grad():
-                teacher_emb = self.teacher.model(images)
-            extras = self.distiller_extras(emb, teacher_emb)
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                teacher_emb = self.teacher.embed(images, indices, flipped)
+            teacher_emb = D.gather_no_grad(teacher_emb.float(), self.dist)
+            all_emb = D.gather_with_grad(emb, self.dist)
+            all_labels = D.gather_no_grad(labels, self.dist)
+            extras = distiller_extras(self.distillers, all_emb, teacher_emb, self.head,
+                                      self.teacher_centers, self.cfg.sampler.random_size)
             for i, distiller in enumerate(self.distillers):
                 given = {k: extras[k] for k in distiller.requires}
-                for name, value in distiller(emb, teacher_emb, labels, **given).items():
-                    key = name if name not in terms else f"{name}_{i}"
-                    terms[key] = value
+                for name, value in distiller(all_emb, teacher_emb, all_labels, **given).items():
+                    terms[name if name not in terms else f"{name}_{i}"] = value
         return terms
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        terms = self.compute_terms(images, labels)
+    def _sync_small_grads(self) -> None:
+        """Average head and distiller gradients over ranks (DDP does the student's)."""
+        if not self.dist.enabled:
+            return
+        for module in (self.head, self.distillers):
+            for p in module.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= self.dist.world_size
+
+    def _grads_finite(self) -> bool:
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return True
+        norms = torch.stack([p.grad.detach().float().norm() for p in params])
+        return bool(torch.isfinite(norms).all())
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                   flipped: torch.Tensor) -> dict[str, float] | None:
+        """One optimisation step; returns the terms, or None when the step was skipped."""
+        terms = self.compute_terms(images, labels, indices, flipped)
         total = sum(terms.values())
-        if not torch.isfinite(total):
-            bad = [k for k, v in terms.items() if not torch.isfinite(v)]
-            raise EkdError(f"non-finite loss at epoch {self.epoch} step {self.step}: "
-                           f"term(s) {', '.join(bad)} = "
-                           + ", ".join(f"{k}={terms[k].item()}" for k in bad)
-                           + "; lower optim.lr or check the data")
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+        if bad:
+            self._skip_step(bad, terms)
+            return None
+        self.scaler.scale(total).backward()
+        self._sync_small_grads()
+        self.scaler.unscale_(self.optimizer)
+        if not self._grads_finite():
+            if self.scaler.is_enabled():  # fp16 overflow: the scaler skips and lowers its scale
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.state.skipped += 1
+                return None
+            self._skip_step(["gradients"], terms)
+            return None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
-        self.step += 1
+        self.state.step += 1
+        self.state.bad_in_a_row = 0
         out = {k: float(v.detach()) for k, v in terms.items()}
         out["loss"] = float(total.detach())
         return out
 
+    def _skip_step(self, bad: list[str], terms: dict[str, torch.Tensor]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.skipped += 1
+        self.state.bad_in_a_row += 1
+        values = ", ".join(f"{k}={float(terms[k].detach())}" for k in bad if k in terms)
+        where = f"epoch {self.state.epoch + 1} step {self.state.step}"
+        log.warning("non-finite %s at %s (%s): step skipped (%d in a row)", ", ".join(bad), where,
+                    values or "loss finite", self.state.bad_in_a_row)
+        if self.state.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            raise EkdError(f"{self.state.bad_in_a_row} non-finite steps in a row at {where}: "
+                           f"{', '.join(bad)} {values}; lower optim.lr, check the data, or use "
+                           "train.amp=bf16 instead of fp16")
+
     # -- epochs ---------------------------------------------------------------------------
+    def _on_sigint(self, signum, frame) -> None:  # noqa: ARG002
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        log.warning("interrupt: finishing the current step, then saving a resumable checkpoint "
+                    "(press Ctrl-C again to abort at once)")
+
     def fit(self) -> TrainResult:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
         start = time.perf_counter()
         last: dict = {}
-        with open(self.run_dir / "metrics.jsonl", "a") as metrics:
-            for epoch in range(self.epoch, cfg.train.epochs):
-                self.epoch = epoch
-                last = self._run_epoch(metrics)
-                self.save_checkpoint(self.run_dir / "checkpoints" / "last.pt")
-        model_path = self.save_checkpoint(self.run_dir / "model.pt", training_state=False)
+        previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            with MetricsLog(self.run_dir / "metrics.jsonl", enabled=main) as metrics:
+                while self.state.epoch < cfg.train.epochs and not self._stop_requested:
+                    last = self._run_epoch(metrics)
+                    if not self._stop_requested:
+                        self.state.epoch += 1
+                        self.state.batch_in_epoch = 0
+                    save_training_checkpoint(self, self.run_dir / "checkpoints" / "last.pt")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        model_path = self.run_dir / "model.pt"
+        if not self._stop_requested:
+            save_training_checkpoint(self, model_path, training_state=False)
         seconds = time.perf_counter() - start
-        log.info("finished %d epochs in %.1f s; student saved to %s", cfg.train.epochs, seconds, model_path)
-        return TrainResult(self.run_dir, model_path, seconds, last)
+        if self._stop_requested:
+            log.warning("stopped at epoch %d step %d; resume with --set train.resume=auto",
+                        self.state.epoch + 1, self.state.step)
+        else:
+            log.info("finished %d epochs in %.1f s; student saved to %s", cfg.train.epochs, seconds, model_path)
+        return TrainResult(self.run_dir, model_path, seconds, last, self._stop_requested)
 
-    def _run_epoch(self, metrics) -> dict:
-        cfg = self.cfg
+    def _run_epoch(self, metrics: MetricsLog) -> dict:
+        cfg, st = self.cfg, self.state
         self.student.train()
         self.head.train()
-        self.sampler.set_epoch(self.epoch)
+        self.sampler.set_epoch(st.epoch)
+        self.sampler.start_batch = st.batch_in_epoch
         sums: dict[str, float] = {}
-        seen, t0 = 0, time.perf_counter()
-        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
-                   disable=not cfg.train.progress, leave=False, dynamic_ncols=True)
-        for images, labels, _ in bar:
+        steps, seen, t0 = 0, 0, time.perf_counter()
+        bar = tqdm(self.loader, desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}", leave=False,
+                   disable=not (cfg.train.progress and self.dist.is_main), dynamic_ncols=True)
+        for images, labels, indices in bar:
             images = images.to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             labels = labels.to(self.device, non_blocking=True)
-            terms = self.train_step(images, labels)
-            seen += len(labels)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
+            images, flipped = self._mirror(images)
+            terms = self.train_step(images, labels, indices, flipped)
+            st.batch_in_epoch += 1
+            seen += len(labels) * self.dist.world_size
             rate = seen / max(time.perf_counter() - t0, 1e-9)
-            lr = self.optimizer.param_groups[0]["lr"]
-            bar.set_postfix({**{k: f"{v:.3g}" for k, v in terms.items()}, "lr": f"{lr:.3g}",
-                             "img/s": f"{rate:.0f}"})
-            if self.step % cfg.train.log_every == 0:
-                metrics.write(json.dumps({"epoch": self.epoch, "step": self.step, "lr": lr,
-                                          "images_per_s": rate, **terms}) + "\n")
-        n = max(len(self.loader), 1)
-        summary = {k: v / n for k, v in sums.items()}
+            if terms is not None:
+                steps += 1
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                lr = self.optimizer.param_groups[0]["lr"]
+                bar.set_postfix({**{k: f"{v:.3g}" for k, v in terms.items()}, "lr": f"{lr:.3g}",
+                                 "img/s": f"{rate:.0f}"})
+                if st.step % cfg.train.log_every == 0:
+                    metrics.write({"epoch": st.epoch, "step": st.step, "lr": lr, "images_per_s": rate, **terms})
+            if self._stop_requested:
+                break
+        summary = {k: D.all_reduce_mean(v / max(steps, 1), self.dist, self.device) for k, v in sums.items()}
         elapsed = time.perf_counter() - t0
-        metrics.write(json.dumps({"epoch": self.epoch, "step": self.step, "epoch_end": True,
-                                  "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9),
-                                  **summary}) + "\n")
-        metrics.flush()
-        log.info("epoch %d/%d  %s  (%.0f img/s)", self.epoch + 1, cfg.train.epochs,
-                 "  ".join(f"{k}={v:.4f}" for k, v in summary.items()), seen / max(elapsed, 1e-9))
+        metrics.write({"epoch": st.epoch, "step": st.step, "epoch_end": not self._stop_requested,
+                       "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9),
+                       "skipped_steps": st.skipped, **summary})
+        if self.dist.is_main:
+            log.info("epoch %d/%d  %s  (%.0f img/s)", st.epoch + 1, cfg.train.epochs,
+                     "  ".join(f"{k}={v:.4f}" for k, v in summary.items()), seen / max(elapsed, 1e-9))
         if not all(math.isfinite(v) for v in summary.values()):
-            raise EkdError(f"non-finite epoch mean loss at epoch {self.epoch}: {summary}")
+            raise EkdError(f"non-finite epoch mean loss at epoch {st.epoch + 1}: {summary}")
         return summary
-
-    # -- checkpoints ----------------------------------------------------------------------
-    def save_checkpoint(self, path: Path, training_state: bool = True) -> Path:
-        """Model + head (+ optimiser, scheduler, distiller buffers, epoch when training)."""
-        obj = {
-            "format": FORMAT, "version": VERSION,
-            "model_meta": {"backbone": self.cfg.model.backbone,
-                           "embedding_size": self.cfg.model.embedding_size,
-                           "input_size": self.cfg.data.input_size,
-                           "num_classes": self.dataset.num_classes},
-            "model": self.student.state_dict(),
-            "head": self.head.state_dict(),
-            "config": to_dict(self.cfg),
-        }
-        if training_state:
-            obj.update({"optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(),
-                        "distillers": self.distillers.state_dict(),
-                        "sampler": self.sampler.state_dict(),
-                        "epoch": self.epoch + 1, "step": self.step})
-        return save_atomic(obj, path)
 
 
 def train(cfg: Config) -> TrainResult:
     """Train a student (or a teacher, without distillers) as configured."""
     return Trainer(cfg).fit()
-
-

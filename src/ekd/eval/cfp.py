@@ -49,6 +49,8 @@ def _lines(path: Path) -> list[str]:
         raise DataError(f"CFP protocol file not found: {path}") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise DataError(f"cannot read the CFP protocol file {path}: {exc}") from None
 
 
 def read_cfp_list(path: str | os.PathLike[str]) -> dict[int, str]:
@@ -78,7 +80,8 @@ def cfp_folds(root: str | os.PathLike[str], split: str = "FF") -> list[int]:
     split_dir = cfp_protocol_dir(root) / "Split" / _check_split(split)
     if not split_dir.is_dir():
         raise DataError(f"CFP split folder not found: {split_dir}")
-    folds = sorted(int(d.name) for d in split_dir.iterdir() if d.is_dir() and d.name.isdigit())
+    folds = sorted(int(d.name) for d in split_dir.iterdir()
+                   if d.is_dir() and d.name.isascii() and d.name.isdigit())
     if not folds:
         raise DataError(f"{split_dir}: no fold folders (01 ... 10)")
     return folds

@@ -66,6 +66,16 @@ def _read_lines(path: Path) -> list[str]:
         raise DataError(f"pair list is a directory, not a file: {path}") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not a UTF-8 text file ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"cannot read the pair list {path}: {exc}") from None
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()`` that answers False for names the OS refuses (too long, NUL, ...)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _check_missing_mode(missing: str) -> None:
@@ -143,7 +153,7 @@ def read_lfw_pairs(
             ) from None
         p1 = images_root / name1 / f"{name1}_{num1:04d}.{ext}"
         p2 = images_root / name2 / f"{name2}_{num2:04d}.{ext}"
-        absent = [p for p in (p1, p2) if not p.is_file()]
+        absent = [p for p in (p1, p2) if not _is_file(p)]
         if absent:
             if missing == "error":
                 raise DataError(f"{pairs_txt}:{no}: image not found: {absent[0]}")
@@ -189,7 +199,7 @@ def read_pair_list(path: Path, root: Path | None = None, missing: str = "error")
         if label not in _TRUE and label not in _FALSE:
             raise DataError(f"{path}:{no}: label must be 1/0 or true/false, got {fields[2]!r}")
         p1, p2 = (base / f for f in fields[:2])  # an absolute field overrides base
-        absent = [p for p in (p1, p2) if not p.is_file()]
+        absent = [p for p in (p1, p2) if not _is_file(p)]
         if absent:
             if missing == "error":
                 raise DataError(f"{path}:{no}: image not found: {absent[0]}")

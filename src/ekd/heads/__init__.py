@@ -1,9 +1,10 @@
-"""Margin softmax heads (ArcFace, CosFace)."""
+"""Margin softmax heads (ArcFace, CosFace) and class-parallel Partial FC."""
 
 from __future__ import annotations
 
 from ekd.errors import ConfigError
 from ekd.heads.margin import ArcFace, CosFace, MarginHead
+from ekd.heads.partial_fc import PartialFC
 
 HEADS = {"arcface": ArcFace, "cosface": CosFace}
 
@@ -16,4 +17,4 @@ def build_head(kind: str, embedding_size: int, num_classes: int, scale: float = 
     return HEADS[kind](embedding_size, num_classes, scale, margin)
 
 
-__all__ = ["ArcFace", "CosFace", "HEADS", "MarginHead", "build_head"]
+__all__ = ["ArcFace", "CosFace", "HEADS", "MarginHead", "PartialFC", "build_head"]

@@ -1,0 +1,49 @@
+"""Small builders shared by the engine: device, seeding, the training set."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ekd.config import Config
+from ekd.data import ImageFolderDataset, make_synthetic_benchmark
+from ekd.errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = the first CUDA device when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available; use 'cpu' or 'auto'")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"train.device: invalid device {name!r}: {exc}") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_train_set(cfg: Config) -> ImageFolderDataset:
+    """The training identity folder: ``data.root`` or the generated synthetic set.
+
+    Images are not mirrored here: the trainer mirrors each batch itself so that it knows which
+    samples were mirrored (needed to look up cached teacher embeddings).
+    """
+    if cfg.data.kind == "synthetic":
+        s = cfg.data.synthetic
+        paths = make_synthetic_benchmark(Path(s.cache_dir), s.train_identities, s.train_images,
+                                         s.eval_identities, s.eval_images, s.image_size,
+                                         s.num_pairs, s.seed)
+        root = paths["train"]
+    else:
+        root = Path(cfg.data.root)  # type: ignore[arg-type]
+    return ImageFolderDataset(root, input_size=cfg.data.input_size, train=False,
+                              on_corrupt=cfg.data.on_corrupt)

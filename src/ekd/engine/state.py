@@ -1,0 +1,126 @@
+"""Training state: what a checkpoint holds so that a resumed run continues exactly.
+
+``checkpoints/last.pt`` holds the student, head, optimiser, scheduler, grad scaler, distiller
+buffers, the epoch, the batch within the epoch (after Ctrl-C), the step, the skipped-step
+count and every RNG state. Writes are atomic (see :mod:`ekd.engine.checkpoint`); only rank 0
+writes under DDP. ``model.pt`` holds the model and head only.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ekd.config import to_dict
+from ekd.engine import distributed as D
+from ekd.engine.checkpoint import FORMAT, VERSION, load_file, load_state_strict, save_atomic
+from ekd.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from ekd.engine.trainer import Trainer
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+    skipped: int = 0
+    bad_in_a_row: int = 0
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled, self._fh = path, enabled, None
+
+    def __enter__(self) -> "MetricsLog":
+        if self.enabled:
+            self._fh = open(self.path, "a")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh:
+            self._fh.close()
+
+    def write(self, row: dict) -> None:
+        if self._fh:
+            self._fh.write(json.dumps(row) + "\n")
+            self._fh.flush()
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(trainer: "Trainer", path: Path, training_state: bool = True) -> Path:
+    """Write model + head (+ the full training state) atomically; rank 0 only under DDP."""
+    if trainer.dist.is_main:
+        cfg = trainer.cfg
+        obj = {
+            "format": FORMAT, "version": VERSION,
+            "model_meta": {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size,
+                           "input_size": cfg.data.input_size, "num_classes": trainer.dataset.num_classes},
+            "model": trainer.student.state_dict(),
+            "head": trainer.head.state_dict(),
+            "config": to_dict(cfg),
+        }
+        if training_state:
+            obj.update({"optimizer": trainer.optimizer.state_dict(),
+                        "scheduler": trainer.scheduler.state_dict(),
+                        "scaler": trainer.scaler.state_dict(),
+                        "distillers": trainer.distillers.state_dict(),
+                        "state": asdict(trainer.state),
+                        "world_size": trainer.dist.world_size,
+                        "rng": rng_state(),
+                        # kept at the top level for readers of older checkpoints
+                        "epoch": trainer.state.epoch, "step": trainer.state.step})
+        save_atomic(obj, path)
+    D.barrier(trainer.dist)
+    return path
+
+
+def load_training_state(trainer: "Trainer", path: str | Path) -> None:
+    """Restore everything :func:`save_training_checkpoint` wrote; errors name the file."""
+    obj = load_file(path)
+    needed = {"model", "head", "optimizer", "scheduler", "distillers", "state", "rng"}
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT or not needed <= set(obj):
+        missing = sorted(needed - set(obj)) if isinstance(obj, dict) else sorted(needed)
+        raise CheckpointError(f"{path}: not a resumable ekd training checkpoint (missing "
+                              f"{', '.join(missing)})")
+    load_state_strict(trainer.student, obj["model"], str(path), "student")
+    load_state_strict(trainer.head, obj["head"], str(path), "head")
+    load_state_strict(trainer.distillers, obj["distillers"], str(path), "distillers")
+    try:
+        trainer.optimizer.load_state_dict(obj["optimizer"])
+        trainer.scheduler.load_state_dict(obj["scheduler"])
+        if "scaler" in obj:
+            trainer.scaler.load_state_dict(obj["scaler"])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: optimiser/scheduler state does not match this config: {exc}") from None
+    trainer.state = TrainState(**obj["state"])
+    trainer.state.bad_in_a_row = 0
+    if obj.get("world_size", 1) == trainer.dist.world_size:
+        set_rng_state(obj["rng"])  # another world size: new per-rank streams, same schedule
+    else:
+        trainer.state.batch_in_epoch = 0

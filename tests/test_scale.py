@@ -1,0 +1,209 @@
+"""Scale features on CPU: DDP equivalence (gloo), exact resume, Ctrl-C, NaN guard, teacher cache."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ekd.config import load_config
+from ekd.data import generate_identity_folder
+from ekd.engine import distributed as D
+from ekd.engine.checkpoint import load_file
+from ekd.engine.teacher_cache import TeacherCache, build_cache, dataset_fingerprint, import_npz
+from ekd.engine.trainer import Trainer, train
+from ekd.errors import CheckpointError, EkdError
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces") / "train"
+    generate_identity_folder(root, num_identities=10, images_per_identity=6, image_size=32, seed=2)
+    return root
+
+
+def _overrides(folder, out, *extra):
+    return [f"data.kind=folder", f"data.root={folder}", "data.input_size=32",
+            "model.backbone=mobilefacenet", "model.embedding_size=16", "sampler.random_size=8",
+            "sampler.identities_per_batch=4", "train.epochs=2", "train.progress=false",
+            "train.device=cpu", "train.log_every=1", f"train.output_dir={out}",
+            "train.max_steps_per_epoch=3", *extra]
+
+
+def _weights(path):
+    return load_file(path)["model"]
+
+
+def test_resume_after_kill_equals_straight_run(folder, tmp_path):
+    straight = train(load_config(None, _overrides(folder, tmp_path / "a")))
+    # the process dies at the start of epoch 2, after the epoch-1 checkpoint was written
+    doomed = Trainer(load_config(None, _overrides(folder, tmp_path / "b")))
+    run_epoch = doomed._run_epoch
+
+    def die_in_epoch_two(metrics):
+        if doomed.state.epoch == 1:
+            raise SystemExit("killed")
+        return run_epoch(metrics)
+
+    doomed._run_epoch = die_in_epoch_two
+    with pytest.raises(SystemExit):
+        doomed.fit()
+    del doomed
+    ckpt = load_file(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert ckpt["state"]["epoch"] == 1 and {"optimizer", "scheduler", "rng", "scaler"} <= set(ckpt)
+    resumed = train(load_config(None, _overrides(folder, tmp_path / "b", "train.resume=auto")))
+    a, b = _weights(straight.model_path), _weights(resumed.model_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigint_writes_resumable_checkpoint_and_resume_is_exact(folder, tmp_path):
+    straight = train(load_config(None, _overrides(folder, tmp_path / "a", "train.epochs=1")))
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path / "b", "train.epochs=1")))
+    original = trainer.train_step
+
+    def step_then_interrupt(*args):
+        out = original(*args)
+        if trainer.state.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    trainer.train_step = step_then_interrupt
+    result = trainer.fit()
+    assert result.interrupted and not (tmp_path / "b" / "model.pt").exists()
+    ckpt = load_file(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert ckpt["state"]["batch_in_epoch"] == 2 and ckpt["state"]["epoch"] == 0
+    resumed = train(load_config(None, _overrides(folder, tmp_path / "b", "train.epochs=1",
+                                                 "train.resume=auto")))
+    a, b = _weights(straight.model_path), _weights(resumed.model_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_guard_skips_then_stops(folder, tmp_path):
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path / "n", "train.max_bad_steps=2")))
+    images, labels, indices = next(iter(trainer.loader))
+    flipped = torch.zeros(len(labels), dtype=torch.bool)
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    trainer.compute_terms = lambda *a: {"ce": torch.tensor(float("nan"), requires_grad=True)}
+    assert trainer.train_step(images, labels, indices, flipped) is None
+    assert trainer.state.skipped == 1
+    assert all(torch.equal(before[k], v) for k, v in trainer.student.state_dict().items())
+    with pytest.raises(EkdError, match=r"2 non-finite steps in a row .*ce=nan"):
+        trainer.train_step(images, labels, indices, flipped)
+
+
+def _teacher(folder, tmp_path):
+    return train(load_config(None, _overrides(folder, tmp_path / "t", "train.epochs=1",
+                                              "train.ce_on=all"))).model_path
+
+
+def test_cached_teacher_equals_live_teacher(folder, tmp_path):
+    teacher = _teacher(folder, tmp_path)
+    live = Trainer(load_config(None, _overrides(folder, tmp_path / "live", "teacher.kind=checkpoint",
+                                                f"teacher.path={teacher}", "distill=[{name: ekd}]")))
+    cache_dir = build_cache(live.teacher.model, live.dataset, tmp_path / "cache", teacher_fp="x",
+                            teacher_name="t", progress=False)
+    cached = Trainer(load_config(None, _overrides(folder, tmp_path / "c", "teacher.kind=cache",
+                                                  f"teacher.path={cache_dir}", "distill=[{name: ekd}]")))
+    images, labels, indices = next(iter(live.loader))
+    images, flipped = live._mirror(images)
+    a = live.teacher.embed(images, indices, flipped)
+    b = cached.teacher.embed(images, indices, flipped)
+    assert torch.allclose(a, b, rtol=2e-3, atol=2e-3)  # float16 storage
+    result = cached.fit()
+    assert "ekd_neg" in result.final_terms
+
+
+def test_stale_cache_is_an_error(folder, tmp_path):
+    teacher = _teacher(folder, tmp_path)
+    live = Trainer(load_config(None, _overrides(folder, tmp_path / "live", "teacher.kind=checkpoint",
+                                                f"teacher.path={teacher}", "distill=[{name: ekd}]")))
+    cache_dir = build_cache(live.teacher.model, live.dataset, tmp_path / "cache", teacher_fp="abc",
+                            teacher_name="t", progress=False)
+    with pytest.raises(CheckpointError, match="another dataset"):
+        TeacherCache(cache_dir, dataset_fp="0" * 64)
+    with pytest.raises(CheckpointError, match="another teacher"):
+        TeacherCache(cache_dir, dataset_fingerprint(live.dataset.root, live.dataset.samples), "def")
+    (cache_dir / "embeddings.f16").write_bytes(b"\0" * 10)
+    with pytest.raises(CheckpointError, match="truncated"):
+        TeacherCache(cache_dir)
+
+
+def test_shared_embedding_format_imports(shared_dir, tmp_path):
+    from ekd.data import ImageFolderDataset
+    import numpy as np
+
+    faces = shared_dir / "data" / "faces"
+    ds = ImageFolderDataset(faces / "train", input_size=112, identities=["cfp-001", "cfp-002"])
+    cache = TeacherCache(import_npz(faces / "teacher_dlib_r29" / "train.npz", ds, tmp_path / "c"),
+                         dataset_fingerprint(ds.root, ds.samples))
+    assert cache.embedding_size == 128 and len(cache) == len(ds) == 28
+    npz = np.load(faces / "teacher_dlib_r29" / "train.npz")
+    row = list(npz["paths"]).index("cfp-002/" + os.path.basename(ds.samples[20][0]))
+    got = cache.lookup(torch.tensor([20, 20]), torch.tensor([False, True]))
+    assert torch.allclose(got[0], torch.from_numpy(npz["emb"][row]), atol=1e-3)
+    assert torch.allclose(got[1], torch.from_numpy(npz["emb_flip"][row]), atol=1e-3)
+
+
+# --------------------------------------------------------------------------- DDP (gloo)
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, folder, out):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(load_config(None, _ddp_overrides(folder, out / f"r{rank}")))
+        trainer.train_step(*_fixed_batch(trainer, rank, world))
+        torch.save({k: v.detach() for k, v in trainer.student.named_parameters()}, out / f"rank{rank}.pt")
+    finally:
+        D.shutdown()
+
+
+def _ddp_overrides(folder, out):
+    # BatchNorm would see per-rank statistics; freeze it (eval mode) so that the comparison is
+    # about the loss and the gradient, which must be world-size invariant.
+    return _overrides(folder, out, "train.ce_on=all", "sampler.random_size=0",
+                      "teacher.kind=checkpoint", f"teacher.path={out.parent / 't' / 'model.pt'}",
+                      "distill=[{name: ekd, weight: 10.0, params: {top_k: 20, temperature: 0.1}}, "
+                      "{name: sp, weight: 10.0}, {name: cosine}]", "optim.lr=0.01")
+
+
+def _fixed_batch(trainer, rank, world):
+    g = torch.Generator().manual_seed(7)
+    images = torch.randn(8, 3, 32, 32, generator=g)
+    # calibrate BatchNorm on the whole batch (same on every rank), then freeze it
+    for m in trainer.student.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    trainer.student.train()
+    with torch.no_grad():
+        trainer.student(images)
+    trainer.student.eval()
+    labels = torch.arange(8) // 2
+    per = 8 // world
+    sl = slice(rank * per, (rank + 1) * per)
+    return images[sl], labels[sl], torch.arange(8)[sl], torch.zeros(per, dtype=torch.bool)
+
+
+def test_two_process_step_equals_one_process_on_concatenated_batch(folder, tmp_path):
+    _teacher(folder, tmp_path)
+    single = Trainer(load_config(None, _ddp_overrides(folder, tmp_path / "single")))
+    single.train_step(*_fixed_batch(single, 0, 1))
+    expected = {k: v.detach() for k, v in single.student.named_parameters()}
+    mp.spawn(_ddp_worker, args=(2, _free_port(), folder, tmp_path), nprocs=2, join=True)
+    results = {r: torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)}
+    for rank in (0, 1):
+        got = results[rank]
+        diff = max(float((got[k].float() - expected[k].float()).abs().max()) for k in expected)
+        worst = max(expected, key=lambda k: float((got[k].float() - expected[k].float()).abs().max()))
+        assert diff < 1e-5, (rank, diff, worst)
