@@ -207,3 +207,31 @@ def test_two_process_step_equals_one_process_on_concatenated_batch(folder, tmp_p
         diff = max(float((got[k].float() - expected[k].float()).abs().max()) for k in expected)
         worst = max(expected, key=lambda k: float((got[k].float() - expected[k].float()).abs().max()))
         assert diff < 1e-5, (rank, diff, worst)
+
+
+def test_teacher_cache_cli_and_training_from_it(folder, tmp_path):
+    from ekd.cli import main
+
+    teacher = _teacher(folder, tmp_path)
+    assert main(["teacher-cache", "--data", str(folder), "--input-size", "32", "--out",
+                 str(tmp_path / "cache"), "--teacher", str(teacher), "--device", "cpu"]) == 0
+    result = train(load_config(None, _overrides(folder, tmp_path / "s", "teacher.kind=cache",
+                                                f"teacher.path={tmp_path / 'cache'}",
+                                                f"teacher.cache_teacher={teacher}",
+                                                "distill=[{name: ekd}]", "train.epochs=1")))
+    assert "ekd_pos" in result.final_terms
+    other = tmp_path / "other.pt"
+    other.write_bytes(teacher.read_bytes() + b"\0")
+    with pytest.raises(CheckpointError, match="another teacher"):
+        Trainer(load_config(None, _overrides(folder, tmp_path / "s2", "teacher.kind=cache",
+                                             f"teacher.path={tmp_path / 'cache'}",
+                                             f"teacher.cache_teacher={other}", "distill=[{name: ekd}]")))
+
+
+def test_partial_fc_sampling_trains(folder, tmp_path):
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path / "p", "head.sample_rate=0.5",
+                                                   "train.epochs=1")))
+    assert trainer.partial_fc and trainer.head.num_sample == 5
+    result = trainer.fit()
+    assert "ce" in result.final_terms
+    assert load_file(result.model_path)["head"]["weight"].shape == (10, 16)

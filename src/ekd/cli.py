@@ -72,6 +72,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_teacher_cache(args: argparse.Namespace) -> int:
+    from ekd.engine.teacher_cache import cache_for_folder
+
+    out = cache_for_folder(args.data, args.input_size, args.out, teacher=args.teacher,
+                           backbone=args.backbone, from_npz=args.from_npz,
+                           batch_size=args.batch_size, device=args.device)
+    print(f"teacher cache written to {out}; train with --set teacher.kind=cache "
+          f"--set teacher.path={out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ekd", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -114,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", action="store_true",
                    help="also write roc_<set>.png per set into --out (needs matplotlib)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("teacher-cache", help="run a teacher once over an identity folder and store "
+                       "its embeddings (original + mirrored) for training without the teacher")
+    p.add_argument("--data", required=True, help="identity folder (root/<identity>/<image>)")
+    p.add_argument("--input-size", type=int, default=112)
+    p.add_argument("--out", required=True, help="cache folder to write")
+    p.add_argument("--teacher", help="ekd checkpoint, arcface_torch backbone.pth or .onnx model")
+    p.add_argument("--backbone", help="architecture of a bare state_dict, e.g. iresnet50")
+    p.add_argument("--from-npz", help="import precomputed embeddings (arrays paths, emb, emb_flip)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_teacher_cache)
 
     p = sub.add_parser("demo", help="synthetic data -> teacher -> students (no KD, EKD) -> table")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")

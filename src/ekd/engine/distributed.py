@@ -2,7 +2,8 @@
 
 With several processes, EKD and every relational distiller must see the *global* batch: the
 low-FPR thresholds only exist among enough negatives. Student embeddings are gathered with a
-differentiable all-gather; teacher embeddings and labels with a plain one.
+differentiable all-gather (:func:`ekd.heads.partial_fc.gather_global_batch`); teacher
+embeddings with a plain one.
 
 Gradient scale. Every rank computes the same distillation loss ``L`` on the gathered batch.
 The backward of the differentiable all-gather sums, for rank r's slice, the gradients of all
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 from ekd.errors import ConfigError
 
@@ -64,13 +64,6 @@ def init_distributed(device_type: str) -> DistInfo:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def gather_with_grad(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Concatenate ``x`` from every rank in rank order, differentiably."""
-    if not info.enabled:
-        return x
-    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
 
 
 @torch.no_grad()

@@ -75,6 +75,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_training_checkpoint(trainer: "Trainer", path: Path, training_state: bool = True) -> Path:
     """Write model + head (+ the full training state) atomically; rank 0 only under DDP."""
+    head_state = _full_head_state(trainer)  # a collective under DDP: every rank takes part
     if trainer.dist.is_main:
         cfg = trainer.cfg
         obj = {
@@ -82,7 +83,7 @@ def save_training_checkpoint(trainer: "Trainer", path: Path, training_state: boo
             "model_meta": {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size,
                            "input_size": cfg.data.input_size, "num_classes": trainer.dataset.num_classes},
             "model": trainer.student.state_dict(),
-            "head": trainer.head.state_dict(),
+            "head": head_state,
             "config": to_dict(cfg),
         }
         if training_state:
@@ -109,7 +110,7 @@ def load_training_state(trainer: "Trainer", path: str | Path) -> None:
         raise CheckpointError(f"{path}: not a resumable ekd training checkpoint (missing "
                               f"{', '.join(missing)})")
     load_state_strict(trainer.student, obj["model"], str(path), "student")
-    load_state_strict(trainer.head, obj["head"], str(path), "head")
+    _load_head(trainer, obj["head"], str(path))
     load_state_strict(trainer.distillers, obj["distillers"], str(path), "distillers")
     try:
         trainer.optimizer.load_state_dict(obj["optimizer"])
@@ -124,3 +125,22 @@ def load_training_state(trainer: "Trainer", path: str | Path) -> None:
         set_rng_state(obj["rng"])  # another world size: new per-rank streams, same schedule
     else:
         trainer.state.batch_in_epoch = 0
+
+
+def _full_head_state(trainer: "Trainer") -> dict:
+    """The margin head as ``{"weight": [C, d]}`` whatever the sharding (Partial FC gathered)."""
+    if trainer.partial_fc:
+        return {"weight": trainer.head.full_weight().detach().cpu()}
+    return trainer.head.state_dict()
+
+
+def _load_head(trainer: "Trainer", state: dict, source: str) -> None:
+    weight = state.get("weight") if isinstance(state, dict) else None
+    expected = (trainer.dataset.num_classes, trainer.cfg.model.embedding_size)
+    if weight is None or tuple(weight.shape) != expected:
+        raise CheckpointError(f"{source}: head weight {None if weight is None else tuple(weight.shape)} "
+                              f"does not match {expected} (classes, embedding size)")
+    if trainer.partial_fc:
+        trainer.head.load_full_weight(weight.to(trainer.device))
+    else:
+        load_state_strict(trainer.head, state, source, "head")

@@ -173,3 +173,29 @@ def import_npz(npz_path: str | Path, dataset, out: str | Path) -> Path:
     return _write(Path(out), stacked, {"dataset": dataset_fingerprint(dataset.root, dataset.samples),
                                        "teacher": file_fingerprint(npz_path),
                                        "teacher_name": npz_path.name, "input_size": None})
+
+
+def cache_for_folder(data_root: str | Path, input_size: int, out: str | Path, teacher: str | None = None,
+                     backbone: str | None = None, from_npz: str | None = None, batch_size: int = 128,
+                     device: str = "auto", progress: bool = True) -> Path:
+    """``ekd teacher-cache``: embed an identity folder with a teacher file (ekd checkpoint,
+    arcface_torch ``backbone.pth`` or ``.onnx``), or import a ``paths/emb/emb_flip`` npz."""
+    from ekd.data import ImageFolderDataset
+    from ekd.engine.build import resolve_device
+    from ekd.engine.teacher import load_teacher
+
+    dataset = ImageFolderDataset(data_root, input_size=input_size, train=False)
+    if (teacher is None) == (from_npz is None):
+        raise DataError("give exactly one of a teacher file or --from-npz")
+    if from_npz is not None:
+        return import_npz(from_npz, dataset, out)
+    dev = resolve_device(device)
+    if str(teacher).endswith(".onnx"):
+        from ekd.engine.teacher_onnx import OnnxTeacher
+
+        onnx = OnnxTeacher(teacher, input_size, device=dev)
+        net, name = (lambda x: onnx.embed(x, None, None)), Path(teacher).name  # type: ignore[arg-type]
+    else:
+        loaded = load_teacher(teacher, backbone, input_size=input_size, device=dev)
+        net, name = loaded.model, f"{loaded.backbone} ({Path(teacher).name})"
+    return build_cache(net, dataset, out, file_fingerprint(teacher), name, batch_size, dev, progress)

@@ -39,8 +39,9 @@ from ekd.engine.distill_inputs import build_distillers, distiller_extras, teache
 from ekd.engine.optim import build_optimizer, build_scheduler
 from ekd.engine.state import MetricsLog, TrainState, load_training_state, save_training_checkpoint
 from ekd.engine.teacher import build_teacher
-from ekd.errors import EkdError
-from ekd.heads import build_head
+from ekd.errors import ConfigError, EkdError
+from ekd.heads import PartialFC, build_head
+from ekd.heads.partial_fc import gather_global_batch, init_rows
 from ekd.models import build_backbone
 
 log = logging.getLogger("ekd.train")
@@ -89,8 +90,20 @@ class Trainer:
         self.student = student
         self.student_ddp: nn.Module = (DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
                                        if self.dist.enabled else student)
-        self.head = build_head(cfg.head.kind, mc.embedding_size, self.dataset.num_classes,
-                               cfg.head.scale, cfg.head.margin).to(device)
+        hc = cfg.head
+        # Partial FC (class centres sharded over ranks, negatives sampled) when sampling or
+        # with several processes; a plain margin head otherwise.
+        self.partial_fc = hc.sample_rate < 1.0 or self.dist.enabled
+        if self.partial_fc:
+            self.head = PartialFC(hc.kind, mc.embedding_size, self.dataset.num_classes, hc.scale,
+                                  hc.margin, hc.sample_rate, self.dist.rank, self.dist.world_size,
+                                  seed=tc.seed).to(device)
+        else:
+            self.head = build_head(hc.kind, mc.embedding_size, self.dataset.num_classes,
+                                   hc.scale, hc.margin).to(device)
+            with torch.no_grad():  # the same initial centres as Partial FC for any world size
+                self.head.weight.copy_(init_rows(0, self.dataset.num_classes, self.dataset.num_classes,
+                                                 mc.embedding_size, tc.seed))
         self.teacher = build_teacher(cfg.teacher, cfg.data.input_size, self.dataset, device)
         t_dim = self.teacher.embedding_size if self.teacher else None
         self.distillers = build_distillers(cfg, t_dim, self.dataset.num_classes).to(device)
@@ -98,6 +111,12 @@ class Trainer:
                                       cfg.teacher.path, self.dataset.num_classes, t_dim)
         self.teacher_centers = centers.to(device) if centers is not None else None
         self.ce_replaced = any(getattr(d, "replaces_ce", False) for d in self.distillers)
+        if self.partial_fc:
+            needs_head = [d.name for d in self.distillers if d.requires & {"student_head", "student_logits"}]
+            if needs_head:
+                raise ConfigError(f"distiller(s) {', '.join(needs_head)} need the student's full "
+                                  "classifier, which Partial FC (head.sample_rate < 1 or several "
+                                  "processes) shards across ranks; use head.sample_rate=1 on one process")
         steps_per_epoch = len(self.sampler)
         self.total_steps = steps_per_epoch * tc.epochs
         oc = cfg.optim
@@ -137,14 +156,16 @@ class Trainer:
         n_ce = self.cfg.sampler.random_size if self.cfg.train.ce_on == "random" else len(labels)
         terms: dict[str, torch.Tensor] = {}
         if not self.ce_replaced:
-            terms["ce"] = F.cross_entropy(self.head(emb[:n_ce], labels[:n_ce]), labels[:n_ce])
+            if self.partial_fc:  # global mean over the gathered CE part of every rank's batch
+                terms["ce"] = self.head(*gather_global_batch(emb[:n_ce], labels[:n_ce]))
+            else:
+                terms["ce"] = F.cross_entropy(self.head(emb[:n_ce], labels[:n_ce]), labels[:n_ce])
         if len(self.distillers):
             assert self.teacher is not None
             with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
                 teacher_emb = self.teacher.embed(images, indices, flipped)
             teacher_emb = D.gather_no_grad(teacher_emb.float(), self.dist)
-            all_emb = D.gather_with_grad(emb, self.dist)
-            all_labels = D.gather_no_grad(labels, self.dist)
+            all_emb, all_labels = gather_global_batch(emb, labels)
             extras = distiller_extras(self.distillers, all_emb, teacher_emb, self.head,
                                       self.teacher_centers, self.cfg.sampler.random_size)
             for i, distiller in enumerate(self.distillers):
@@ -154,10 +175,11 @@ class Trainer:
         return terms
 
     def _sync_small_grads(self) -> None:
-        """Average head and distiller gradients over ranks (DDP does the student's)."""
+        """Average distiller gradients over ranks (DDP does the student's; each rank's Partial FC
+        shard gradient is already exact and must not be averaged)."""
         if not self.dist.enabled:
             return
-        for module in (self.head, self.distillers):
+        for module in (self.distillers,):
             for p in module.parameters():
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
