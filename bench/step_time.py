@@ -179,6 +179,10 @@ def write_results(res: dict, out: Path) -> tuple[Path, Path]:
         f"- c/a (live / plain) = **{res['ratio_live_over_plain']:.3f}**",
         f"- live teacher / cached teacher = {med['live'] / med['cached']:.2f}x",
     ]
+    ta, tb = res["times_s"]["plain"], res["times_s"]["cached"]
+    if min(tb) <= max(ta) and min(ta) <= max(tb):
+        lines.append("- the step times of (a) and (b) overlap (min..max): their difference is within "
+                     "the run-to-run spread; a ratio below 1 is noise, not a speed-up")
     skipped = {v: n for v, n in res["skipped_steps"].items() if n}
     if skipped:
         lines.append(f"- non-finite steps skipped by the NaN guard (still timed): {skipped}")
