@@ -40,7 +40,7 @@ class DemoPlan:
 
 
 FULL = DemoPlan(train_identities=150, train_images=14, eval_identities=60, eval_images=10,
-                image_size=32, teacher_epochs=5, student_epochs=4, random_size=64,
+                image_size=32, teacher_epochs=3, student_epochs=4, random_size=64,
                 identities_per_batch=8)
 QUICK = DemoPlan(train_identities=64, train_images=8, eval_identities=30, eval_images=8,
                  image_size=32, teacher_epochs=2, student_epochs=2, random_size=32,
