@@ -140,17 +140,24 @@ def test_recordio_mutated_valid_file(rec, idx):
     _exercise_rec(rec, idx)
 
 
+F32 = st.floats(allow_nan=True, allow_infinity=True, width=32)
+
+
 @FUZZ
-@given(label=st.floats(allow_nan=True, allow_infinity=True, width=32),
-       header=st.tuples(st.floats(width=32), st.floats(width=32)),
-       flag0=st.integers(0, 3))
-def test_recordio_impossible_labels_and_header0(label, header, flag0):
+@given(label=st.one_of(F32, st.sampled_from([16777215.0, 16777216.0, 9e6, -1.0, 2.5])),
+       header=st.one_of(st.tuples(F32, F32), st.just((3.0, 5.0))), flag0=st.integers(0, 3),
+       ranges=st.one_of(st.tuples(F32, F32),
+                        st.sampled_from([(float("inf"), 1.0), (float("nan"), 2.0), (1.0, 2.0)])))
+def test_recordio_impossible_labels_and_header0(label, header, flag0, ranges):
+    """Record 0 (InsightFace header or not), image labels and identity records with any value."""
     with workdir() as d:
         with RecordIOWriter(d / "train.rec") as w:
             arr = np.asarray(header[:max(flag0, 1)], np.float32)
             w.write(0, pack(IRHeader(flag0, arr if flag0 else 0.0), b""))
             w.write(1, pack(IRHeader(0, label, 1), _png(1)))
             w.write(2, pack(IRHeader(0, 0.0, 2), _png(2)))
+            for key in (3, 4):
+                w.write(key, pack(IRHeader(2, np.asarray(ranges, np.float32), key), b""))
         _exercise_rec((d / "train.rec").read_bytes(), (d / "train.idx").read_bytes())
 
 

@@ -61,7 +61,7 @@ class RecordDataset(SkipCorrupt, Dataset):
             for k in range(a, b):
                 try:
                     h = rd.read_header(k)
-                    if h.flag < 2:
+                    if h.flag < 2 or not np.isfinite(h.label[:2]).all():
                         raise DataError(f"{rd.path}: identity record {k} has no [start, end) label")
                 except DataError:
                     if on_corrupt == "error":
@@ -87,9 +87,11 @@ class RecordDataset(SkipCorrupt, Dataset):
         if remap_labels:
             self.label_map, self.labels = present, np.searchsorted(present, self.labels)
         elif present.size != int(present[-1]) + 1:
-            gaps = np.setdiff1d(np.arange(int(present[-1]) + 1), present)
-            warnings.warn(f"{rd.path}: labels are not contiguous: {gaps.size} of 0..{present[-1]} "
-                          f"unused (e.g. {', '.join(map(str, gaps[:5].tolist()))}); kept as they are "
+            prev = np.concatenate([[-1], present[:-1]])  # O(n) in the labels, not in max(label)
+            gaps = [g for i in np.flatnonzero(present - prev > 1)[:5].tolist()
+                    for g in range(int(prev[i]) + 1, min(int(present[i]), int(prev[i]) + 6))][:5]
+            warnings.warn(f"{rd.path}: labels are not contiguous: {int(present[-1]) + 1 - present.size} "
+                          f"of 0..{present[-1]} unused (e.g. {', '.join(map(str, gaps))}); kept as they are "
                           "(unused classes in the head); remap_labels=True renumbers them 0..C-1",
                           stacklevel=2)
         prop = rd.path.parent / "property"

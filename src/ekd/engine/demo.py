@@ -39,7 +39,7 @@ class DemoPlan:
     identities_per_batch: int
 
 
-FULL = DemoPlan(train_identities=150, train_images=14, eval_identities=60, eval_images=10,
+FULL = DemoPlan(train_identities=120, train_images=14, eval_identities=60, eval_images=10,
                 image_size=32, teacher_epochs=3, student_epochs=4, random_size=64,
                 identities_per_batch=8)
 QUICK = DemoPlan(train_identities=64, train_images=8, eval_identities=30, eval_images=8,
