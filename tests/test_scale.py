@@ -235,3 +235,53 @@ def test_partial_fc_sampling_trains(folder, tmp_path):
     result = trainer.fit()
     assert "ce" in result.final_terms
     assert load_file(result.model_path)["head"]["weight"].shape == (10, 16)
+
+
+def test_onnx_teacher_matches_the_pytorch_teacher(folder, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from ekd.deploy.onnx_export import export_onnx
+    from ekd.engine.teacher import load_teacher
+
+    teacher = _teacher(folder, tmp_path)
+    loaded = load_teacher(teacher)
+    export_onnx(loaded.model, tmp_path / "t.onnx", backbone=loaded.backbone,
+                input_size=loaded.input_size)
+    trainer = Trainer(load_config(None, _overrides(folder, tmp_path / "o", "teacher.kind=onnx",
+                                                   f"teacher.path={tmp_path / 't.onnx'}",
+                                                   "distill=[{name: ekd}]", "train.epochs=1")))
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = loaded.model(images)
+    got = trainer.teacher.embed(images, torch.arange(4), torch.zeros(4, dtype=torch.bool))
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert "ekd_neg" in trainer.fit().final_terms
+
+
+def _resume_worker(rank, world, port, folder, out):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    try:
+        result = train(load_config(None, _overrides(folder, out, "train.resume=auto")))
+        assert not result.interrupted
+    finally:
+        D.shutdown()
+
+
+def test_resume_with_another_world_size(folder, tmp_path):
+    one = Trainer(load_config(None, _overrides(folder, tmp_path / "w")))
+    run_epoch = one._run_epoch
+
+    def stop_after_first(metrics):
+        if one.state.epoch == 1:
+            raise SystemExit("killed")
+        return run_epoch(metrics)
+
+    one._run_epoch = stop_after_first
+    with pytest.raises(SystemExit):
+        one.fit()
+    mp.spawn(_resume_worker, args=(2, _free_port(), folder, tmp_path / "w"), nprocs=2, join=True)
+    final = load_file(tmp_path / "w" / "checkpoints" / "last.pt")
+    assert final["state"]["epoch"] == 2 and final["world_size"] == 2
+    assert final["head"]["weight"].shape == (10, 16)
+    assert (tmp_path / "w" / "model.pt").is_file()

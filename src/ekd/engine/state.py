@@ -119,6 +119,7 @@ def load_training_state(trainer: "Trainer", path: str | Path) -> None:
             trainer.scaler.load_state_dict(obj["scaler"])
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: optimiser/scheduler state does not match this config: {exc}") from None
+    _reshard_head_momentum(trainer)
     trainer.state = TrainState(**obj["state"])
     trainer.state.bad_in_a_row = 0
     if obj.get("world_size", 1) == trainer.dist.world_size:
@@ -144,3 +145,17 @@ def _load_head(trainer: "Trainer", state: dict, source: str) -> None:
         trainer.head.load_full_weight(weight.to(trainer.device))
     else:
         load_state_strict(trainer.head, state, source, "head")
+
+
+def _reshard_head_momentum(trainer: "Trainer") -> None:
+    """After resuming with another world size, cut the head's optimiser buffers (saved for the
+    full ``[C, d]`` centres, or another shard) to this rank's Partial FC shard."""
+    weight = trainer.head.weight
+    state = trainer.optimizer.state.get(weight, {})
+    for key, buf in list(state.items()):
+        if not isinstance(buf, torch.Tensor) or buf.shape == weight.shape:
+            continue
+        if trainer.partial_fc and buf.shape == (trainer.head.num_classes, weight.shape[1]):
+            state[key] = buf[trainer.head.shard_start:trainer.head.shard_end].clone()
+        else:  # a shard of another layout: restart that buffer
+            del state[key]
