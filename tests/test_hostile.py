@@ -186,3 +186,22 @@ def test_yaml_python_tags_are_refused(tmp_path, tag):
     with pytest.raises(ConfigError, match="--set model: cannot parse value"):
         load_config(None, [f"model={value}"])
     assert not marker.exists()
+
+
+def test_damaged_teacher_caches_and_embedding_files(tmp_path):
+    import json
+
+    from ekd.engine.teacher_cache import MANIFEST, TeacherCache, import_npz
+
+    for manifest in ('{"version": 1, "num_samples": 0, "embedding_size": 4}', "[1, 2]",
+                     "[" * 100000, '{"version": 1, "num_samples": "x"}'):
+        (tmp_path / MANIFEST).write_text(manifest)
+        (tmp_path / "embeddings.f16").write_bytes(b"")
+        with pytest.raises(CheckpointError, match="unreadable manifest"):
+            TeacherCache(tmp_path)
+    (tmp_path / MANIFEST).write_text(json.dumps({"version": 1, "num_samples": 2, "embedding_size": 4}))
+    with pytest.raises(CheckpointError, match="missing or truncated"):
+        TeacherCache(tmp_path)
+    (tmp_path / "emb.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(DataError, match="emb.npz: not an embedding file"):
+        import_npz(tmp_path / "emb.npz", dataset=None, out=tmp_path / "cache")

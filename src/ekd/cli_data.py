@@ -101,10 +101,24 @@ def _cmd_make_bin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from ekd.data.check import check_folder
+
+    report = check_folder(args.folder, decode=not args.no_decode)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
 def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``data`` with its ``pack``, ``info`` and ``make-bin`` subcommands."""
-    p = subparsers.add_parser("data", help="pack / inspect InsightFace .rec and .bin files")
+    p = subparsers.add_parser("data", help="check identity folders; pack / inspect InsightFace .rec and .bin files")
     sub = p.add_subparsers(dest="data_command", required=True)
+    q = sub.add_parser("check", help="unreadable images, empty identities and duplicate files "
+                       "in an identity folder")
+    q.add_argument("folder", help="folder/<identity>/<image>")
+    q.add_argument("--no-decode", action="store_true", help="hash only (faster)")
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.set_defaults(func=_cmd_check)
     q = sub.add_parser("pack", help="identity folder -> .rec/.idx/property (InsightFace layout)")
     q.add_argument("folder", help="folder/<identity>/<image>")
     q.add_argument("out", help="output .rec path, prefix or folder (train.rec inside)")
