@@ -51,18 +51,10 @@ CASES = ["one_identity", "all_distinct", "zero_student", "zero_teacher", "zero_b
          "duplicates", "duplicate_pairs", "two_samples", "huge_scale", "fp16_zero_row",
          "bf16_duplicates"]
 
-#: Methods that L2-normalise the student's embedding (F.normalize / cosine_similarity, eps 1e-12 or
-#: 1e-8): the gradient at an exactly zero row is ~upstream / eps (1e9 .. 5e18 in float32, measured),
-#: which is finite in float32 but overflows float16 (max 65504) to inf. kd and proxylesskd get it
-#: from the margin head's F.normalize (student_logits / student_head), the others from their own.
-_NORMALISING = ("adadistill", "cckd", "cosine", "darkrank", "ekd", "kd", "margin_distill",
-                "proxylesskd", "shrinkteanet", "sp", "triplet_distill")
-_REASON = ("reported to the distill owner: L2 normalisation of a zero-norm student row gives a "
-           "gradient of ~1/eps (float32: 1e9..5e18; float16: inf)")
-
 #: Known failures: (name, case) -> reason. Strict xfail: a fix makes the test fail until the entry
-#: is removed.
-KNOWN: dict[tuple[str, str], str] = {(n, "fp16_zero_row"): _REASON for n in _NORMALISING}
+#: is removed. (Zero-norm rows used to give ~1/eps gradients through F.normalize; every
+#: distiller and head now normalises through ekd.functional.unit, whose gradient is bounded.)
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _build(name: str):
@@ -118,8 +110,6 @@ def test_distiller_finite_on_degenerate_batch(name, case, request):
 def test_zero_norm_row_gradient_is_bounded(name, request):
     """A float32 batch with one zero student row: the gradient must stay usable (<= 1e6), not
     merely finite; 1e12 times the learning rate wrecks the weights in one step."""
-    if name in _NORMALISING:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_REASON))
     distiller = _build(name)
     head = build_head("arcface", D, C)
     s, t, labels = _batch("one_zero_row")

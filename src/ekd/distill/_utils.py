@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ekd.functional import unit
 from ekd.errors import ConfigError
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -77,7 +78,7 @@ def margin_cross_entropy(student: torch.Tensor, centres: torch.Tensor, labels: t
                           f"width {centres.shape[1]}")
     if labels.numel() and int(labels.max()) >= centres.shape[0]:
         raise ConfigError(f"label {int(labels.max())} is outside the {centres.shape[0]} class centres")
-    cos = F.linear(F.normalize(student), F.normalize(centres.to(student.dtype))).clamp(-1.0, 1.0)
+    cos = F.linear(unit(student), unit(centres.to(student.dtype))).clamp(-1.0, 1.0)
     idx = torch.arange(cos.shape[0], device=cos.device)
     logits = cos.clone()
     logits[idx, labels] = margin_target(cos[idx, labels], margin, kind)

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from ekd.functional import cosine, unit
 from ekd.distill._utils import check_dims, check_positive, margin_cross_entropy, pair
 from ekd.distill.base import Distiller, register_distiller
 from ekd.errors import ConfigError
@@ -121,9 +121,9 @@ class AdaDistillLoss(Distiller):
     @torch.no_grad()
     def alphas(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The adaptive EMA momentum of each sample (student detached)."""
-        agree = F.cosine_similarity(student, teacher, dim=1).clamp(-1.0, 1.0)
+        agree = cosine(student, teacher).clamp(-1.0, 1.0)
         if self.hard_weighting:
-            lam = F.cosine_similarity(self.centres[labels].to(teacher.dtype), teacher, dim=1)
+            lam = cosine(self.centres[labels].to(teacher.dtype), teacher)
             agree = agree * lam.clamp(1e-6, 1.0)
         return agree.clamp(1e-6, 1.0)
 
@@ -133,7 +133,7 @@ class AdaDistillLoss(Distiller):
         if _distributed() and not self._synced:
             dist.broadcast(self.centres, 0)
         self._synced = True
-        t_hat = F.normalize(teacher)
+        t_hat = unit(teacher)
         alpha = self.alphas(student, t_hat, labels)
         g_t, g_y, g_a = all_gather_rows(t_hat, labels, alpha)
         sequential_ema(self.centres, g_t, g_y, g_a)

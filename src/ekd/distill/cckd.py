@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ekd.functional import unit
 from ekd.distill._utils import check_positive, pair
 from ekd.distill.base import Distiller, register_distiller
 from ekd.errors import ConfigError
@@ -40,7 +41,7 @@ class CCKDLoss(Distiller):
 
     def correlation(self, x: torch.Tensor) -> torch.Tensor:
         """Eq. 9: the P-th order Taylor expansion of the Gaussian kernel on cosine similarity."""
-        sim = F.normalize(x) @ F.normalize(x).t()
+        sim = unit(x) @ unit(x).t()
         g2 = 2.0 * self.gamma
         out = torch.full_like(sim, math.exp(-g2))  # p = 0: a constant, no gradient
         for p in range(1, self.order + 1):

@@ -7,8 +7,8 @@ CVPR 2022, Tab. 2 "cosine"); both embeddings are L2-normalised first, as in thei
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ekd.functional import cosine
 from ekd.distill._utils import pair
 from ekd.distill.base import Distiller, register_distiller
 
@@ -20,5 +20,5 @@ class CosineLoss(Distiller):
     def losses(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor, labels: torch.Tensor,
                **extras: object) -> dict[str, torch.Tensor]:
         s, t = pair(student_emb, teacher_emb)
-        cos = F.cosine_similarity(F.normalize(s), F.normalize(t), dim=1, eps=1e-8)
+        cos = cosine(s, t)
         return {"cosine": 1.0 - cos.mean()}

@@ -13,8 +13,8 @@ the first element of the teacher's sorted row, which is the anchor unless a dupl
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ekd.functional import unit
 from ekd.distill._utils import check_positive, pair, zero
 from ekd.distill.base import Distiller, register_distiller
 from ekd.errors import ConfigError
@@ -43,7 +43,7 @@ class HardDarkRankLoss(Distiller):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """``-alpha * distance^beta`` between all pairs of normalised rows."""
-        return -self.alpha * squared_distances(F.normalize(x)).pow(self.beta / 2.0)
+        return -self.alpha * squared_distances(unit(x)).pow(self.beta / 2.0)
 
     def losses(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor, labels: torch.Tensor,
                **extras: object) -> dict[str, torch.Tensor]:

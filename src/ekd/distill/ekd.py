@@ -19,14 +19,16 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ekd.functional import unit
 from ekd.distill.base import Distiller, register_distiller
+from ekd.errors import ConfigError
 
 PAPER_FPRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
 
 def pair_similarities(emb: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of every pair ``i < j`` (row-major upper triangle) of ``emb``."""
-    emb = F.normalize(emb.reshape(emb.shape[0], -1), dim=1)
+    emb = unit(emb.reshape(emb.shape[0], -1), dim=1)
     return (emb @ emb.t())[upper]
 
 
@@ -56,9 +58,10 @@ class EKDLoss(Distiller):
                  bias_correction: bool = False) -> None:
         super().__init__(weight)
         if not fprs or any(not 0 < f < 1 for f in fprs):
-            raise ValueError(f"ekd: fprs must be in (0, 1), got {list(fprs)}")
+            raise ConfigError(f"distill ekd: fprs must be in (0, 1), got {list(fprs)}")
         if temperature <= 0 or not 0 < momentum <= 1 or top_k < 0:
-            raise ValueError("ekd: need temperature > 0, 0 < momentum <= 1 and top_k >= 0")
+            raise ConfigError(f"distill ekd: need temperature > 0, 0 < momentum <= 1 and top_k >= 0, got "
+                              f"{temperature}, {momentum}, {top_k}")
         self.divisors = [int(round(1.0 / f)) for f in fprs]
         self.temperature = float(temperature)
         self.momentum = float(momentum)

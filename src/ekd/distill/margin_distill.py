@@ -18,8 +18,8 @@ the student's own margin-softmax term (``replace_ce: true``).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ekd.functional import unit
 from ekd.distill._utils import check_dims, check_positive, margin_cross_entropy, pair
 from ekd.distill.base import Distiller, register_distiller
 from ekd.errors import ConfigError
@@ -44,7 +44,7 @@ class MarginDistillLoss(Distiller):
 
     def margins(self, teacher: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-sample margins from the teacher's cosine to its own class centre."""
-        c = (F.normalize(teacher) * F.normalize(centres[labels])).sum(dim=1).clamp_min(0.0)
+        c = (unit(teacher) * unit(centres[labels])).sum(dim=1).clamp_min(0.0)
         top = c.max() if c.numel() else c.new_zeros(())
         if top <= 0:
             return torch.full_like(c, self.m_min)

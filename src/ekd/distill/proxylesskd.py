@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ekd.functional import unit
 from ekd.distill._utils import check_dims, pair
 from ekd.distill.base import Distiller, register_distiller
 from ekd.errors import ConfigError
@@ -42,7 +43,7 @@ class ProxylessKDLoss(Distiller):
         if s.shape[1] != centres.shape[1]:
             raise ConfigError(f"proxylesskd: student width {s.shape[1]} != teacher classifier "
                               f"width {centres.shape[1]}")
-        cos = F.linear(F.normalize(s), F.normalize(centres)).clamp(-1.0, 1.0)
+        cos = F.linear(unit(s), unit(centres)).clamp(-1.0, 1.0)
         idx = torch.arange(cos.shape[0], device=cos.device)
         logits = cos.clone()
         logits[idx, labels] = head.target_logit(cos[idx, labels])  # type: ignore[union-attr]

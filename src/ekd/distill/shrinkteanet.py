@@ -10,8 +10,8 @@ features that the distiller contract does not carry).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ekd.functional import unit
 from ekd.distill._utils import pair
 from ekd.distill.base import Distiller, register_distiller
 
@@ -23,5 +23,5 @@ class ShrinkTeaNetLoss(Distiller):
     def losses(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor, labels: torch.Tensor,
                **extras: object) -> dict[str, torch.Tensor]:
         s, t = pair(student_emb, teacher_emb)
-        cos = (F.normalize(s) * F.normalize(t)).sum(dim=1)
+        cos = (unit(s) * unit(t)).sum(dim=1)
         return {"shrinkteanet": (1.0 - cos).pow(2).mean()}

@@ -8,8 +8,8 @@ EKD authors' variant), and ``L = || G_s - G_t ||_F^2 / N^2``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ekd.functional import unit
 from ekd.distill._utils import pair
 from ekd.distill.base import Distiller, register_distiller
 
@@ -22,6 +22,6 @@ class SPLoss(Distiller):
                **extras: object) -> dict[str, torch.Tensor]:
         s, t = pair(student_emb, teacher_emb)
         n = s.shape[0]
-        s, t = F.normalize(s), F.normalize(t)
+        s, t = unit(s), unit(t)
         diff = s @ s.t() - t @ t.t()
         return {"sp": diff.pow(2).sum() / (n * n)}

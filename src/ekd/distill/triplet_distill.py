@@ -19,8 +19,8 @@ inside a fixed batch. Batches without a positive or a negative pair give a zero 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ekd.functional import unit
 from ekd.distill._utils import pair, zero
 from ekd.distill.base import Distiller, register_distiller
 from ekd.errors import ConfigError
@@ -28,7 +28,7 @@ from ekd.errors import ConfigError
 
 def pair_distances(x: torch.Tensor, kind: str) -> torch.Tensor:
     """All-pairs squared L2 (``l2``) or angle (``cos``) between L2-normalised rows."""
-    x = F.normalize(x)
+    x = unit(x)
     cos = x @ x.t()
     if kind == "l2":
         return (2.0 - 2.0 * cos).clamp_min(0.0)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ekd.functional import unit
 from ekd.errors import ConfigError
 
 
@@ -34,7 +35,7 @@ class MarginHead(nn.Module):
 
     def cosine(self, emb: torch.Tensor) -> torch.Tensor:
         """Cosine between each embedding and each class centre, clamped to [-1, 1]."""
-        return F.linear(F.normalize(emb.float()), F.normalize(self.weight.float())).clamp(-1, 1)
+        return F.linear(unit(emb.float()), unit(self.weight.float())).clamp(-1, 1)
 
     def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ekd.functional import unit
 from ekd.errors import CheckpointError, ConfigError, DataError
 from ekd.heads.margin import ArcFace, CosFace, MarginHead
 
@@ -249,7 +250,7 @@ class PartialFC(nn.Module):
         if self.distributed:
             emb = _SumGradAcrossRanks.apply(emb, self.process_group)
         weight = self.weight if index.numel() == self.shard_size else self.weight[index]
-        cos = F.linear(F.normalize(emb), F.normalize(weight.float())).clamp(-1, 1)
+        cos = F.linear(unit(emb), unit(weight.float())).clamp(-1, 1)
         has = column >= 0
         rows = torch.arange(cos.shape[0], device=cos.device)[has]
         logits = cos.clone()
