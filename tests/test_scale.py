@@ -285,3 +285,37 @@ def test_resume_with_another_world_size(folder, tmp_path):
     assert final["state"]["epoch"] == 2 and final["world_size"] == 2
     assert final["head"]["weight"].shape == (10, 16)
     assert (tmp_path / "w" / "model.pt").is_file()
+
+
+def _eval_worker(rank, world, port, folder, out):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    from ekd.eval.embed import embed_dataset
+    from ekd.data import ListDataset
+    from ekd.models import build_backbone
+
+    D.init_distributed("cpu")
+    try:
+        torch.manual_seed(0)
+        model = build_backbone("mobilefacenet", 16, 32).eval()
+        paths = sorted(str(p) for p in folder.rglob("*.png"))[:13]  # 13: uneven shards
+        emb = embed_dataset(model, ListDataset(paths, 32), batch_size=4)
+        torch.save(torch.from_numpy(emb), out / f"emb{rank}.pt")
+    finally:
+        D.shutdown()
+
+
+def test_evaluation_is_sharded_and_gathered(folder, tmp_path):
+    from ekd.eval.embed import embed_dataset
+    from ekd.data import ListDataset
+    from ekd.models import build_backbone
+
+    mp.spawn(_eval_worker, args=(2, _free_port(), folder, tmp_path), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = build_backbone("mobilefacenet", 16, 32).eval()
+    paths = sorted(str(p) for p in folder.rglob("*.png"))[:13]
+    expected = torch.from_numpy(embed_dataset(model, ListDataset(paths, 32), batch_size=4))
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"emb{rank}.pt", weights_only=True)
+        assert got.shape == (13, 16) and torch.allclose(got, expected, atol=1e-5)

@@ -55,13 +55,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise EkdError(f"ekd eval: {len(args.label)} --label for {len(args.model)} --model")
     if args.plots and not args.out:
         raise EkdError("ekd eval: --plots needs --out")
-    results = {}
-    for label, model in zip(labels, args.model):
-        results[label] = evaluate_checkpoint(model, sets, backbone=args.backbone,
-                                             max_per_identity=args.max_per_identity,
-                                             batch_size=args.batch_size, device=args.device)
-    table = write_report(results, Path(args.out) if args.out else None, plots=args.plots)
-    print(table)
+    from ekd.engine import distributed as D
+    from ekd.engine.build import resolve_device
+
+    info = D.init_distributed(resolve_device(args.device).type)  # torchrun: embeddings sharded
+    try:
+        results = {}
+        for label, model in zip(labels, args.model):
+            results[label] = evaluate_checkpoint(model, sets, backbone=args.backbone,
+                                                 max_per_identity=args.max_per_identity,
+                                                 batch_size=args.batch_size, device=args.device,
+                                                 progress=info.is_main)
+        if info.is_main:
+            print(write_report(results, Path(args.out) if args.out else None, plots=args.plots))
+    finally:
+        D.shutdown()
     return 0
 
 

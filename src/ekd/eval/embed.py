@@ -82,3 +82,27 @@ def extract_embeddings(
         raise DataError("no images to embed: the image loader yielded no batches")
     emb = torch.cat(outputs).numpy().astype(np.float32, copy=False)
     return l2_normalize(emb).astype(np.float32, copy=False)
+
+
+def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 128,
+                  device: torch.device | str | None = None, flip: bool = True,
+                  progress: bool = False) -> np.ndarray:
+    """:func:`extract_embeddings` of a whole dataset, sharded over ranks when run under
+    ``torchrun``: rank r embeds the r-th contiguous slice, and every rank receives all the
+    embeddings, in dataset order (one ``all_gather_object``)."""
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, Subset
+
+    sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not sharded:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        return extract_embeddings(model, loader, device=device, flip=flip, progress=progress)
+    rank, world, n = dist.get_rank(), dist.get_world_size(), len(dataset)  # type: ignore[arg-type]
+    start, end = n * rank // world, n * (rank + 1) // world
+    local = None
+    if end > start:
+        loader = DataLoader(Subset(dataset, range(start, end)), batch_size=batch_size, shuffle=False)
+        local = extract_embeddings(model, loader, device=device, flip=flip, progress=progress)
+    parts: list = [None] * world
+    dist.all_gather_object(parts, local)
+    return np.concatenate([p for p in parts if p is not None])

@@ -21,11 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ekd.data import ImageFolderDataset, ListDataset
 from ekd.data.verification_bin import BinDataset
-from ekd.eval.embed import extract_embeddings
+from ekd.eval.embed import embed_dataset
 from ekd.eval.metrics import roc_auc, threshold_at_fpr, tpr_at_fpr, verification_accuracy
 from ekd.eval.plots import roc_points
 from ekd.eval.protocols import PairList, all_pairs_scores, cap_per_identity
@@ -63,8 +62,7 @@ def pair_metrics(e1: np.ndarray, e2: np.ndarray, issame: np.ndarray, nfolds: int
 def embed_paths(model: nn.Module, paths: list[str], input_size: int, batch_size: int = 128,
                 device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
     """Flip-summed, L2-normalised embeddings of image files, in order."""
-    loader = DataLoader(ListDataset(paths, input_size), batch_size=batch_size, shuffle=False)
-    return extract_embeddings(model, loader, device=device, progress=progress)
+    return embed_dataset(model, ListDataset(paths, input_size), batch_size, device, progress=progress)
 
 
 def evaluate_pairs(model: nn.Module, pairs: PairList, input_size: int, batch_size: int = 128,
@@ -84,8 +82,7 @@ def evaluate_bin(model: nn.Module, path: str | Path, input_size: int, batch_size
                  color: str = "rgb") -> dict:
     """An InsightFace ``.bin`` (pair ``i`` = images ``2i``, ``2i+1``), decoded in ``color`` order."""
     ds = BinDataset(path, input_size=input_size, color=color)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
-    emb = extract_embeddings(model, loader, device=device, progress=progress)
+    emb = embed_dataset(model, ds, batch_size, device, progress=progress)
     return pair_metrics(emb[0::2], emb[1::2], ds.issame, nfolds,
                         f"InsightFace .bin ({color.upper()}), {nfolds}-fold accuracy as "
                         "verification.py, cosine AUC and TPR at FPR")
