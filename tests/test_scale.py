@@ -38,21 +38,24 @@ def _weights(path):
     return load_file(path)["model"]
 
 
-def test_resume_after_kill_equals_straight_run(folder, tmp_path):
-    straight = train(load_config(None, _overrides(folder, tmp_path / "a")))
-    # the process dies at the start of epoch 2, after the epoch-1 checkpoint was written
-    doomed = Trainer(load_config(None, _overrides(folder, tmp_path / "b")))
-    run_epoch = doomed._run_epoch
+def _die_after_first_epoch(trainer: Trainer) -> None:
+    """Run until the process "dies" at the start of epoch 2, after the epoch-1 checkpoint."""
+    run_epoch = trainer._run_epoch
 
     def die_in_epoch_two(metrics):
-        if doomed.state.epoch == 1:
+        if trainer.state.epoch == 1:
             raise SystemExit("killed")
         return run_epoch(metrics)
 
-    doomed._run_epoch = die_in_epoch_two
+    trainer._run_epoch = die_in_epoch_two
     with pytest.raises(SystemExit):
-        doomed.fit()
-    del doomed
+        trainer.fit()
+
+
+def test_resume_after_kill_equals_straight_run(folder, tmp_path):
+    straight = train(load_config(None, _overrides(folder, tmp_path / "a")))
+    # the process dies at the start of epoch 2, after the epoch-1 checkpoint was written
+    _die_after_first_epoch(Trainer(load_config(None, _overrides(folder, tmp_path / "b"))))
     ckpt = load_file(tmp_path / "b" / "checkpoints" / "last.pt")
     assert ckpt["state"]["epoch"] == 1 and {"optimizer", "scheduler", "rng", "scaler"} <= set(ckpt)
     resumed = train(load_config(None, _overrides(folder, tmp_path / "b", "train.resume=auto")))
@@ -269,17 +272,7 @@ def _resume_worker(rank, world, port, folder, out):
 
 
 def test_resume_with_another_world_size(folder, tmp_path):
-    one = Trainer(load_config(None, _overrides(folder, tmp_path / "w")))
-    run_epoch = one._run_epoch
-
-    def stop_after_first(metrics):
-        if one.state.epoch == 1:
-            raise SystemExit("killed")
-        return run_epoch(metrics)
-
-    one._run_epoch = stop_after_first
-    with pytest.raises(SystemExit):
-        one.fit()
+    _die_after_first_epoch(Trainer(load_config(None, _overrides(folder, tmp_path / "w"))))
     mp.spawn(_resume_worker, args=(2, _free_port(), folder, tmp_path / "w"), nprocs=2, join=True)
     final = load_file(tmp_path / "w" / "checkpoints" / "last.pt")
     assert final["state"]["epoch"] == 2 and final["world_size"] == 2
