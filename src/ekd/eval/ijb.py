@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ekd.errors import DataError
+from ekd.eval.metrics import max_false_positives
 
 __all__ = ["IJB_FPRS", "IJBMeta", "read_ijb_meta", "read_ijb_1n", "combine_features",
            "template_features", "template_scores", "tpr_at_fpr_nearest", "identification",
@@ -222,16 +223,6 @@ def template_scores(tfeats: np.ndarray, unique: np.ndarray, p1: np.ndarray, p2: 
     return score
 
 
-def _max_fp(f: float, n: int) -> int:
-    """Largest ``m <= n`` with ``m / n <= f`` in floating point."""
-    m = min(int(math.floor(f * n)), n)
-    while m < n and (m + 1) / n <= f:
-        m += 1
-    while m > 0 and m / n > f:
-        m -= 1
-    return m
-
-
 def _window(n: int, m: int, w: int) -> tuple[int, int]:
     """Descending ranks ``(r1, r2)`` of the negatives bounding the window around rank ``m+1``."""
     return max(m + 1 - w, 1), min(m + 1 + w, n)
@@ -293,7 +284,7 @@ def tpr_at_fpr_nearest(scores: np.ndarray, labels: np.ndarray,
     n = neg.size
     if n == 0 or pos.size == 0:
         raise DataError(f"TPR at FPR needs both classes ({pos.size} positives, {n} negatives)")
-    ms = {float(f): _max_fp(float(f), n) for f in fprs}
+    ms = {float(f): max_false_positives(float(f), n) for f in fprs}
     part = np.partition(neg, sorted({n - r for m in ms.values() for r in _window(n, m, 64)}))
     out: dict[float, float] = {}
     for f, m in ms.items():

@@ -209,7 +209,7 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return (2 * wins + ties) / (2 * pos.size * neg.size)
 
 
-def _max_false_positives(fpr: float, n_neg: int) -> int:
+def max_false_positives(fpr: float, n_neg: int) -> int:
     """Largest integer ``k`` with ``k / n_neg <= fpr`` in floating point (as an ROC's FPR)."""
     k = min(int(math.floor(fpr * n_neg)), n_neg)
     while k < n_neg and (k + 1) / n_neg <= fpr:
@@ -241,7 +241,7 @@ def _points_at_fprs(
         raise DataError(
             f"TPR at FPR needs both classes, got {n_pos} positives and {n_neg} negatives"
         )
-    ks = [_max_false_positives(f, n_neg) for f in targets]
+    ks = [max_false_positives(f, n_neg) for f in targets]
     # Ascending index of the (k+1)-th largest negative, for every target that needs one.
     kth = sorted({n_neg - k - 1 for k in ks if 1 <= k < n_neg})
     part = np.partition(neg, kth) if kth else neg

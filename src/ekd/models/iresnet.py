@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ekd.models.init import init_backbone
+
 __all__ = [
     "IBasicBlock",
     "IResNet",
@@ -97,20 +99,9 @@ class IResNet(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(512 * side * side, self.embedding_size)
         self.features = nn.BatchNorm1d(self.embedding_size, eps=_BN_EPS)
-        self._init_weights()
+        init_backbone(self, linear="normal")
         nn.init.constant_(self.features.weight, 1.0)
         self.features.weight.requires_grad = False
-
-    def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.01)
-                nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the (un-normalised) embedding of each image."""

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ekd.models.init import init_backbone
+
 from ekd.models.iresnet import feature_map_side
 
 __all__ = [
@@ -183,17 +185,7 @@ class MobileFaceNet(nn.Module):
         self.conv_sep = ConvBlock(c128, 512)
         kernel = feature_map_side(self.input_size)
         self.features = GDC(self.embedding_size, kernel=kernel, dropout=dropout)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        init_backbone(self, linear="kaiming")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the (un-normalised) embedding of each image."""
