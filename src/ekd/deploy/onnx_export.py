@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import inspect
 import io
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 from torch import nn
 
 import ekd
+from ekd.engine.checkpoint import write_atomic
 from ekd.errors import CheckpointError, ConfigError, EkdError
 
 __all__ = ["OPSET", "ExportResult", "export_checkpoint", "export_onnx", "load_checkpoint",
@@ -157,16 +156,7 @@ def export_onnx(model: nn.Module, out: str | Path, *, backbone: str, input_size:
                         f"[batch, 3, {input_size}, {input_size}] RGB, (x/255-0.5)/0.5 -> "
                         f"{OUTPUT_NAME} float32 [batch, {embedding_size}]")
     onnx.checker.check_model(proto)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(proto.SerializeToString())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return write_atomic(out, lambda fh: fh.write(proto.SerializeToString()))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

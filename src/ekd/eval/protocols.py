@@ -83,16 +83,36 @@ def _check_missing_mode(missing: str) -> None:
         raise DataError(f"missing must be one of {_MISSING_MODES}, got {missing!r}")
 
 
-def _finish(
-    paths1: list[str], paths2: list[str], issame: list[bool], skipped: int, source: Path
-) -> PairList:
-    if not paths1:
-        raise DataError(f"{source}: no usable pairs" + (f" ({skipped} skipped)" if skipped else ""))
-    if skipped:
-        warnings.warn(
-            f"{source}: skipped {skipped} pair(s) whose image file is missing", stacklevel=3
-        )
-    return PairList(paths1, paths2, np.asarray(issame, dtype=bool), skipped)
+class _PairCollector:
+    """Accumulates the pairs of a list file, applying the ``missing`` policy to absent images."""
+
+    def __init__(self, source: Path, missing: str) -> None:
+        _check_missing_mode(missing)
+        self.source, self.missing = source, missing
+        self.paths1: list[str] = []
+        self.paths2: list[str] = []
+        self.issame: list[bool] = []
+        self.skipped = 0
+
+    def add(self, p1: Path, p2: Path, same: bool, line_no: int) -> None:
+        absent = [p for p in (p1, p2) if not _is_file(p)]
+        if absent:
+            if self.missing == "error":
+                raise DataError(f"{self.source}:{line_no}: image not found: {absent[0]}")
+            self.skipped += 1
+            return
+        self.paths1.append(str(p1))
+        self.paths2.append(str(p2))
+        self.issame.append(same)
+
+    def finish(self) -> PairList:
+        if not self.paths1:
+            raise DataError(f"{self.source}: no usable pairs"
+                            + (f" ({self.skipped} skipped)" if self.skipped else ""))
+        if self.skipped:
+            warnings.warn(f"{self.source}: skipped {self.skipped} pair(s) whose image file is "
+                          "missing", stacklevel=3)
+        return PairList(self.paths1, self.paths2, np.asarray(self.issame, dtype=bool), self.skipped)
 
 
 def read_lfw_pairs(
@@ -106,8 +126,8 @@ def read_lfw_pairs(
     (``missing="skip"``: counted in ``PairList.skipped`` and reported by a warning; the folds are
     then no longer of equal size).
     """
-    _check_missing_mode(missing)
     pairs_txt, images_root = Path(pairs_txt), Path(images_root)
+    pairs = _PairCollector(pairs_txt, missing)
     lines = _read_lines(pairs_txt)
     header_no = next((i for i, line in enumerate(lines) if line.strip()), None)
     if header_no is None:
@@ -125,10 +145,6 @@ def read_lfw_pairs(
     sets, per_set = (1, counts[0]) if len(counts) == 1 else counts
     ext = ext.lstrip(".")
 
-    paths1: list[str] = []
-    paths2: list[str] = []
-    issame: list[bool] = []
-    skipped = 0
     n_lines = 0
     for no, line in enumerate(lines[header_no + 1 :], start=header_no + 2):
         fields = line.split()
@@ -151,24 +167,15 @@ def read_lfw_pairs(
                 f"{pairs_txt}:{no}: expected 'name n1 n2' or 'name1 n1 name2 n2', "
                 f"got {line.strip()!r}"
             ) from None
-        p1 = images_root / name1 / f"{name1}_{num1:04d}.{ext}"
-        p2 = images_root / name2 / f"{name2}_{num2:04d}.{ext}"
-        absent = [p for p in (p1, p2) if not _is_file(p)]
-        if absent:
-            if missing == "error":
-                raise DataError(f"{pairs_txt}:{no}: image not found: {absent[0]}")
-            skipped += 1
-            continue
-        paths1.append(str(p1))
-        paths2.append(str(p2))
-        issame.append(len(fields) == 3)
+        pairs.add(images_root / name1 / f"{name1}_{num1:04d}.{ext}",
+                  images_root / name2 / f"{name2}_{num2:04d}.{ext}", len(fields) == 3, no)
     expected = sets * per_set * 2
     if n_lines != expected:
         raise DataError(
             f"{pairs_txt}: header announces {sets} set(s) of {per_set} genuine + {per_set} "
             f"impostor pairs ({expected} lines) but the file has {n_lines} pair lines"
         )
-    return _finish(paths1, paths2, issame, skipped, pairs_txt)
+    return pairs.finish()
 
 
 def read_pair_list(path: Path, root: Path | None = None, missing: str = "error") -> PairList:
@@ -179,13 +186,9 @@ def read_pair_list(path: Path, root: Path | None = None, missing: str = "error")
     Malformed lines raise :class:`DataError` with ``file:line``. Missing images: as in
     :func:`read_lfw_pairs`.
     """
-    _check_missing_mode(missing)
     path = Path(path)
     base = Path(root) if root is not None else path.parent
-    paths1: list[str] = []
-    paths2: list[str] = []
-    issame: list[bool] = []
-    skipped = 0
+    pairs = _PairCollector(path, missing)
     for no, line in enumerate(_read_lines(path), start=1):
         fields = line.split("#", 1)[0].split()
         if not fields:
@@ -198,17 +201,9 @@ def read_pair_list(path: Path, root: Path | None = None, missing: str = "error")
         label = fields[2].lower()
         if label not in _TRUE and label not in _FALSE:
             raise DataError(f"{path}:{no}: label must be 1/0 or true/false, got {fields[2]!r}")
-        p1, p2 = (base / f for f in fields[:2])  # an absolute field overrides base
-        absent = [p for p in (p1, p2) if not _is_file(p)]
-        if absent:
-            if missing == "error":
-                raise DataError(f"{path}:{no}: image not found: {absent[0]}")
-            skipped += 1
-            continue
-        paths1.append(str(p1))
-        paths2.append(str(p2))
-        issame.append(label in _TRUE)
-    return _finish(paths1, paths2, issame, skipped, path)
+        # an absolute field overrides base
+        pairs.add(base / fields[0], base / fields[1], label in _TRUE, no)
+    return pairs.finish()
 
 
 def all_pairs_scores(

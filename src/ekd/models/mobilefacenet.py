@@ -31,30 +31,6 @@ __all__ = [
 _Pair = int | tuple[int, int]
 
 
-class ConvBlock(nn.Module):
-    """Convolution (no bias), batch norm and PReLU, kept in ``self.layers``."""
-
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        kernel: _Pair = 1,
-        stride: _Pair = 1,
-        padding: _Pair = 0,
-        groups: int = 1,
-    ) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, kernel, stride, padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_ch),
-            nn.PReLU(out_ch),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply conv, BN, PReLU."""
-        return self.layers(x)
-
-
 class LinearBlock(nn.Module):
     """Convolution (no bias) and batch norm without a non-linearity, kept in ``self.layers``."""
 
@@ -74,8 +50,24 @@ class LinearBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply conv and BN."""
+        """Apply the block's layers."""
         return self.layers(x)
+
+
+class ConvBlock(LinearBlock):
+    """Convolution (no bias), batch norm and PReLU, kept in ``self.layers``."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: _Pair = 1,
+        stride: _Pair = 1,
+        padding: _Pair = 0,
+        groups: int = 1,
+    ) -> None:
+        super().__init__(in_ch, out_ch, kernel, stride, padding, groups)
+        self.layers.append(nn.PReLU(out_ch))
 
 
 class DepthWise(nn.Module):
