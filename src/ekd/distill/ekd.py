@@ -50,12 +50,22 @@ class EKDLoss(Distiller):
         clamp: bound of the sigmoid exponent (authors' code: 50).
         bias_correction: divide the EMA by ``1 - (1 - momentum)^step`` (Adam-style) so that
             the early thresholds are not pulled towards 0. Off by default (authors: off).
+        memory_size: when > 0, the thresholds are read from the negatives of the batch *and*
+            of the batch against a FIFO memory of the last ``memory_size`` (detached, unit)
+            embeddings of each model, as in cross-batch memory (XBM, Wang et al., CVPR 2020).
+            A batch of 128 has ~8k negatives, so its FPR 1e-4 ... 1e-6 "thresholds" are all
+            its single hardest negative; with a memory of 4096 the batch sees ~500k negatives
+            and those anchors become real. The loss itself still uses the batch's pairs.
+            Off (0) by default (authors: batch only).
+        student_dim, teacher_dim: embedding sizes (filled in by the trainer), needed for the
+            memory.
     """
 
     def __init__(self, weight: float = 1.0, fprs: Sequence[float] = PAPER_FPRS,
                  temperature: float = 0.01, momentum: float = 0.01, top_k: int = 2000,
                  pos_weight: float = 0.02, neg_weight: float = 0.01, clamp: float = 50.0,
-                 bias_correction: bool = False) -> None:
+                 bias_correction: bool = False, memory_size: int = 0, student_dim: int | None = None,
+                 teacher_dim: int | None = None) -> None:
         super().__init__(weight)
         if not fprs or any(not 0 < f < 1 for f in fprs):
             raise ConfigError(f"distill ekd: fprs must be in (0, 1), got {list(fprs)}")
@@ -73,20 +83,53 @@ class EKDLoss(Distiller):
         self.register_buffer("student_anchor", torch.zeros(len(self.divisors)))
         self.register_buffer("teacher_anchor", torch.zeros(len(self.divisors)))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.memory_size = int(memory_size)
+        if self.memory_size < 0:
+            raise ConfigError(f"distill ekd: memory_size must be >= 0, got {memory_size}")
+        if self.memory_size:
+            if not student_dim or not teacher_dim:
+                raise ConfigError("distill ekd: memory_size > 0 needs student_dim and teacher_dim "
+                                  f"(got {student_dim}, {teacher_dim})")
+            self.register_buffer("memory_student", torch.zeros(self.memory_size, int(student_dim)))
+            self.register_buffer("memory_teacher", torch.zeros(self.memory_size, int(teacher_dim)))
+            self.register_buffer("memory_labels", torch.full((self.memory_size,), -1, dtype=torch.long))
+            self.register_buffer("memory_next", torch.zeros((), dtype=torch.long))
 
     # -- thresholds -------------------------------------------------------------------
-    def _thresholds(self, sorted_neg: torch.Tensor) -> torch.Tensor:
-        """Similarity at rank ``len // divisor`` of negatives sorted descending (FPR anchor)."""
-        n = sorted_neg.shape[0]
+    def _thresholds(self, sorted_neg: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """Similarity at rank ``n // divisor`` of ``n`` negatives sorted descending (FPR anchor);
+        ``sorted_neg`` may hold only the top ranks of them."""
+        n = sorted_neg.shape[0] if n is None else n
         return sorted_neg[[n // d for d in self.divisors]]
 
+    def _memory_thresholds(self, neg: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor,
+                           memory: torch.Tensor) -> torch.Tensor | None:
+        """Thresholds over the batch negatives ``neg`` plus batch-vs-memory negatives."""
+        valid = self.memory_labels >= 0
+        cross = unit(emb.reshape(emb.shape[0], -1).to(memory.dtype), dim=1) @ memory[valid].t()
+        cross = cross[labels[:, None] != self.memory_labels[valid][None, :]]
+        pool = torch.cat([neg.to(cross.dtype), cross])
+        if pool.numel() == 0:  # a one-identity batch and an empty memory: no negatives yet
+            return None
+        deepest = pool.shape[0] // min(self.divisors)
+        return self._thresholds(torch.topk(pool, deepest + 1).values, pool.shape[0])
+
     @torch.no_grad()
-    def _update_anchors(self, s_sorted: torch.Tensor, t_sorted: torch.Tensor) -> None:
+    def _enqueue(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor, labels: torch.Tensor) -> None:
+        n = min(labels.shape[0], self.memory_size)
+        slots = (self.memory_next + torch.arange(n, device=labels.device)) % self.memory_size
+        self.memory_student[slots] = unit(student_emb[-n:].reshape(n, -1).float(), dim=1)
+        self.memory_teacher[slots] = unit(teacher_emb[-n:].reshape(n, -1).float(), dim=1)
+        self.memory_labels[slots] = labels[-n:]
+        self.memory_next = (self.memory_next + n) % self.memory_size
+
+    @torch.no_grad()
+    def _update_anchors(self, s_thresholds: torch.Tensor, t_thresholds: torch.Tensor) -> None:
         m = self.momentum
-        dtype = torch.promote_types(s_sorted.dtype, self.student_anchor.dtype)
+        dtype = torch.promote_types(s_thresholds.dtype, self.student_anchor.dtype)
         self.steps += 1
-        self.student_anchor = m * self._thresholds(s_sorted).to(dtype) + (1 - m) * self.student_anchor.to(dtype)
-        self.teacher_anchor = m * self._thresholds(t_sorted).to(dtype) + (1 - m) * self.teacher_anchor.to(dtype)
+        self.student_anchor = m * s_thresholds.to(dtype) + (1 - m) * self.student_anchor.to(dtype)
+        self.teacher_anchor = m * t_thresholds.to(dtype) + (1 - m) * self.teacher_anchor.to(dtype)
 
     def anchors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Student and teacher thresholds used by the loss (bias-corrected if enabled)."""
@@ -119,9 +162,16 @@ class EKDLoss(Distiller):
         s_pos, t_pos = s[same], t[same]
         s_neg, t_neg = s[~same], t[~same]
         s_sorted, order = torch.sort(s_neg, descending=True)
-        if s_neg.numel() > 0:
+        if self.memory_size:
+            with torch.no_grad():
+                s_thr = self._memory_thresholds(s_neg.detach(), student_emb.detach(), labels, self.memory_student)
+                t_thr = self._memory_thresholds(t_neg, teacher_emb, labels, self.memory_teacher)
+                if s_thr is not None and t_thr is not None:
+                    self._update_anchors(s_thr, t_thr)
+                self._enqueue(student_emb.detach(), teacher_emb, labels)
+        elif s_neg.numel() > 0:
             t_sorted, _ = torch.sort(t_neg, descending=True)
-            self._update_anchors(s_sorted.detach(), t_sorted)
+            self._update_anchors(self._thresholds(s_sorted.detach()), self._thresholds(t_sorted))
         s_anchor, t_anchor = self.anchors()
         s_anchor, t_anchor = s_anchor.to(s.dtype), t_anchor.to(s.dtype)
         hard = order[: self.top_k]

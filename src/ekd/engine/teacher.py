@@ -143,6 +143,9 @@ def build_teacher(tc, input_size: int, dataset, device: torch.device) -> Teacher
     """The teacher of config section ``tc`` (:class:`ekd.config.TeacherConfig`), or None."""
     if tc.kind == "none":
         return None
+    if tc.centers == "mean_embedding" and tc.kind != "cache":
+        raise ConfigError(f"teacher.centers=mean_embedding needs teacher.kind=cache (class centres are "
+                          f"averaged from cached embeddings), got teacher.kind={tc.kind}")
     if tc.kind == "checkpoint":
         loaded = load_teacher(tc.path, tc.backbone, tc.embedding_size, input_size=input_size,
                               device=device)
@@ -160,5 +163,10 @@ def build_teacher(tc, input_size: int, dataset, device: torch.device) -> Teacher
         if len(cache) != len(dataset):
             raise CheckpointError(f"teacher cache {tc.path} holds {len(cache)} samples, the dataset "
                                   f"{len(dataset)}")
-        return CachedTeacher(cache, tc.path, device)
+        teacher = CachedTeacher(cache, tc.path, device)
+        if tc.centers == "mean_embedding":
+            from ekd.engine.teacher_cache import mean_embedding_centers
+
+            teacher.head_state = {"weight": mean_embedding_centers(cache, dataset.labels, dataset.num_classes)}
+        return teacher
     raise ConfigError(f"teacher.kind: unknown {tc.kind!r}; valid: none, checkpoint, onnx, cache")

@@ -109,6 +109,20 @@ class TeacherCache:
         return torch.from_numpy(unit * self.norms[idx, fl][:, None])
 
 
+def mean_embedding_centers(cache: "TeacherCache", labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Class centres of an embedding-only teacher: per identity, the L2-normalised mean of the
+    unit embeddings of its images and their mirror images (``[num_classes, D]``, float32)."""
+    labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if labels_t.shape[0] != len(cache):
+        raise DataError(f"teacher cache {cache.folder}: {len(cache)} samples but {labels_t.shape[0]} labels")
+    directions = torch.from_numpy(np.asarray(cache.embeddings, dtype=np.float32)).sum(1)
+    sums = torch.zeros(num_classes, directions.shape[1]).index_add_(0, labels_t, directions)
+    empty = (sums.norm(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise DataError(f"teacher cache {cache.folder}: no embedding for class(es) {empty[:10]}")
+    return sums / sums.norm(dim=1, keepdim=True)
+
+
 def _write(folder: Path, emb: np.ndarray, manifest: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     emb = np.asarray(emb, dtype=np.float64)

@@ -1,0 +1,123 @@
+"""The real-face KD table (``bench/kd_table*.py``): cell plan and seeds, config hashing, valid
+cell configs, report arithmetic; with the shared faces, the teacher's reference values and one
+real cell end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import kd_table as K  # noqa: E402
+import kd_table_report as R  # noqa: E402
+from kd_table_eval import METRICS  # noqa: E402
+
+from ekd.config import Config, from_dict, validate  # noqa: E402
+
+
+def _fake_result(table, cell, tpr4, acc=0.7):
+    d = table.cell_dir(cell)
+    d.mkdir(parents=True, exist_ok=True)
+    metrics = {m: acc for m in METRICS}
+    metrics.update({"lfw_tpr@1e-4": tpr4, "roc_fpr": [1e-3, 1.0], "roc_tpr": [tpr4, 1.0]})
+    (d / "result.json").write_text(json.dumps({"teacher": cell.teacher, "method": cell.method,
+                                               "seed": cell.seed, "metrics": metrics,
+                                               "train_seconds": 10.0, "eval_seconds": 1.0}))
+
+
+def test_plan_seeds_and_the_two_best_others(tmp_path):
+    table = K.Table(K.CPU, tmp_path / "faces", tmp_path / "cache")
+    plan = table.plan()
+    assert len(plan) == 5 * 3 + len(K.OTHERS)  # phase 2 waits for the one-seed sweep
+    assert {c.method for c in plan if c.seed == 2} == set(K.SEEDED)
+    for i, m in enumerate(K.OTHERS):
+        _fake_result(table, K.Cell("T2", m, 0), tpr4={"sp": 0.5, "cosine": 0.4}.get(m, 0.1 + 0.01 * i))
+    assert table.best_others("T2") == ["sp", "cosine"]
+    plan = table.plan()
+    assert len(plan) == 30
+    assert [(c.method, c.seed) for c in plan[-4:]] == [("sp", 1), ("cosine", 1), ("sp", 2), ("cosine", 2)]
+    assert {c.slug for c in plan} == {c.slug for c in set(plan)}  # no duplicates
+    pending = [p[0] for p in table.pending()]
+    assert len(pending) == 30 - len(K.OTHERS) and "T2-sp-s1" in pending
+
+
+def test_hash_ignores_locations_but_not_settings(tmp_path):
+    a = K.Table(K.CPU, tmp_path / "a" / "faces", tmp_path / "a" / "cache")
+    b = K.Table(K.CPU, tmp_path / "b" / "faces", tmp_path / "b" / "cache")
+    cell = K.Cell("T2", "EKD (ours)", 0)
+    assert a.cell_dir(cell).name == b.cell_dir(cell).name
+    assert a.cell_dir(cell).name != a.cell_dir(K.Cell("T2", "EKD (ours)", 1)).name
+    longer = K.Table(dataclasses.replace(K.CPU, epochs=3), tmp_path / "a" / "faces", tmp_path / "a" / "cache")
+    assert longer.cell_dir(cell).name != a.cell_dir(cell).name
+
+
+def test_every_cell_config_is_valid_and_as_described(tmp_path):
+    table = K.Table(K.GPU, tmp_path / "faces", tmp_path / "cache")
+    cells = {(c.teacher, c.method): c for c in table.plan()}
+    for cell in cells.values():
+        cfg = from_dict(Config, table.config_tree(cell))
+        validate(cfg)
+        assert cfg.teacher.kind == ("none" if cell.method == "no KD" else
+                                    "cache" if cell.teacher == "T2" else "checkpoint")
+    ours = from_dict(Config, table.config_tree(cells[("T2", "EKD (ours)")]))
+    assert ours.distill[0].params == {"bias_correction": True, "memory_size": 4096,
+                                      "pos_weight": 0.16, "neg_weight": 0.08}
+    assert from_dict(Config, table.config_tree(cells[("T2", "EKD (authors)")])).distill[0].params == {}
+    both = from_dict(Config, table.config_tree(cells[("T2", "EKD + AdaDistill")]))
+    assert [d.name for d in both.distill] == ["ekd", "adadistill"]
+    assert from_dict(Config, table.config_tree(cells[("T2", "kd")])).teacher.centers == "mean_embedding"
+    assert from_dict(Config, table.config_tree(cells[("T1", "kd")])).teacher.centers == "classifier"
+    assert from_dict(Config, table.config_tree(cells[("T2", "sp")])).model.embedding_size == 128
+    assert from_dict(Config, table.t1_tree()).model.backbone == "iresnet50"
+
+
+def test_summary_std_and_gap_closed():
+    runs = [{"teacher": "T2", "method": m, "seed": s, "train_seconds": 1.0, "eval_seconds": 1.0,
+             "metrics": {**{k: v for k in METRICS}, "roc_fpr": [0.1, 1.0], "roc_tpr": [v, 1.0]}}
+            for m, s, v in (("no KD", 0, 0.5), ("no KD", 1, 0.7), ("EKD (ours)", 0, 0.8))]
+    summary = R.summarise(runs, "T2")
+    assert summary["no KD"]["mean"]["lfw_acc"] == pytest.approx(0.6)
+    assert summary["no KD"]["std"]["lfw_acc"] == pytest.approx(0.1414214, rel=1e-5)  # ddof 1
+    assert summary["EKD (ours)"]["std"]["lfw_acc"] is None
+    assert summary["no KD"]["roc_tpr"] == pytest.approx([0.6, 1.0])
+    gaps = R.gap_closed(summary, {k: 1.0 for k in METRICS})
+    assert gaps["EKD (ours)"]["lfw_acc"] == pytest.approx(0.5)  # (0.8 - 0.6) / (1.0 - 0.6)
+    assert gaps["no KD"]["cfp_fp_acc"] == pytest.approx(0.0)
+
+
+def test_teacher_reference_values(shared_dir):
+    from kd_table_eval import evaluate_teacher_npz, load_protocols
+
+    faces = shared_dir / "data" / "faces"
+    m = evaluate_teacher_npz(load_protocols(faces), faces)
+    assert m["lfw_acc"] == pytest.approx(0.989167, abs=1e-6)
+    assert m["lfw_acc_std"] == pytest.approx(0.004099, abs=1e-6)
+    assert [round(m[f"lfw_tpr@{e}"], 4) for e in ("1e-3", "1e-4", "1e-5")] == [0.9289, 0.7831, 0.5351]
+    assert m["all_pairs"] == 20_604_990
+    assert (round(m["cfp_ff_acc"], 4), round(m["cfp_fp_acc"], 4)) == (0.9857, 0.6629)
+
+
+def test_one_real_cell_end_to_end(shared_dir, tmp_path):
+    faces = shared_dir / "data" / "faces"
+    profile = dataclasses.replace(K.CPU, epochs=1, steps_per_epoch=2, threads=2)
+    table = K.Table(profile, faces, tmp_path / "cache")
+    table.prepare()
+    cell = K.Cell("T2", "kd", 0)
+    d = table.cell_dir(cell)
+    table.write_cell(d, table.config_tree(cell), {"teacher": "T2", "method": "kd", "seed": 0})
+    K.run_cell(d)
+    result = table.result(cell)
+    assert set(METRICS) <= set(result["metrics"]) and 0.3 < result["metrics"]["lfw_acc"] < 1.0
+    assert {"ce", "kd"} <= set(result["final_terms"])
+    out = R.write_report(table, tmp_path / "out", 1.0, ["python", "bench/kd_table.py"])
+    text = out.read_text()
+    assert "Incomplete" in text and "| kd | 1 |" in text and "| teacher | – | 0.9892" in text
+    assert (tmp_path / "out" / "kd_table_cpu_t2_roc.png").stat().st_size > 1000
+    rows = (tmp_path / "out" / "kd_table_cpu.csv").read_text().splitlines()
+    assert rows[0].startswith("teacher,method,seed,lfw_acc") and len(rows) == 3
