@@ -64,6 +64,7 @@ class Profile:
     threads: int
     t1: dict = field(default_factory=dict)  # teacher T1 training (GPU profile)
     steps_per_epoch: int | None = None  # cap (smoke runs); None = whole epochs
+    num_workers: int = 0  # data loader processes (not part of a cell's identity)
 
 
 # CPU: 32 px, 2 epochs of 192 steps x 128 images (64 random + 16 identities x 4), CosFace
@@ -79,7 +80,7 @@ GPU = Profile(name="gpu", teachers=("T1", "T2"), input_size=112, epochs=24, rand
               identities_per_batch=32, samples_per_identity=4,
               head={"kind": "arcface", "scale": 64.0, "margin": 0.5},
               optim={"lr": 0.1, "scheduler": "cosine", "warmup_epochs": 1.0, "weight_decay": 5e-4},
-              device="cuda", jobs=1, threads=4,
+              device="cuda", jobs=1, threads=4, num_workers=8,
               t1={"backbone": "iresnet50", "embedding_size": 512, "epochs": 24})
 PROFILES = {p.name: p for p in (CPU, GPU)}
 
@@ -149,7 +150,8 @@ class Table:
         p = self.profile
         emb = 128 if cell.teacher == "T2" else p.t1.get("embedding_size", 512)
         return {
-            "data": {"kind": "folder", "root": str(self.faces / "train"), "input_size": p.input_size},
+            "data": {"kind": "folder", "root": str(self.faces / "train"), "input_size": p.input_size,
+                     "num_workers": p.num_workers},
             "sampler": {"random_size": p.random_size, "identities_per_batch": p.identities_per_batch,
                         "samples_per_identity": p.samples_per_identity},
             "model": {"backbone": "mobilefacenet", "embedding_size": emb},
@@ -163,6 +165,8 @@ class Table:
         }
 
     def digest(self, tree: dict) -> str:
+        """Hash of everything that changes a cell's result (not paths, not loader workers)."""
+        tree = {**tree, "data": {k: v for k, v in tree["data"].items() if k != "num_workers"}}
         text = json.dumps({"v": HASH_VERSION, "cfg": tree}, sort_keys=True)
         text = text.replace(str(self.faces), "<faces>").replace(str(self.cache), "<cache>")
         return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -283,20 +287,22 @@ def run_all(table: Table, jobs: int) -> float:
     while True:
         pending = [job for job in table.pending() if str(job[1]) not in running and str(job[1]) not in failed]
         plan = table.plan()
-        bar.total, bar.n = len(plan), sum(1 for c in plan if table.result(c))
-        bar.refresh()
+        done = sum(1 for c in plan if table.result(c))
+        if (bar.total, bar.n) != (len(plan), done):
+            bar.total, bar.n = len(plan), done
+            bar.refresh()
         while pending and len(running) < jobs:
             slug, d, tree, meta = pending.pop(0)
             table.write_cell(d, tree, meta)
-            log = open(d / "log.txt", "a")
             env = {**os.environ, "OMP_NUM_THREADS": str(table.profile.threads)}
-            proc = subprocess.Popen([sys.executable, __file__, "--run-cell", str(d)], stdout=log,
-                                    stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            with open(d / "log.txt", "a") as log:  # the child keeps its own handle
+                proc = subprocess.Popen([sys.executable, __file__, "--run-cell", str(d)], stdout=log,
+                                        stderr=subprocess.STDOUT, env=env, cwd=REPO)
             running[str(d)] = (proc, slug, time.perf_counter())
             bar.set_postfix_str(", ".join(v[1] for v in running.values()))
         if not running:
             break
-        time.sleep(2)
+        time.sleep(5)
         for key, (proc, slug, t0) in list(running.items()):
             if proc.poll() is not None:
                 del running[key]
@@ -337,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = run_all(table, args.jobs or profile.jobs)
     from kd_table_report import write_report
 
-    out = write_report(table, args.out, wall, sys.argv)
+    out = write_report(table, args.out, wall, ["python", *sys.argv])
     print(f"report written to {out}")
     return 0
 

@@ -59,27 +59,36 @@ def _pyplot_free_figure():  # noqa: ANN202 - matplotlib types are optional
 
 
 def plot_roc(curves: dict[str, dict[str, list[float]]], title: str, out_png: str | Path,
-             xlim: tuple[float, float] | None = None) -> Path:
-    """One PNG: a curve per model (``{label: {"fpr": [...], "tpr": [...]}}``), log FPR axis."""
+             xlim: tuple[float, float] | None = None, ylog: bool = False) -> Path:
+    """One PNG: a curve per model (``{label: {"fpr": [...], "tpr": [...]}}``), log FPR axis
+    (and log TPR axis with ``ylog``, for curves far apart). Past 10 curves the colours repeat
+    with another line style; past 6 the legend goes beside the plot."""
     if not curves:
         raise DataError(f"no ROC curves to plot for {title!r}")
     fig = _pyplot_free_figure()
     ax = fig.add_subplot(1, 1, 1)
     low = 1.0
-    for label, c in curves.items():
+    for i, (label, c) in enumerate(curves.items()):
         f, t = np.asarray(c["fpr"], dtype=float), np.asarray(c["tpr"], dtype=float)
         keep = f > 0
         if keep.any():
             low = min(low, float(f[keep].min()))
-        ax.plot(f[keep], t[keep], lw=1.5, label=label)
+        ax.plot(f[keep], t[keep], lw=1.5, label=label, linestyle=("-", "--", ":", "-.")[i // 10 % 4])
     ax.set_xscale("log")
     ax.set_xlim(*(xlim or (max(low, 1e-7), 1.0)))
-    ax.set_ylim(0.0, 1.0)
+    if ylog:
+        ax.set_yscale("log")
+        ax.set_ylim(1e-3, 1.0)
+    else:
+        ax.set_ylim(0.0, 1.0)
     ax.grid(True, which="both", linestyle="--", linewidth=0.5)
     ax.set_xlabel("False Positive Rate")
     ax.set_ylabel("True Positive Rate")
     ax.set_title(f"ROC: {title}")
-    ax.legend(loc="lower right", fontsize="small")
+    if len(curves) > 6:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    else:
+        ax.legend(loc="lower right", fontsize="small")
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, bbox_inches="tight")
