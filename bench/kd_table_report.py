@@ -143,7 +143,8 @@ def markdown(table, runs: list[dict], teachers: dict, missing: list[str], wall: 
         lines += ["", f"![LFW all-pairs ROC](kd_table_{p.name}_{t.lower()}_roc.png)", ""]
     compute = sum(r["train_seconds"] + r["eval_seconds"] for r in runs)
     lines += ["## How these numbers were made", "",
-              f"- Command: `{' '.join(command)}`",
+              f"- Command: `{' '.join(c for c in command if c != '--report-only')}`"
+              + (" (this report rewritten with `--report-only`)" if "--report-only" in command else ""),
               f"- Git commit: `{_git('rev-parse', 'HEAD')}`"
               + (" (with uncommitted changes)" if _git("status", "--porcelain", "--", "src", "bench", "configs") else ""),
               f"- Environment: `{json.dumps(environment())}`",
