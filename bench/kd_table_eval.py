@@ -53,15 +53,29 @@ class Protocols:
         return list(seen)
 
 
-def load_protocols(faces: Path) -> Protocols:
-    lfw = np.load(faces / "teacher_dlib_r29" / "lfw.npz")
-    paths = [str(p) for p in lfw["paths"]]
+def teacher_npz(faces: Path, name: str) -> tuple[np.ndarray, list[str]]:
+    """The shared teacher's unit embeddings (``emb + emb_flip``) in ``teacher_dlib_r29/{name}.npz``
+    and their image paths (relative to ``faces/name``)."""
+    data = np.load(faces / "teacher_dlib_r29" / f"{name}.npz")
+    emb = l2_normalize(data["emb"] + data["emb_flip"]).astype(np.float32)
+    return emb, [str(p) for p in data["paths"]]
+
+
+def lfw_all_pairs_selection(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into the LFW image list ``paths`` (``images/<identity>/<file>``) of the all-pairs
+    protocol (identities with >= 2 images, first 10 by file name) and their identity labels."""
     labels = np.array([p.split("/")[1] for p in paths])
     keep = cap_per_identity(paths, labels, 10)
+    return keep, labels[keep]
+
+
+def load_protocols(faces: Path) -> Protocols:
+    paths = [str(p) for p in np.load(faces / "teacher_dlib_r29" / "lfw.npz")["paths"]]
+    keep, labels = lfw_all_pairs_selection(paths)
     return Protocols(
         lfw_pairs=read_lfw_pairs(faces / "lfw" / "pairs.txt", faces / "lfw" / "images"),
         all_pairs_paths=[os.path.normpath(faces / "lfw" / paths[i]) for i in keep],
-        all_pairs_labels=labels[keep],
+        all_pairs_labels=labels,
         cfp={s: read_cfp_pairs(faces / "cfp", s, folds=(10,)) for s in ("FF", "FP")},
     )
 
@@ -118,8 +132,7 @@ def evaluate_teacher_npz(protocols: Protocols, faces: Path) -> dict:
     """The shared teacher's metrics from its stored embeddings (``emb + emb_flip``)."""
     lookup: dict[str, np.ndarray] = {}
     for name in ("lfw", "cfp"):
-        data = np.load(faces / "teacher_dlib_r29" / f"{name}.npz")
-        emb = l2_normalize(data["emb"] + data["emb_flip"]).astype(np.float32)
-        for p, e in zip(data["paths"], emb):
-            lookup[os.path.normpath(faces / name / str(p))] = e
+        emb, paths = teacher_npz(faces, name)
+        for p, e in zip(paths, emb):
+            lookup[os.path.normpath(faces / name / p)] = e
     return metrics_from_embeddings(protocols, lookup)

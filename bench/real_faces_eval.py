@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from ekd.eval.cfp import read_cfp_pairs
-from ekd.eval.metrics import l2_normalize, tpr_at_fpr, verification_accuracy
-from ekd.eval.protocols import all_pairs_scores, cap_per_identity, read_lfw_pairs
+from ekd.eval.metrics import tpr_at_fpr, verification_accuracy
+from ekd.eval.protocols import all_pairs_scores, read_lfw_pairs
+from kd_table_eval import lfw_all_pairs_selection, teacher_npz
 
 REPO = Path(__file__).resolve().parents[1]
 FACES = REPO.parent / "shared" / "data" / "faces"
@@ -39,9 +40,7 @@ REFERENCE = {
 
 
 def teacher(name: str) -> tuple[np.ndarray, list[str], dict[str, int]]:
-    data = np.load(FACES / "teacher_dlib_r29" / f"{name}.npz")
-    emb = l2_normalize(data["emb"] + data["emb_flip"]).astype(np.float32)
-    paths = [str(p) for p in data["paths"]]
+    emb, paths = teacher_npz(FACES, name)
     return emb, paths, {os.path.normpath(FACES / name / p): i for i, p in enumerate(paths)}
 
 
@@ -68,9 +67,8 @@ def main() -> int:
                                                                   FACES / "lfw" / "images")))
 
     def lfw_all_pairs() -> tuple[str, int]:
-        labels = np.array([p.split("/")[1] for p in paths])
-        keep = cap_per_identity(paths, labels, 10)
-        scores, same = all_pairs_scores(emb[keep], labels[keep])
+        keep, labels = lfw_all_pairs_selection(paths)
+        scores, same = all_pairs_scores(emb[keep], labels)
         tpr = tpr_at_fpr(scores, same, (1e-3, 1e-4, 1e-5))
         return " / ".join(f"{v:.4f}" for v in tpr.values()) + f" ({int(same.sum()):,} genuine)", \
             int(scores.size)
