@@ -2,16 +2,19 @@
 
 Importing this package registers every method: ``ekd`` (the paper), the baselines of its tables
 (``fitnet``, ``kd``, ``darkrank``, ``sp``, ``cckd``, ``rkd``, ``cosine``, ``shrinkteanet``,
-``triplet_distill``, ``margin_distill``, ``proxylesskd``) and ``adadistill`` (ECCV 2024).
+``triplet_distill``, ``margin_distill``, ``proxylesskd``), ``adadistill`` (ECCV 2024),
+``coupleface`` (ECCV 2022) and ``gkd`` (AAAI 2023).
 """
 
 from ekd.distill.adadistill import AdaDistillLoss
 from ekd.distill.base import DISTILLERS, Distiller, build_distiller, distiller_params, register_distiller
 from ekd.distill.cckd import CCKDLoss
 from ekd.distill.cosine import CosineLoss
+from ekd.distill.coupleface import CoupleFaceLoss
 from ekd.distill.darkrank import HardDarkRankLoss
 from ekd.distill.ekd import EKDLoss
 from ekd.distill.fitnet import FitNetLoss
+from ekd.distill.gkd import GKDLoss
 from ekd.distill.kd import KDLoss
 from ekd.distill.margin_distill import MarginDistillLoss
 from ekd.distill.proxylesskd import ProxylessKDLoss
@@ -24,7 +27,7 @@ from ekd.distill.triplet_distill import TripletDistillLoss
 EXTRAS = frozenset({"teacher_logits", "student_logits", "teacher_centers", "student_head",
                     "random_size"})
 
-__all__ = ["DISTILLERS", "EXTRAS", "AdaDistillLoss", "CCKDLoss", "CosineLoss", "Distiller",
-           "EKDLoss", "FitNetLoss", "HardDarkRankLoss", "KDLoss", "MarginDistillLoss",
-           "ProxylessKDLoss", "RKDLoss", "SPLoss", "ShrinkTeaNetLoss", "TripletDistillLoss",
-           "build_distiller", "distiller_params", "register_distiller"]
+__all__ = ["DISTILLERS", "EXTRAS", "AdaDistillLoss", "CCKDLoss", "CosineLoss", "CoupleFaceLoss",
+           "Distiller", "EKDLoss", "FitNetLoss", "GKDLoss", "HardDarkRankLoss", "KDLoss",
+           "MarginDistillLoss", "ProxylessKDLoss", "RKDLoss", "SPLoss", "ShrinkTeaNetLoss",
+           "TripletDistillLoss", "build_distiller", "distiller_params", "register_distiller"]
