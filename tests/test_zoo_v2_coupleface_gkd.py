@@ -1,0 +1,282 @@
+"""CoupleFace and GKD: values against float64 references written here from the methods'
+equations, the KD decomposition GKD rests on, degenerate batches, refusals, and two Gloo processes
+fed as the trainer feeds them (local halves gathered into the global batch) = one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ekd.config import load_config
+from ekd.distill import build_distiller, distiller_params
+from ekd.distill.coupleface import informative_pairs
+from ekd.distill.gkd import binary_kl, group_kl, primary_mask
+from ekd.errors import ConfigError
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_degenerate import CASES, _batch  # noqa: E402
+
+N, IDS, D = 8, 4, 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared machine: one intra-op thread avoids oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+
+
+def _inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(N, D, generator=g, dtype=torch.float64)
+    s = t + 0.7 * torch.randn(N, D, generator=g, dtype=torch.float64)
+    return s, t
+
+
+# --------------------------------------------------------------------------- CoupleFace
+
+def coupleface_reference(s: torch.Tensor, t: torch.Tensor, labels: list[int], top_k: int,
+                         fcd_weight: float, rad_weight: float) -> torch.Tensor:
+    """FCD + RAD written out sample by sample (float64, differentiable in ``s``)."""
+    n = len(labels)
+    us = [s[i] / torch.sqrt((s[i] ** 2).sum()) for i in range(n)]
+    ut = [t[i] / torch.sqrt((t[i] ** 2).sum()) for i in range(n)]
+    fcd = sum(((us[i] - ut[i]) ** 2).sum() for i in range(n)) / n
+    diffs = []
+    for i in range(n):
+        negatives = [j for j in range(n) if labels[j] != labels[i]]
+        negatives.sort(key=lambda j: -float((ut[i] * ut[j]).sum()))
+        for j in negatives[:top_k]:
+            diffs.append(((us[i] * us[j]).sum() - (ut[i] * ut[j]).sum()) ** 2)
+    rad = sum(diffs) / len(diffs)
+    return fcd_weight * fcd + rad_weight * rad
+
+
+@pytest.mark.parametrize("top_k,fcd_weight,rad_weight", [(3, 1.0, 1.0), (1, 0.5, 2.0), (10, 0.0, 1.0)])
+def test_coupleface_matches_the_equations(top_k, fcd_weight, rad_weight):
+    s0, t = _inputs()
+    s = s0.clone().requires_grad_(True)
+    d = build_distiller("coupleface", top_k=top_k, fcd_weight=fcd_weight, rad_weight=rad_weight,
+                        student_dim=D, teacher_dim=D)
+    terms = d(s, t, LABELS)
+    assert set(terms) == ({"coupleface_fcd"} if fcd_weight else set()) | {"coupleface_rad"}
+    got = sum(terms.values())
+    (grad,) = torch.autograd.grad(got, s)
+    ref_s = s0.clone().requires_grad_(True)
+    want = coupleface_reference(ref_s, t, LABELS.tolist(), top_k, fcd_weight, rad_weight)
+    (want_grad,) = torch.autograd.grad(want, ref_s)
+    assert abs(got.item() - want.item()) <= 1e-8 * abs(want.item())
+    assert torch.allclose(grad, want_grad, rtol=1e-8, atol=1e-12)
+
+
+def test_coupleface_mines_the_teachers_nearest_other_identities():
+    """Anchor 0's mined relation is the other-identity sample the teacher puts next to it, even
+    when its own identity's sample is nearer; same-identity pairs are never mined."""
+    t = torch.eye(N, D + 2, dtype=torch.float64)
+    t[1] = t[0] + 0.01 * t[1]  # same identity as 0, nearest of all
+    t[5] = t[0] + 0.2 * t[5]  # other identity, nearest negative of 0
+    rows, cols = informative_pairs(F.normalize(t) @ F.normalize(t).t(), LABELS, top_k=1)
+    pairs = set(zip(rows.tolist(), cols.tolist()))
+    assert (0, 5) in pairs and (5, 0) in pairs and len(pairs) == N
+    assert all(LABELS[i] != LABELS[j] for i, j in pairs)
+    one_id = informative_pairs(torch.zeros(N, N), torch.zeros(N, dtype=torch.long), top_k=3)
+    assert one_id[0].numel() == 0
+
+
+def test_coupleface_refuses_fcd_across_widths_and_bad_params():
+    with pytest.raises(ConfigError, match="fcd_weight > 0 .* widths must match"):
+        build_distiller("coupleface", student_dim=8, teacher_dim=16)
+    rad_only = build_distiller("coupleface", fcd_weight=0.0, student_dim=8, teacher_dim=16)
+    terms = rad_only(torch.randn(N, 8), torch.randn(N, 16), LABELS)
+    assert set(terms) == {"coupleface_rad"} and torch.isfinite(terms["coupleface_rad"])
+    with pytest.raises(ConfigError, match="top_k"):
+        build_distiller("coupleface", top_k=0)
+    with pytest.raises(ConfigError, match="rad_weight"):
+        build_distiller("coupleface", rad_weight=-1.0)
+
+
+# --------------------------------------------------------------------------- GKD
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def gkd_reference(zs: np.ndarray, zt: np.ndarray, labels: list[int], temperature: float,
+                  rate: float, alpha: float, beta: float, lam: float, group_by: str) -> dict:
+    """GKD from its definition, one sample at a time (float64 numpy)."""
+    n, c = zs.shape
+    zg = zs if group_by == "student" else zt
+    mass = sum(_softmax(zg[i]) for i in range(n))
+    cum, k = 0.0, c
+    for rank, value in enumerate(sorted(mass, reverse=True)):
+        cum += value
+        if cum >= rate * n:
+            k = rank + 1
+            break
+    binary = primary = secondary = 0.0
+    for i in range(n):
+        others = sorted((j for j in range(c) if j != labels[i]), key=lambda j: -zg[i, j])
+        group_p = [labels[i]] + others[: k - 1]
+        group_s = [j for j in range(c) if j not in group_p]
+        ps, pt = _softmax(zs[i] / temperature), _softmax(zt[i] / temperature)
+        for group, acc in ((group_p, "p"), (group_s, "s")):
+            bs, bt = ps[group].sum(), pt[group].sum()
+            if not group:
+                continue
+            binary += bt * np.log(bt / bs)
+            kl = sum(pt[j] / bt * np.log((pt[j] / bt) / (ps[j] / bs)) for j in group)
+            if acc == "p":
+                primary += kl
+            else:
+                secondary += kl
+    f = temperature ** 2 / n
+    return {"gkd_binary": alpha * f * binary, "gkd_primary": beta * f * primary,
+            "gkd_secondary": lam * f * secondary, "k": k}
+
+
+def _logits(seed: int = 3, classes: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    zt = 6.0 * torch.randn(N, classes, generator=g, dtype=torch.float64)
+    zs = zt + 4.0 * torch.randn(N, classes, generator=g, dtype=torch.float64)
+    return zs, zt
+
+
+@pytest.mark.parametrize("params", [{}, {"rate": 0.5, "group_by": "teacher"},
+                                    {"rate": 0.99, "temperature": 2.0, "secondary_weight": 0.5},
+                                    {"rate": 1.0, "binary_weight": 2.0, "primary_weight": 1.0}])
+def test_gkd_matches_the_grouped_kd_definition(params):
+    zs, zt = _logits()
+    zs = zs.requires_grad_(True)
+    d = build_distiller("gkd", **params)
+    terms = d(torch.zeros(N, D), torch.zeros(N, D), LABELS, student_logits=zs, teacher_logits=zt)
+    p = {**distiller_params("gkd"), **params}
+    want = gkd_reference(zs.detach().numpy(), zt.numpy(), LABELS.tolist(), p["temperature"], p["rate"],
+                         p["binary_weight"], p["primary_weight"], p["secondary_weight"], p["group_by"])
+    assert 1 < want["k"] <= 7
+    assert set(terms) == {"gkd_binary", "gkd_primary"} | ({"gkd_secondary"} if p["secondary_weight"] else set())
+    for key, value in terms.items():
+        assert value.item() == pytest.approx(want[key], rel=1e-8, abs=1e-14), key
+    sum(terms.values()).backward()
+    assert torch.isfinite(zs.grad).all() and zs.grad.abs().sum() > 0
+
+
+def test_gkd_groups_decompose_kd():
+    """KL(p_t || p_s) = Binary-KD + b_t^P Primary-KD + b_t^S Secondary-KD, per sample."""
+    zs, zt = _logits(seed=5, classes=9)
+    xs, xt = zs / 4.0, zt / 4.0
+    primary = primary_mask(zs, LABELS, 4)
+    assert (primary.sum(1) == 4).all() and primary[torch.arange(N), LABELS].all()
+    pt = F.softmax(xt, 1)
+    kd = (pt * (F.log_softmax(xt, 1) - F.log_softmax(xs, 1))).sum(1)
+    b_p = (pt * primary).sum(1)
+    parts = binary_kl(xs, xt, primary) + b_p * group_kl(xs, xt, primary) + (1 - b_p) * group_kl(xs, xt, ~primary)
+    assert torch.allclose(parts, kd, rtol=1e-10, atol=1e-14)
+
+
+def test_gkd_with_teacher_centres_scores_both_models_on_them():
+    s, t = _inputs()
+    centres = torch.randn(IDS + 1, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    d = build_distiller("gkd", logits="teacher_centers", scale=16.0, student_dim=D, teacher_dim=D)
+    assert d.requires == frozenset({"teacher_centers"})
+    got = d(s, t, LABELS, teacher_centers=centres)
+    w = F.normalize(centres)
+    zs, zt = 16.0 * F.normalize(s) @ w.t(), 16.0 * F.normalize(t) @ w.t()
+    want = build_distiller("gkd")(s, t, LABELS, student_logits=zs, teacher_logits=zt)
+    for key in want:
+        assert got[key].item() == pytest.approx(want[key].item(), rel=1e-10)
+    with pytest.raises(ConfigError, match="widths must match"):
+        build_distiller("gkd", logits="teacher_centers", student_dim=8, teacher_dim=16)
+
+
+def test_gkd_refuses_mismatched_logits_and_bad_params():
+    d = build_distiller("gkd")
+    with pytest.raises(ConfigError, match="needs student_logits, teacher_logits"):
+        d(torch.randn(N, D), torch.randn(N, D), LABELS)
+    with pytest.raises(ConfigError, match="same identities"):
+        d(torch.randn(N, D), torch.randn(N, D), LABELS, student_logits=torch.randn(N, 5),
+          teacher_logits=torch.randn(N, 6))
+    for bad in ({"rate": 0.0}, {"group_by": "both"}, {"logits": "features"}, {"primary_weight": -1}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            build_distiller("gkd", **bad)
+
+
+def test_gkd_paper_defaults():
+    p = distiller_params("gkd")
+    assert (p["temperature"], p["rate"], p["binary_weight"], p["primary_weight"],
+            p["secondary_weight"], p["group_by"]) == (4.0, 0.93, 1.0, 4.0, 0.0, "student")
+
+
+# --------------------------------------------------------------------------- degenerate batches
+
+VARIANTS = {"gkd_centres_teacher_groups": ("gkd", {"logits": "teacher_centers", "group_by": "teacher"}),
+            "coupleface_rad_only": ("coupleface", {"fcd_weight": 0.0, "top_k": 1})}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_non_default_variants_finite_on_degenerate_batches(variant, case):
+    """The default settings are covered by test_degenerate (registry-wide); these are the others."""
+    name, params = VARIANTS[variant]
+    s, t, labels = _batch(case)
+    dim = s.shape[1]
+    d = build_distiller(name, **params, student_dim=dim, teacher_dim=dim)
+    s = s.clone().requires_grad_(True)
+    extras = {"teacher_centers": torch.randn(10, dim, generator=torch.Generator().manual_seed(1))}
+    terms = d(s, t, labels, **{k: extras[k] for k in d.requires})
+    total = sum(terms.values())
+    (grad,) = torch.autograd.grad(total, [s])
+    assert torch.isfinite(total) and torch.isfinite(grad).all(), (variant, case, terms)
+    assert float(grad.abs().max()) <= 1e6
+
+
+# --------------------------------------------------------------------------- through the trainer
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from ekd.data import generate_identity_folder
+    from test_zoo_training import _teacher
+
+    root = tmp_path_factory.mktemp("zoo_v2") / "train"
+    generate_identity_folder(root, num_identities=12, images_per_identity=2, image_size=32, seed=3)
+    return root, _teacher(root.parent / "teacher.pt"), _teacher(root.parent / "backbone.pth", classes=None)
+
+
+def _cfg(tiny, tmp_path, distill: str, *extra: str):
+    from test_zoo_training import _tiny
+
+    root, teacher, _ = tiny
+    return load_config(None, _tiny(root, teacher, tmp_path / "run") + [f"distill={distill}", *extra])
+
+
+def test_gkd_with_heads_is_refused_under_partial_fc_but_teacher_centres_run(tiny, tmp_path):
+    from ekd.engine.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="gkd need the student's full classifier.*Partial FC"):
+        Trainer(_cfg(tiny, tmp_path, "[{name: gkd}]", "head.sample_rate=0.5"))
+    trainer = Trainer(_cfg(tiny, tmp_path, "[{name: gkd, params: {logits: teacher_centers}}, "
+                                            "{name: coupleface}]", "head.sample_rate=0.5"))
+    images, labels, indices = next(iter(trainer.loader))
+    terms = trainer.train_step(images, labels, indices, torch.zeros(len(labels), dtype=torch.bool))
+    assert {"ce", "gkd_binary", "gkd_primary", "coupleface_fcd", "coupleface_rad"} <= set(terms)
+    assert all(np.isfinite(v) for v in terms.values())
+
+
+def test_gkd_needs_the_teachers_classifier(tiny, tmp_path):
+    from ekd.engine.trainer import Trainer
+
+    root, _, bare = tiny
+    cfg = _cfg(tiny, tmp_path, "[{name: gkd}]", f"teacher.path={bare}")
+    with pytest.raises(ConfigError, match="'gkd' needs the teacher's classifier.*backbone.pth"):
+        Trainer(cfg)
+    assert Trainer(_cfg(tiny, tmp_path, "[{name: coupleface}]", f"teacher.path={bare}")).teacher_centers is None
