@@ -280,3 +280,69 @@ def test_gkd_needs_the_teachers_classifier(tiny, tmp_path):
     with pytest.raises(ConfigError, match="'gkd' needs the teacher's classifier.*backbone.pth"):
         Trainer(cfg)
     assert Trainer(_cfg(tiny, tmp_path, "[{name: coupleface}]", f"teacher.path={bare}")).teacher_centers is None
+
+
+# --------------------------------------------------------------------------- two processes
+
+TWO_PROCESS_SCRIPT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+    from ekd.distill import build_distiller
+    from ekd.engine.distributed import DistInfo, gather_no_grad
+    from ekd.heads.partial_fc import gather_global_batch
+
+    CONFIGS = {"coupleface": {"top_k": 3}, "gkd": {"logits": "teacher_centers", "scale": 16.0},
+               "gkd_teacher_groups": {"logits": "teacher_centers", "group_by": "teacher", "rate": 0.5}}
+
+    def batch():
+        g = torch.Generator().manual_seed(11)
+        s = torch.randn(12, 6, generator=g, dtype=torch.float64)
+        t = s + 0.5 * torch.randn(12, 6, generator=g, dtype=torch.float64)
+        centres = torch.randn(5, 6, generator=g, dtype=torch.float64)
+        return s, t, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 0, 1]), centres
+
+    def step(world, rank):
+        # as Trainer.compute_terms: the local slice is gathered into the global batch, every
+        # rank's distillers see the whole global batch; DDP then averages the gradients
+        s, t, y, centres = batch()
+        per = s.shape[0] // world
+        local = s[rank * per:(rank + 1) * per].clone().requires_grad_(True)
+        info = DistInfo(rank=rank, world_size=world)
+        all_s, all_y = gather_global_batch(local, y[rank * per:(rank + 1) * per])
+        all_t = gather_no_grad(t[rank * per:(rank + 1) * per], info)
+        out = {}
+        for key, params in CONFIGS.items():
+            d = build_distiller(key.split("_")[0], **params, student_dim=6, teacher_dim=6)
+            extras = {"teacher_centers": centres}
+            terms = d(all_s, all_t, all_y, **{k: extras[k] for k in d.requires})
+            loss = sum(terms.values())
+            (grad,) = torch.autograd.grad(loss, [local])
+            out[key] = (loss.detach(), grad / world, {k: v.detach() for k, v in d.state_dict().items()})
+        return out
+
+    def run(rank, path, out):
+        dist.init_process_group("gloo", init_method="file://" + path, rank=rank, world_size=2)
+        torch.save(step(2, rank), out + f".{rank}")
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        torch.set_num_threads(1)
+        mp.start_processes(run, args=(sys.argv[1], sys.argv[2]), nprocs=2, start_method="fork")
+        torch.save(step(1, 0), sys.argv[2] + ".single")  # after the fork: no OpenMP pool to inherit
+""")
+
+
+def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path):
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    out = str(tmp_path / "result")
+    subprocess.run([sys.executable, str(script), str(tmp_path / "rendezvous"), out],
+                   check=True, timeout=120, capture_output=True)
+    single = torch.load(out + ".single", weights_only=True)
+    ranks = [torch.load(out + f".{r}", weights_only=True) for r in (0, 1)]
+    for key, (loss, grad, state) in single.items():
+        assert torch.isfinite(loss) and grad.abs().sum() > 0, key
+        for rank, result in enumerate(ranks):
+            r_loss, r_grad, r_state = result[key]
+            assert torch.allclose(r_loss, loss, rtol=1e-12, atol=0), (key, rank)
+            assert torch.allclose(r_grad, grad[rank * 6:(rank + 1) * 6], rtol=1e-10, atol=1e-15), (key, rank)
+            assert r_state.keys() == state.keys() and all(torch.equal(r_state[k], state[k]) for k in state)
