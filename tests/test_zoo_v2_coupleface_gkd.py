@@ -214,7 +214,7 @@ def test_gkd_refuses_mismatched_logits_and_bad_params():
 def test_gkd_paper_defaults():
     p = distiller_params("gkd")
     assert (p["temperature"], p["rate"], p["binary_weight"], p["primary_weight"],
-            p["secondary_weight"], p["group_by"]) == (4.0, 0.93, 1.0, 4.0, 0.0, "student")
+            p["secondary_weight"], p["group_by"], p["logits"]) == (4.0, 0.93, 1.0, 8.0, 0.0, "student", "heads")
 
 
 # --------------------------------------------------------------------------- degenerate batches

@@ -12,17 +12,22 @@ decomposes into three parts:
 GKD keeps Binary-KD and Primary-KD and drops Secondary-KD (the paper's finding that the tail
 group restricts KD):
 ``L = T^2 / N * sum_i (alpha * KL(b_t,i || b_s,i) + beta * KL(p^P_t,i || p^P_s,i) + lambda * KL(p^S_t,i || p^S_s,i))``
-with ``alpha = 1, beta = 4, lambda = 0, T = 4`` (authors' released ``gkd_adaptive.py``).
+with ``beta = 8, alpha = 1, lambda = 0, T = 4`` (the paper's best weights, Tab. 3: lambda_1 = 8
+on Primary-KD, lambda_2 = 1 on Binary-KD; the authors' code also uses T = 4; their later
+``gkd_adaptive.py`` uses beta = 4).
 
 Primary group size (the cumulative-probability threshold): the per-class probabilities
 ``softmax(z_g)`` (T = 1) of the grouping model are summed over the batch and sorted; the group
-has the smallest size ``k`` whose top-k sum reaches ``rate * N`` (``rate = 0.93``). Each sample's
-primary group is its target plus its top ``k - 1`` other identities by the grouping logits
-``z_g``; the grouping model is the student (``group_by: student``, as in the authors' training
-code) or the teacher. The grouping is not differentiated.
+has the smallest size ``k`` whose top-k sum reaches ``rate * N`` (``rate = 0.93``, the paper's
+best threshold, Tab. 2). Each sample's primary group is its target plus its top ``k - 1`` other
+identities by the grouping logits ``z_g``; the grouping model is the student (``group_by: student``: the paper's Fig. 2 ranks by
+the student's output, as does the authors' training code) or the teacher. The grouping is not
+differentiated.
 
-The paper's equation numbers could not be read here (only its abstract was available); the
-formulas follow the abstract and the authors' released code. Deviations, all deliberate: ``k`` is
+Only the paper's abstract and secondary notes on it could be read here (Binary-KD is its Eq. 6;
+the other equation numbers are unverified, and its Eq. 3 may place the group boundary where the
+cumulative sum is *closest* to the threshold rather than first reaching it); the formulas follow
+the abstract and the authors' released code (github.com/WisonZ/GKD). Deviations: ``k`` is
 searched with step 1 (the authors step by 100 classes and fail when the threshold is not reached);
 groups are exact (the authors subtract 1000 from out-of-group logits); the authors' 10-epoch linear
 warm-up of the KD weight is left to ``weight``; logits are margin-free (theirs carry CosFace's
@@ -100,7 +105,7 @@ class GKDLoss(Distiller):
     Args:
         temperature: T of the softened predictions (authors: 4).
         rate: cumulative-probability threshold of the primary group (authors: 0.93).
-        binary_weight, primary_weight, secondary_weight: alpha, beta, lambda (1, 4, 0).
+        binary_weight, primary_weight, secondary_weight: alpha, beta, lambda (1, 8, 0).
         group_by: ``student`` (authors' training code) or ``teacher`` logits choose the groups.
         logits: ``heads`` (each model's own classifier) or ``teacher_centers`` (see module doc).
         scale: s of ``s * cos(x, W_t)`` for ``logits: teacher_centers`` (authors' CosFace: 64).
@@ -110,7 +115,7 @@ class GKDLoss(Distiller):
     requires = LOGIT_SOURCES["heads"]
 
     def __init__(self, weight: float = 1.0, temperature: float = 4.0, rate: float = 0.93,
-                 binary_weight: float = 1.0, primary_weight: float = 4.0,
+                 binary_weight: float = 1.0, primary_weight: float = 8.0,
                  secondary_weight: float = 0.0, group_by: str = "student", logits: str = "heads",
                  scale: float = 64.0, student_dim: int | None = None,
                  teacher_dim: int | None = None) -> None:
