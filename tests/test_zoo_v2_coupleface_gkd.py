@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ekd.config import load_config
 from ekd.distill import build_distiller, distiller_params
 from ekd.distill.coupleface import informative_pairs
-from ekd.distill.gkd import binary_kl, group_kl, primary_mask
+from ekd.distill.gkd import grouped_kd, primary_mask
 from ekd.errors import ConfigError
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -180,8 +180,20 @@ def test_gkd_groups_decompose_kd():
     pt = F.softmax(xt, 1)
     kd = (pt * (F.log_softmax(xt, 1) - F.log_softmax(xs, 1))).sum(1)
     b_p = (pt * primary).sum(1)
-    parts = binary_kl(xs, xt, primary) + b_p * group_kl(xs, xt, primary) + (1 - b_p) * group_kl(xs, xt, ~primary)
-    assert torch.allclose(parts, kd, rtol=1e-10, atol=1e-14)
+    binary, primary_kd, secondary_kd = grouped_kd(xs, xt, primary)
+    assert torch.allclose(binary + b_p * primary_kd + (1 - b_p) * secondary_kd, kd, rtol=1e-10, atol=1e-14)
+    everything = torch.ones_like(primary)
+    binary, primary_kd, secondary_kd = grouped_kd(xs, xt, everything)  # no secondary group
+    assert torch.allclose(primary_kd, kd, rtol=1e-10) and (binary.abs() < 1e-15).all()
+    assert (secondary_kd == 0).all()
+
+
+def test_gkd_primary_group_is_the_target_plus_the_top_others_ties_to_lower_index():
+    z = torch.tensor([[0.0, 3.0, 1.0, 2.0, 2.0], [5.0, 5.0, 5.0, 5.0, 5.0]])
+    mask = primary_mask(z, torch.tensor([2, 4]), 3)
+    assert mask.tolist() == [[False, True, True, True, False], [True, True, False, False, True]]
+    assert primary_mask(z, torch.tensor([0, 0]), 1).tolist() == [[True] + [False] * 4] * 2
+    assert primary_mask(z, torch.tensor([0, 0]), 5).all()
 
 
 def test_gkd_with_teacher_centres_scores_both_models_on_them():
