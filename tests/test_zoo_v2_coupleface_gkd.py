@@ -22,6 +22,7 @@ from ekd.errors import ConfigError
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_degenerate import CASES, _batch  # noqa: E402
+from test_teacher_centers import cached  # noqa: E402,F401  (fixture: a 6-identity embedding cache)
 
 N, IDS, D = 8, 4, 6
 
@@ -358,3 +359,27 @@ def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path):
             assert torch.allclose(r_loss, loss, rtol=1e-12, atol=0), (key, rank)
             assert torch.allclose(r_grad, grad[rank * 6:(rank + 1) * 6], rtol=1e-10, atol=1e-15), (key, rank)
             assert r_state.keys() == state.keys() and all(torch.equal(r_state[k], state[k]) for k in state)
+
+
+def test_cached_teacher_gkd_needs_mean_centres_and_coupleface_needs_nothing(cached, tmp_path):
+    """An embedding cache has no classifier: GKD is refused naming the missing classifier, and runs
+    on ``teacher.centers: mean_embedding`` centres (the same refusal guards ``logits:
+    teacher_centers``: one check for every distiller needing centres); CoupleFace needs embeddings
+    only."""
+    from ekd.engine.trainer import Trainer
+    from test_teacher_centers import _overrides as cache_overrides
+
+    root, _, cache = cached
+
+    def step(distill: str, *extra: str) -> dict:
+        trainer = Trainer(load_config(None, cache_overrides(root, cache, tmp_path / "run",
+                                                            f"distill={distill}", *extra)))
+        images, labels, indices = next(iter(trainer.loader))
+        return trainer.train_step(images, labels, indices, torch.zeros(len(labels), dtype=torch.bool))
+
+    with pytest.raises(ConfigError, match="'gkd' needs the teacher's classifier.*embedding cache"):
+        step("[{name: gkd}]")
+    terms = step("[{name: gkd, params: {logits: teacher_centers}}]", "teacher.centers=mean_embedding")
+    assert {"gkd_binary", "gkd_primary"} <= set(terms) and all(np.isfinite(v) for v in terms.values())
+    terms = step("[{name: coupleface}]")
+    assert {"coupleface_fcd", "coupleface_rad"} <= set(terms) and all(np.isfinite(v) for v in terms.values())
