@@ -11,8 +11,8 @@ decomposes into three parts:
 
 GKD keeps Binary-KD and Primary-KD and drops Secondary-KD (the paper's finding that the tail
 group restricts KD):
-``L = T^2 / N * sum_i (alpha * KL(b_t,i || b_s,i) + beta * KL(p^P_t,i || p^P_s,i) + lambda * KL(p^S_t,i || p^S_s,i))``
-with ``beta = 8, alpha = 1, lambda = 0, T = 4`` (the paper's best weights, Tab. 3: lambda_1 = 8
+``L = T^2 / N * sum_i (alpha KL(b_t,i || b_s,i) + beta KL(p^P_t,i || p^P_s,i)
++ lambda KL(p^S_t,i || p^S_s,i))`` with ``beta = 8, alpha = 1, lambda = 0, T = 4`` (the paper's best weights, Tab. 3: lambda_1 = 8
 on Primary-KD, lambda_2 = 1 on Binary-KD; the authors' code also uses T = 4; their later
 ``gkd_adaptive.py`` uses beta = 4).
 
@@ -20,9 +20,9 @@ Primary group size (the cumulative-probability threshold): the per-class probabi
 ``softmax(z_g)`` (T = 1) of the grouping model are summed over the batch and sorted; the group
 has the smallest size ``k`` whose top-k sum reaches ``rate * N`` (``rate = 0.93``, the paper's
 best threshold, Tab. 2). Each sample's primary group is its target plus its top ``k - 1`` other
-identities by the grouping logits ``z_g``; the grouping model is the student (``group_by: student``: the paper's Fig. 2 ranks by
-the student's output, as does the authors' training code) or the teacher. The grouping is not
-differentiated.
+identities by the grouping logits ``z_g``; the grouping model is the student (``group_by:
+student``: the paper's Fig. 2 ranks by the student's output, as does the authors' training code)
+or the teacher. The grouping is not differentiated.
 
 Only the paper's abstract and secondary notes on it could be read here (Binary-KD is its Eq. 6;
 the other equation numbers are unverified, and its Eq. 3 may place the group boundary where the
