@@ -226,3 +226,68 @@ def test_two_processes_equal_one_process_on_the_global_batch(name, tmp_path):
     for got in ranks:
         assert got["state"].keys() == one.state_dict().keys()
         assert all(torch.equal(got["state"][k], v) for k, v in one.state_dict().items())
+
+
+# --------------------------------------------------------------------------- through the trainer
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions on a shared machine: one intra-op thread avoids oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """An embedding-only teacher: a cache of a random projection over a tiny identity folder."""
+    from ekd.data import ImageFolderDataset, generate_identity_folder
+    from ekd.engine.teacher_cache import build_cache
+
+    root = tmp_path_factory.mktemp("faces") / "train"
+    generate_identity_folder(root, num_identities=6, images_per_identity=4, image_size=32, seed=5)
+    proj = torch.randn(3 * 32 * 32, 12, generator=torch.Generator().manual_seed(0))
+    cache = build_cache(lambda x: x.flatten(1) @ proj, ImageFolderDataset(root, input_size=32),
+                        root.parent / "cache", teacher_fp="t", teacher_name="random projection",
+                        progress=False)
+    return root, cache
+
+
+def _overrides(root, cache, out, *extra):
+    return ["data.kind=folder", f"data.root={root}", "data.input_size=32", "model.embedding_size=12",
+            "sampler.random_size=8", "sampler.identities_per_batch=2", "train.epochs=1",
+            "train.progress=false", "train.device=cpu", f"train.output_dir={out}",
+            "train.max_steps_per_epoch=2", "teacher.kind=cache", f"teacher.path={cache}", *extra]
+
+
+@pytest.mark.parametrize("name", ["icd_face", "unified_kd"])
+def test_trains_from_cached_embeddings_and_resumes_with_its_memory(name, cached, tmp_path):
+    from ekd.config import load_config
+    from ekd.engine.checkpoint import load_file
+    from ekd.engine.trainer import Trainer
+
+    root, cache = cached
+    spec = f"distill=[{{name: {name}, params: {{memory_size: 64}}}}]"
+    trainer = Trainer(load_config(None, _overrides(root, cache, tmp_path / "a", spec)))
+    result = trainer.fit()  # an embedding-only teacher is enough: no class centres needed
+    assert all(math.isfinite(v) for v in result.final_terms.values())
+    last = result.run_dir / "checkpoints" / "last.pt"
+    saved = load_file(last)["distillers"]
+    memory = trainer.distillers[0].memory
+    assert int((memory.labels >= 0).sum()) > 0
+    assert torch.equal(saved["0.memory.student"], memory.student)
+    assert torch.equal(saved["0.memory.labels"], memory.labels)
+    resumed = Trainer(load_config(None, _overrides(root, cache, tmp_path / "b", spec, f"train.resume={last}")))
+    assert all(torch.equal(v, saved[k]) for k, v in resumed.distillers.state_dict().items())
+
+
+def test_cached_teacher_of_another_width_is_refused_at_start(cached, tmp_path):
+    from ekd.config import load_config
+    from ekd.engine.trainer import Trainer
+
+    root, cache = cached
+    cfg = load_config(None, _overrides(root, cache, tmp_path / "w", "model.embedding_size=8",
+                                       "distill=[{name: icd_face}]"))
+    with pytest.raises(ConfigError, match="icd_face.*widths must match: student 8, teacher 12"):
+        Trainer(cfg)
