@@ -16,7 +16,7 @@ the same):
   unit embeddings of each model); each model's pairs use its own batch and bank;
 - distribution: a soft histogram of the pairs' cosines with ``R`` triangular kernels on
   ``[-1, 1]`` (nodes ``t_r = -1 + r Delta``, ``Delta = 2 / (R - 1)``), as in the histogram loss
-  (Ustinova & Lempitsky, NeurIPS 2016, Eq. 2) and DDL (Huang et al., ECCV 2020):
+  (Ustinova & Lempitsky, NeurIPS 2016) and DDL (Huang et al., ECCV 2020):
   ``p_r = 1/|P| sum_{(i,j) in P} max(0, 1 - |s_ij - t_r| / Delta)``;
 - SDC: ``KL(p_t || p_s) = sum_r p_t,r (log(p_t,r + eps) - log(p_s,r + eps))``;
 - ``L = fcd_weight * L_fcd + sdc_weight * L_sdc``.
