@@ -2,7 +2,8 @@
 
 Importing this package registers every method: ``ekd`` (the paper), the baselines of its tables
 (``fitnet``, ``kd``, ``darkrank``, ``sp``, ``cckd``, ``rkd``, ``cosine``, ``shrinkteanet``,
-``triplet_distill``, ``margin_distill``, ``proxylesskd``) and ``adadistill`` (ECCV 2024).
+``triplet_distill``, ``margin_distill``, ``proxylesskd``), ``adadistill`` (ECCV 2024),
+``icd_face`` (ICCV 2023) and ``unified_kd`` (ILED + RPSD, IJCB 2025).
 """
 
 from ekd.distill.adadistill import AdaDistillLoss
@@ -12,6 +13,7 @@ from ekd.distill.cosine import CosineLoss
 from ekd.distill.darkrank import HardDarkRankLoss
 from ekd.distill.ekd import EKDLoss
 from ekd.distill.fitnet import FitNetLoss
+from ekd.distill.icd_face import ICDFaceLoss
 from ekd.distill.kd import KDLoss
 from ekd.distill.margin_distill import MarginDistillLoss
 from ekd.distill.proxylesskd import ProxylessKDLoss
@@ -19,12 +21,13 @@ from ekd.distill.rkd import RKDLoss
 from ekd.distill.shrinkteanet import ShrinkTeaNetLoss
 from ekd.distill.sp import SPLoss
 from ekd.distill.triplet_distill import TripletDistillLoss
+from ekd.distill.unified_kd import UnifiedKDLoss
 
 #: Keys a distiller may list in ``requires``; the trainer provides exactly these.
 EXTRAS = frozenset({"teacher_logits", "student_logits", "teacher_centers", "student_head",
                     "random_size"})
 
 __all__ = ["DISTILLERS", "EXTRAS", "AdaDistillLoss", "CCKDLoss", "CosineLoss", "Distiller",
-           "EKDLoss", "FitNetLoss", "HardDarkRankLoss", "KDLoss", "MarginDistillLoss",
+           "EKDLoss", "FitNetLoss", "HardDarkRankLoss", "ICDFaceLoss", "KDLoss", "MarginDistillLoss",
            "ProxylessKDLoss", "RKDLoss", "SPLoss", "ShrinkTeaNetLoss", "TripletDistillLoss",
-           "build_distiller", "distiller_params", "register_distiller"]
+           "UnifiedKDLoss", "build_distiller", "distiller_params", "register_distiller"]
