@@ -113,8 +113,9 @@ class GKDLoss(Distiller):
         temperature: T of the softened predictions (authors: 4).
         rate: cumulative-probability threshold of the primary group (authors: 0.93).
         binary_weight, primary_weight, secondary_weight: alpha, beta, lambda (1, 8, 0).
-        group_by: ``student`` (authors' training code) or ``teacher`` logits choose the groups.
-        logits: ``heads`` (each model's own classifier) or ``teacher_centers`` (see module doc).
+        group_by: ``student`` (paper's Fig. 2, authors' code) or ``teacher`` logits choose the groups.
+        logits: ``heads`` (each model's own classifier) or ``teacher_centers`` (see module doc);
+            it sets this instance's ``requires``.
         scale: s of ``s * cos(x, W_t)`` for ``logits: teacher_centers`` (authors' CosFace: 64).
         student_dim, teacher_dim: widths (filled in by the trainer), checked for teacher_centers.
     """
