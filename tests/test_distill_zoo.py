@@ -19,7 +19,8 @@ from ekd.errors import ConfigError
 from ekd.heads import ArcFace
 
 ZOO = ["fitnet", "kd", "darkrank", "sp", "cckd", "rkd", "cosine", "shrinkteanet",
-       "triplet_distill", "margin_distill", "proxylesskd", "adadistill", "icd_face", "unified_kd"]
+       "triplet_distill", "margin_distill", "proxylesskd", "adadistill", "coupleface", "gkd",
+       "icd_face", "unified_kd"]
 DIM, CLASSES, SCALE = 16, 10, 16.0
 
 
@@ -156,7 +157,8 @@ def test_finite_loss_and_gradients_on_edge_batches(name, case):
 
 
 # methods whose loss is a discrepancy that vanishes when the student reproduces the teacher
-MIMIC = ["fitnet", "kd", "sp", "cckd", "rkd", "cosine", "shrinkteanet", "ekd", "icd_face", "unified_kd"]
+MIMIC = ["fitnet", "kd", "sp", "cckd", "rkd", "cosine", "shrinkteanet", "ekd", "coupleface", "gkd",
+         "icd_face", "unified_kd"]
 
 
 @pytest.mark.parametrize("name", MIMIC)

@@ -3,16 +3,19 @@
 Importing this package registers every method: ``ekd`` (the paper), the baselines of its tables
 (``fitnet``, ``kd``, ``darkrank``, ``sp``, ``cckd``, ``rkd``, ``cosine``, ``shrinkteanet``,
 ``triplet_distill``, ``margin_distill``, ``proxylesskd``), ``adadistill`` (ECCV 2024),
-``icd_face`` (ICCV 2023) and ``unified_kd`` (ILED + RPSD, IJCB 2025).
+``coupleface`` (ECCV 2022), ``gkd`` (AAAI 2023), ``icd_face`` (ICCV 2023) and ``unified_kd``
+(ILED + RPSD, IJCB 2025).
 """
 
 from ekd.distill.adadistill import AdaDistillLoss
 from ekd.distill.base import DISTILLERS, Distiller, build_distiller, distiller_params, register_distiller
 from ekd.distill.cckd import CCKDLoss
 from ekd.distill.cosine import CosineLoss
+from ekd.distill.coupleface import CoupleFaceLoss
 from ekd.distill.darkrank import HardDarkRankLoss
 from ekd.distill.ekd import EKDLoss
 from ekd.distill.fitnet import FitNetLoss
+from ekd.distill.gkd import GKDLoss
 from ekd.distill.icd_face import ICDFaceLoss
 from ekd.distill.kd import KDLoss
 from ekd.distill.margin_distill import MarginDistillLoss
@@ -27,7 +30,8 @@ from ekd.distill.unified_kd import UnifiedKDLoss
 EXTRAS = frozenset({"teacher_logits", "student_logits", "teacher_centers", "student_head",
                     "random_size"})
 
-__all__ = ["DISTILLERS", "EXTRAS", "AdaDistillLoss", "CCKDLoss", "CosineLoss", "Distiller",
-           "EKDLoss", "FitNetLoss", "HardDarkRankLoss", "ICDFaceLoss", "KDLoss", "MarginDistillLoss",
-           "ProxylessKDLoss", "RKDLoss", "SPLoss", "ShrinkTeaNetLoss", "TripletDistillLoss",
-           "UnifiedKDLoss", "build_distiller", "distiller_params", "register_distiller"]
+__all__ = ["DISTILLERS", "EXTRAS", "AdaDistillLoss", "CCKDLoss", "CosineLoss", "CoupleFaceLoss",
+           "Distiller", "EKDLoss", "FitNetLoss", "GKDLoss", "HardDarkRankLoss", "ICDFaceLoss",
+           "KDLoss", "MarginDistillLoss", "ProxylessKDLoss", "RKDLoss", "SPLoss", "ShrinkTeaNetLoss",
+           "TripletDistillLoss", "UnifiedKDLoss", "build_distiller", "distiller_params",
+           "register_distiller"]
