@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import yaml
 from PIL import Image
 
@@ -18,6 +22,7 @@ from ekd.data import ImageFolderDataset, generate_identity_folder
 from ekd.data.resident import ResidentBatches, ResidentImages, check_fits, resident_bytes
 from ekd.data.robust import CorruptSampleWarning
 from ekd.data.transforms import normalize, to_tensor
+from ekd.engine import distributed as D
 from ekd.engine.trainer import Trainer, train
 from ekd.errors import ConfigError, DataError
 
@@ -150,3 +155,33 @@ def test_preload_needs_read_uint8():
 def test_preload_max_gb_must_be_positive(folder, tmp_path):
     with pytest.raises(ConfigError, match="data.preload_max_gb must be > 0"):
         _cfg(folder, tmp_path, "data.preload_max_gb=0")
+
+
+def _two_process_worker(rank, world, port, folder, out):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore", CorruptSampleWarning)
+    try:
+        for name, extra in (("plain", ()), ("pre", ("data.preload=true",))):
+            trainer = Trainer(_cfg(folder, out / name, "train.epochs=1", *extra))
+            trainer.fit()
+            torch.save(trainer.student.state_dict(), out / f"{name}{rank}.pt")
+    finally:
+        D.shutdown()
+
+
+def test_preload_under_two_processes_trains_as_the_dataloader(folder, tmp_path):
+    """Each rank preloads the whole set and draws its own sampler's batches from it: the same
+    per-rank batches, hence the same DDP training, as with DataLoaders."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_process_worker, args=(2, port, folder, tmp_path), nprocs=2, join=True)
+    for rank in (0, 1):
+        plain = torch.load(tmp_path / f"plain{rank}.pt", weights_only=True)
+        pre = torch.load(tmp_path / f"pre{rank}.pt", weights_only=True)
+        assert all(torch.equal(plain[k], pre[k]) for k in plain)
+    a, b = _rows(tmp_path / "plain"), _rows(tmp_path / "pre")
+    assert [r["loss"] for r in a if "loss" in r] == [r["loss"] for r in b if "loss" in r]
+    assert len([r for r in a if "epoch_end" not in r]) == 2

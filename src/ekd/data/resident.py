@@ -119,7 +119,7 @@ class ResidentImages:
         """``(normalised float images on the device, labels, indices)`` of the given items, as
         the DataLoader collates ``(image, label, index)`` items of the dataset."""
         idx = torch.as_tensor(indices, dtype=torch.int64)
-        pixels = self.images[idx.to(self.images.device)]
+        pixels = self.images.index_select(0, idx.to(self.images.device))
         return normalize(pixels), self.labels[idx], self.indices[idx]
 
 
