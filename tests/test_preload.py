@@ -151,6 +151,14 @@ def test_preload_needs_read_uint8():
     with pytest.raises(ConfigError, match="NoPixels cannot be preloaded"):
         ResidentImages.build(NoPixels(), "cpu")
 
+    class WrongPixels(NoPixels):
+        def read_uint8(self, index):
+            return torch.zeros(3, 28, 28, dtype=torch.uint8)
+
+    with pytest.raises(DataError, match=r"read_uint8\(0\) returned torch.uint8 \(3, 28, 28\), "
+                                        r"expected uint8 \(3, 32, 32\)"):
+        ResidentImages.build(WrongPixels(), "cpu", progress=False)
+
 
 def test_preload_max_gb_must_be_positive(folder, tmp_path):
     with pytest.raises(ConfigError, match="data.preload_max_gb must be > 0"):

@@ -56,14 +56,18 @@ def check_fits(num_images: int, input_size: int, max_gb: float) -> None:
 class _Decode(Dataset):
     """``(index, index used, uint8 pixels)`` of each item, for decoding in DataLoader workers."""
 
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Any, shape: tuple[int, int, int]) -> None:
+        self.dataset, self.shape = dataset, shape
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[int, int, torch.Tensor]:
         pixels = self.dataset.read_uint8(index)
+        if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8 or pixels.shape != self.shape:
+            got = f"{pixels.dtype} {tuple(pixels.shape)}" if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise DataError(f"data.preload: {type(self.dataset).__name__}.read_uint8({index}) returned "
+                            f"{got}, expected uint8 {self.shape}")
         used = self.dataset.substitute_of(index) if isinstance(self.dataset, SkipCorrupt) else index
         return index, used, pixels
 
@@ -91,17 +95,18 @@ class ResidentImages:
         n, size = len(dataset), int(dataset.input_size)
         check_fits(n, size, max_gb)
         device = torch.device(device)
-        images = torch.empty((n, CHANNELS, size, size), dtype=torch.uint8, device=device)
+        try:
+            images = torch.empty((n, CHANNELS, size, size), dtype=torch.uint8, device=device)
+        except torch.OutOfMemoryError:
+            raise ConfigError(f"data.preload: {device} has no room for the training set "
+                              f"({resident_bytes(n, size) / 1e9:.3g} GB); set data.preload=false or "
+                              "lower data.input_size") from None
         used = torch.arange(n, dtype=torch.int64)
-        loader = DataLoader(_Decode(dataset), batch_size=_CHUNK, num_workers=num_workers,
+        loader = DataLoader(_Decode(dataset, (CHANNELS, size, size)), batch_size=_CHUNK, num_workers=num_workers,
                             collate_fn=_stack, generator=torch.Generator().manual_seed(0))  # not torch's global RNG
         with tqdm(total=n, desc=f"preload {n} images at {size}px", unit="img", disable=not progress,
                   leave=False, dynamic_ncols=True) as bar:
             for index, chunk_used, pixels in loader:
-                if pixels.shape[1:] != images.shape[1:] or pixels.dtype != torch.uint8:
-                    raise DataError(f"data.preload: {type(dataset).__name__}.read_uint8 returned "
-                                    f"{pixels.dtype} {tuple(pixels.shape[1:])}, expected uint8 "
-                                    f"{tuple(images.shape[1:])}")
                 images[index.to(device)] = pixels.to(device)
                 used[index] = chunk_used
                 bar.update(len(index))

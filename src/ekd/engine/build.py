@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ekd.config import Config
 from ekd.data import ImageFolderDataset, make_synthetic_benchmark
@@ -51,7 +51,7 @@ def build_train_set(cfg: Config) -> ImageFolderDataset:
                               on_corrupt=cfg.data.on_corrupt)
 
 
-def build_train_loader(cfg: Config, dataset: ImageFolderDataset, sampler: Sampler[list[int]],
+def build_train_loader(cfg: Config, dataset: Dataset, sampler: Sampler[list[int]],
                        device: torch.device, rank: int = 0, progress: bool = True
                        ) -> DataLoader | ResidentBatches:
     """Batches ``(images, labels, indices)`` of ``sampler``: a DataLoader reading the dataset, or,
