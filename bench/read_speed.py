@@ -147,7 +147,8 @@ def write_results(result: dict, out: Path) -> None:
              "## Training loader: images/s (sampler + collate + mirror)", "",
              "Batches of 128 (64 random + 16 identities x 4) through `build_train_loader`, as the trainer "
              f"reads them, then mirrored; {result['batches']} batches after one untimed batch. "
-             "Preloaded: workers only decode the set once (decode rate in brackets).", ""]
+             "Preloaded: workers only decode the set once (decode rate in brackets); its batch rate "
+             "does not depend on them, so its spread down a column is the machine's noise.", ""]
     rows = result["loader"]
     for size in SIZES:
         lines += [f"**{size} px**", "", "| workers | folder | rec | rec / folder | preload (decode img/s) |",
