@@ -42,6 +42,10 @@ class DataConfig:
     num_workers: int = 0
     # An unreadable image: "skip" (replaced by a readable one, counted, warned) or "error".
     on_corrupt: str = "skip"
+    # Decode every image once into one uint8 tensor on the training device and build batches
+    # there (no DataLoader); refused when N*3*S*S bytes exceed preload_max_gb (10**9 bytes).
+    preload: bool = False
+    preload_max_gb: float = 4.0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -270,6 +274,7 @@ def validate(cfg: Config) -> None:
         "train.epochs": cfg.train.epochs,
         "eval.batch_size": cfg.eval.batch_size,
         "train.log_every": cfg.train.log_every,
+        "data.preload_max_gb": cfg.data.preload_max_gb,
     }
     for key, value in positive.items():
         if value <= 0:

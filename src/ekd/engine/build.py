@@ -1,4 +1,4 @@
-"""Small builders shared by the engine: device, seeding, the training set."""
+"""Small builders shared by the engine: device, seeding, the training set and its loader."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ekd.config import Config
 from ekd.data import ImageFolderDataset, make_synthetic_benchmark
+from ekd.data.resident import ResidentBatches, ResidentImages
 from ekd.errors import ConfigError
 
 
@@ -47,3 +49,18 @@ def build_train_set(cfg: Config) -> ImageFolderDataset:
         root = Path(cfg.data.root)  # type: ignore[arg-type]
     return ImageFolderDataset(root, input_size=cfg.data.input_size, train=False,
                               on_corrupt=cfg.data.on_corrupt)
+
+
+def build_train_loader(cfg: Config, dataset: Dataset, sampler: Sampler[list[int]],
+                       device: torch.device, rank: int = 0, progress: bool = True
+                       ) -> DataLoader | ResidentBatches:
+    """Batches ``(images, labels, indices)`` of ``sampler``: a DataLoader reading the dataset, or,
+    with ``data.preload``, the whole set decoded once onto ``device`` (:mod:`ekd.data.resident`;
+    ``data.num_workers`` then only decode it)."""
+    dc = cfg.data
+    if dc.preload:
+        resident = ResidentImages.build(dataset, device, dc.preload_max_gb, dc.num_workers, progress)
+        return ResidentBatches(resident, sampler)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=dc.num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=dc.num_workers > 0,
+                      generator=torch.Generator().manual_seed(cfg.train.seed + rank))
