@@ -212,6 +212,8 @@ def test_missing_set_is_an_error_naming_the_file(data, tmp_path, capsys):
 def test_bin_of_another_image_size(data):
     with pytest.raises(DataError, match=r"small\.bin image 0 is 16x16 but data.input_size is 32.*val.resize"):
         _validator(data, f"val.sets=[{data / 'small.bin'}]")
+    with pytest.raises(ConfigError, match="'root' is for pair lists.*lfw.bin is a bin set"):
+        _validator(data, f"val.sets=[{{path: {data / 'lfw.bin'}, root: {data}}}]")
     resized = _validator(data, f"val.sets=[{data / 'small.bin'}]", "val.resize=true")
     assert resized.metric_names() == ["small/acc", "small/auc", "small/tpr@1e-3", "small/tpr@1e-4"]
 

@@ -34,6 +34,7 @@ from ekd.engine.distributed import DistInfo
 from ekd.engine.state import save_training_checkpoint
 from ekd.errors import ConfigError, DataError
 from ekd.eval.evaluate import VerificationSet, bin_set, folder_set, fpr_key, pairs_set
+from ekd.eval.metrics import max_false_positives
 from ekd.eval.protocols import read_pair_list
 
 if TYPE_CHECKING:
@@ -99,6 +100,9 @@ class Validator:
             key, kind = f"val.sets[{i}] ({vs.name})", set_kind(vs)
             if not Path(vs.path).exists():
                 raise DataError(f"{key}: not found: {vs.path}")
+            if (vs.root and kind != "pairs") or (vs.color != "rgb" and kind != "bin"):
+                raise ConfigError(f"{key}: 'root' is for pair lists and 'color' for .bin sets; "
+                                  f"{vs.path} is a {kind} set")
             data = _build_set(vs, kind, size, cfg)
             if not data.genuine or not data.impostors:
                 raise DataError(f"{key}: {vs.path} has {data.genuine} genuine and {data.impostors} "
@@ -111,7 +115,7 @@ class Validator:
             if odd:
                 log.info("%s: images resized to %dx%d (e.g. %s is %dx%d)", key, size, size, odd[0], *odd[1])
             for f in vc.fprs:
-                if data.impostors * f < 1:
+                if max_false_positives(f, data.impostors) < 1:
                     log.info("%s: %s n/a: %d impostor pairs (needs %d)", key, fpr_key(f),
                              data.impostors, math.ceil(1 / f))
             self.sets[vs.name] = (kind, data)
@@ -127,7 +131,7 @@ class Validator:
             raise ConfigError(f"val.keep_best: {self.keep_best!r}: folder sets (all pairs) have no "
                               f"10-fold accuracy; valid: {', '.join(self.metric_names())}")
         fpr = next((f for f in self.cfg.val.fprs if fpr_key(f) == metric), None)
-        if fpr is not None and data.impostors * fpr < 1:
+        if fpr is not None and max_false_positives(fpr, data.impostors) < 1:
             raise ConfigError(f"val.keep_best: {self.keep_best!r} cannot be measured: {data.source} "
                               f"has {data.impostors} impostor pairs and TPR at FPR {fpr:g} needs "
                               f"{math.ceil(1 / fpr)}")
