@@ -149,6 +149,12 @@ def test_resume_keeps_the_best_so_far(data, tmp_path, monkeypatch):
     assert _digest(run / "checkpoints" / "best.pt") == saved
     final = load_file(run / "checkpoints" / "last.pt")["state"]
     assert (final["best_value"], final["best_step"], final["epoch"]) == (first["best_value"], 3, 2)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()  # the killed run's events up to its checkpoint, then the resumed run's
+    assert [e.step for e in events.Scalars("val/lfw/auc")] == [3, 6]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
 
     # a best.pt written after the last.pt (killed in between) holds the higher value: kept
     best = load_file(run / "checkpoints" / "best.pt")
@@ -156,6 +162,27 @@ def test_resume_keeps_the_best_so_far(data, tmp_path, monkeypatch):
     torch.save(best, run / "checkpoints" / "best.pt")
     again = Trainer(load_config(None, _overrides(data, run, *keep, "train.resume=auto")))
     assert again.state.best_value == first["best_value"] + 0.5
+
+
+def test_resumed_run_replaces_the_killed_runs_later_tensorboard_events(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(None, _overrides(data, run)))
+    step = trainer.train_step
+
+    def die_after_step_four(*args):  # step 4 is logged, the checkpoint is still at step 3
+        if trainer.state.step == 4:
+            raise SystemExit("killed")
+        return step(*args)
+
+    trainer.train_step = die_after_step_four
+    with pytest.raises(SystemExit):
+        trainer.fit()
+    train(load_config(None, _overrides(data, run, "train.resume=auto")))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
 
 
 def _ddp_val_worker(rank, world, port, data, out):

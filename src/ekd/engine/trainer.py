@@ -262,7 +262,7 @@ class Trainer:
         signal.signal(signal.SIGINT, self._on_sigint)
         try:
             scalars = open_tensorboard(cfg.train.tensorboard, self.run_dir / "tensorboard", main,
-                                       purge_step=self.state.step or None)
+                                       purge_step=self.state.step + 1 if self.state.step else None)
             with MetricsLog(self.run_dir / "metrics.jsonl", enabled=main, scalars=scalars) as metrics:
                 while self.state.epoch < cfg.train.epochs and not self._stop_requested:
                     last = self._run_epoch(metrics)
