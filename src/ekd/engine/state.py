@@ -2,8 +2,9 @@
 
 ``checkpoints/last.pt`` holds the student, head, optimiser, scheduler, grad scaler, distiller
 buffers, the epoch, the batch within the epoch (after Ctrl-C), the step, the skipped-step
-count, every RNG state and the best validation value so far (``val.keep_best``). Writes are atomic (see :mod:`ekd.engine.checkpoint`); only rank 0
-writes under DDP. ``model.pt`` holds the model and head only.
+count, every RNG state and the best validation value so far (``val.keep_best``). Writes are
+atomic (see :mod:`ekd.engine.checkpoint`); only rank 0 writes under DDP. ``model.pt`` holds the
+model and head only.
 """
 
 from __future__ import annotations
