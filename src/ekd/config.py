@@ -138,6 +138,8 @@ class TrainConfig:
     max_bad_steps: int = 5
     # Resume from a checkpoint ("auto" = output_dir/checkpoints/last.pt when it exists).
     resume: str | None = None
+    # Scalars under output_dir/tensorboard/ (null = when the tensorboard package is installed).
+    tensorboard: bool | None = None
 
 
 @dataclass
@@ -152,6 +154,32 @@ class EvalConfig:
 
 
 @dataclass
+class ValSetConfig:
+    """One validation set; ``val.sets`` entries are these mappings or a bare path string."""
+
+    path: str = ""
+    name: str | None = None  # metric prefix; default: the file or folder name without suffix
+    kind: str | None = None  # "bin" | "pairs" | "folder"; default: .bin file, folder, else pair list
+    root: str | None = None  # pairs: folder of the list's relative paths (default: the list's)
+    color: str = "rgb"  # bin: channel order fed to the model ("rgb" | "bgr")
+
+
+@dataclass
+class ValConfig:
+    """Verification during training (docs/training.md): every ``every_steps`` steps and at every
+    epoch end; metrics ``<set>/<acc|auc|tpr@F>``; ``keep_best`` names one of them for best.pt."""
+
+    sets: list = field(default_factory=list)  # paths or ValSetConfig mappings
+    every_steps: int | None = None
+    keep_best: str | None = None  # e.g. "lfw/tpr@1e-4", "cfp_fp/acc"
+    fprs: list[float] = field(default_factory=lambda: [1e-3, 1e-4])
+    batch_size: int = 128
+    max_per_identity: int | None = 10  # folder sets: first N images of each identity
+    # Images whose size differs from data.input_size: an error, or resized bilinearly (true).
+    resize: bool = False
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -162,6 +190,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    val: ValConfig = field(default_factory=ValConfig)
 
 
 _CHOICES = {
@@ -273,6 +302,7 @@ def validate(cfg: Config) -> None:
         "sampler.samples_per_identity": cfg.sampler.samples_per_identity,
         "train.epochs": cfg.train.epochs,
         "eval.batch_size": cfg.eval.batch_size,
+        "val.batch_size": cfg.val.batch_size,
         "train.log_every": cfg.train.log_every,
         "data.preload_max_gb": cfg.data.preload_max_gb,
     }

@@ -14,7 +14,9 @@ on the device (:mod:`ekd.data.resident`); ``data_wait`` in ``metrics.jsonl`` is 
 the step time spent waiting for them (rank 0).
 
 A run directory holds ``config.yaml``, ``metrics.jsonl``, ``checkpoints/last.pt`` (written
-atomically every epoch and on Ctrl-C, with everything needed to resume exactly) and ``model.pt``.
+atomically every epoch and on Ctrl-C, with everything needed to resume exactly) and ``model.pt``;
+with a ``val`` section also validation rows and ``checkpoints/best.pt``
+(:mod:`ekd.engine.validation`), with TensorBoard ``tensorboard/`` (:mod:`ekd.engine.tensorboard_log`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from ekd.engine.distill_inputs import build_distillers, distiller_extras, teache
 from ekd.engine.optim import build_optimizer, build_scheduler
 from ekd.engine.state import MetricsLog, TrainState, load_training_state, save_training_checkpoint
 from ekd.engine.teacher import build_teacher
+from ekd.engine.tensorboard_log import open_tensorboard
+from ekd.engine.validation import build_validator, format_values
 from ekd.errors import ConfigError, EkdError
 from ekd.heads import PartialFC, build_head
 from ekd.heads.partial_fc import gather_global_batch, init_rows
@@ -72,6 +76,7 @@ class Trainer:
         seed_everything(tc.seed)  # identical initial weights on every rank
         self.run_dir = Path(tc.output_dir)
         self.dataset = build_train_set(cfg)
+        self.validator = build_validator(cfg, self.dist, device)  # every val set checked and read now
         sc = cfg.sampler
         self.sampler = BalancedBatchSampler(self.dataset.labels, sc.random_size, sc.identities_per_batch,
                                             sc.samples_per_identity, seed=tc.seed, rank=self.dist.rank,
@@ -136,6 +141,8 @@ class Trainer:
             resume = str(candidate) if candidate.is_file() else None
         if resume:
             load_training_state(self, resume)
+            if self.validator is not None:
+                self.validator.restore_best(self.state, self.run_dir)
 
     # -- one step -------------------------------------------------------------------------
     def _mirror(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +259,9 @@ class Trainer:
         previous = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGINT, self._on_sigint)
         try:
-            with MetricsLog(self.run_dir / "metrics.jsonl", enabled=main) as metrics:
+            scalars = open_tensorboard(cfg.train.tensorboard, self.run_dir / "tensorboard", main,
+                                       purge_step=self.state.step + 1 if self.state.step else None)
+            with MetricsLog(self.run_dir / "metrics.jsonl", enabled=main, scalars=scalars) as metrics:
                 while self.state.epoch < cfg.train.epochs and not self._stop_requested:
                     last = self._run_epoch(metrics)
                     if not self._stop_requested:
@@ -310,19 +319,23 @@ class Trainer:
                     metrics.write({"epoch": st.epoch, "step": st.step, "lr": lr, "images_per_s": rate,
                                    "data_wait": waited / max(spent, 1e-9), **terms})
                     waited = spent = 0.0
-            tick = time.perf_counter()  # logging above is left out of both times
+                if self.validator is not None and self.validator.due(st.step):
+                    t0 += self.validator.validate(self, metrics).seconds  # not training time (img/s)
+            tick = time.perf_counter()  # logging and validation are left out of both times
             if self._stop_requested:
                 break
         summary = {k: D.all_reduce_mean(v / max(steps, 1), self.dist, self.device) for k, v in sums.items()}
         elapsed = time.perf_counter() - t0
         data_wait = epoch_waited / max(epoch_spent, 1e-9)
+        val = (self.validator.validate(self, metrics).values
+               if self.validator is not None and not self._stop_requested else {})
         metrics.write({"epoch": st.epoch, "step": st.step, "epoch_end": not self._stop_requested,
                        "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9),
                        "data_wait": data_wait, "skipped_steps": st.skipped, **summary})
         if self.dist.is_main:
-            log.info("epoch %d/%d  %s  (%.0f img/s, data_wait=%.3f)", st.epoch + 1, cfg.train.epochs,
+            log.info("epoch %d/%d  %s  (%.0f img/s, data_wait=%.3f)%s", st.epoch + 1, cfg.train.epochs,
                      "  ".join(f"{k}={v:.4f}" for k, v in summary.items()), seen / max(elapsed, 1e-9),
-                     data_wait)
+                     data_wait, f"  val: {format_values(val)}" if val else "")
         if not all(math.isfinite(v) for v in summary.values()):
             raise EkdError(f"non-finite epoch mean loss at epoch {st.epoch + 1}: {summary}")
         return summary
