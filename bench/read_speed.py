@@ -1,6 +1,6 @@
 """Read + decode speed: InsightFace RecordIO (``.rec``/``.idx``) vs the image-folder dataset.
 
-Packs an identity folder with ``ekd.data.recordio.pack_folder`` (images stored byte for byte)
+Packs an identity folder with ``ekd.data.rec_folder.pack_folder`` (images stored byte for byte)
 and times ``dataset[i]`` (read, decode to RGB, convert to a normalised tensor) over the same
 images in file order and in a random order, single process. The folder is the real faces'
 ``train/`` beside the repository (``../shared/data/faces/train``, first ``--identities``
@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from ekd.data import ImageFolderDataset
-from ekd.data.recordio import RecordDataset, pack_folder
+from ekd.data.rec_folder import pack_folder
+from ekd.data.record_dataset import RecordDataset
 
 REPO = Path(__file__).resolve().parents[1]
 FACES = REPO.parent / "shared" / "data" / "faces"

@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 
 from ekd.data.recordio import _LEN_MASK, MAGIC, RecordIOReader, unpack
 from ekd.data.robust import CorruptSampleWarning, SkipCorrupt, check_on_corrupt
-from ekd.data.transforms import COLOURS, decode_pil, random_flip, to_tensor
+from ekd.data.shared_arrays import SharedArrays
+from ekd.data.transforms import COLOURS, decode_pil, normalize, random_flip, to_uint8
 from ekd.errors import DataError
 
 __all__ = ["RecordDataset"]
@@ -21,7 +22,7 @@ __all__ = ["RecordDataset"]
 _MAX_LABEL = 1 << 24  # float32 labels are exact integers below 2**24
 
 
-class RecordDataset(SkipCorrupt, Dataset):
+class RecordDataset(SharedArrays, SkipCorrupt, Dataset):
     """An InsightFace ``.rec`` as a dataset; items ``(image, label, index)`` like
     :class:`~ekd.data.folder.ImageFolderDataset`.
 
@@ -36,7 +37,13 @@ class RecordDataset(SkipCorrupt, Dataset):
     the original label). ``on_corrupt="skip"`` (default) leaves out records whose header cannot
     be read at construction (keys in :attr:`dropped`, one warning) and replaces undecodable
     images while iterating (see :mod:`ekd.data.robust`); ``"error"`` raises instead.
+
+    ``read_uint8(i)`` is the decoded image resized to ``input_size`` (``uint8 [3, H, W]``,
+    never mirrored); ``dataset[i][0]`` is exactly its normalisation. Pickling (DataLoader
+    workers) sends the path and shared-memory handles only; each process maps the file itself.
     """
+
+    _shared = ("image_keys", "labels")
 
     def __init__(self, path: str | os.PathLike[str], input_size: int = 112, train: bool = False,
                  color: str = "rgb", generator: torch.Generator | None = None,
@@ -103,6 +110,7 @@ class RecordDataset(SkipCorrupt, Dataset):
                 raise DataError(f"{prop}: expected 'num_classes,height,width'") from None
         self._num_classes = max(declared, int(self.labels.max()) + 1)
         self._init_skip(on_corrupt)
+        self._share_arrays()
 
     def _read_labels(self, strict: bool, block: int = 1 << 20) -> tuple[np.ndarray, list]:
         """Image labels, parsed from the mapped file in blocks with numpy (fast path: magic,
@@ -164,10 +172,15 @@ class RecordDataset(SkipCorrupt, Dataset):
         """Decoded ``uint8 [H, W, 3]`` image of item ``index`` in the dataset's colour order."""
         return np.asarray(self.pil_image(index))
 
+    def read_uint8(self, index: int) -> torch.Tensor:
+        """``uint8 [3, input_size, input_size]`` of item ``index`` before normalisation (an
+        unreadable item is replaced as in ``__getitem__``, by ``on_corrupt``)."""
+        return to_uint8(self._fetch(index)[1], self.input_size)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         flip = self.train and random_flip(self.generator)
         index, img = self._fetch(index)
-        return to_tensor(img, self.input_size, flip=flip), int(self.labels[index]), index
+        return normalize(to_uint8(img, self.input_size), flip).contiguous(), int(self.labels[index]), index
 
     _load = pil_image
 

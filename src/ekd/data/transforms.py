@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ekd.errors import DataError
 
-__all__ = ["COLOURS", "decode_image", "decode_pil", "load_image", "to_tensor", "random_flip",
+__all__ = ["COLOURS", "decode_image", "decode_pil", "load_image", "normalize", "to_tensor", "to_uint8", "random_flip",
            "denormalize"]
 
 #: Channel orders accepted by the decoders (``bgr`` swaps R and B after decoding).
@@ -83,21 +83,27 @@ def random_flip(generator: torch.Generator | None = None) -> bool:
     return bool(torch.rand((), generator=generator).item() < 0.5)
 
 
-def to_tensor(img: Image.Image, input_size: int, flip: bool = False) -> torch.Tensor:
-    """Convert an RGB image to a normalised float tensor of shape ``[3, input_size, input_size]``.
-
-    The image is resized (bilinear) only when its size differs from ``input_size``; ``flip``
-    mirrors it horizontally. Values are mapped to ``[-1, 1]``.
-    """
+def to_uint8(img: Image.Image, input_size: int) -> torch.Tensor:
+    """An RGB image resized (bilinear, only when its size differs) to ``input_size`` as a
+    ``uint8 [3, input_size, input_size]`` tensor: the decoded sample before normalisation."""
     if img.mode != "RGB":
         img = img.convert("RGB")
     if img.size != (input_size, input_size):
         img = img.resize((input_size, input_size), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.float32)
-    if flip:
-        arr = arr[:, ::-1]
-    arr = (arr - 127.5) / 127.5
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
+
+
+def normalize(images: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """``uint8 [..., 3, H, W]`` -> float32 ``(x - 127.5) / 127.5`` in ``[-1, 1]`` (InsightFace);
+    ``flip`` mirrors horizontally."""
+    out = (images.float() - 127.5) / 127.5
+    return out.flip(-1) if flip else out
+
+
+def to_tensor(img: Image.Image, input_size: int, flip: bool = False) -> torch.Tensor:
+    """Convert an RGB image to a normalised float tensor of shape ``[3, input_size, input_size]``:
+    :func:`normalize` of :func:`to_uint8` (``flip`` mirrors it horizontally)."""
+    return normalize(to_uint8(img, input_size), flip).contiguous()
 
 
 def denormalize(tensor: torch.Tensor) -> np.ndarray:
