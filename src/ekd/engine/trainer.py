@@ -38,7 +38,7 @@ from ekd.engine.build import build_train_set, resolve_device, seed_everything
 from ekd.engine.distill_inputs import build_distillers, distiller_extras, teacher_centers_for
 from ekd.engine.optim import build_optimizer, build_scheduler
 from ekd.engine.state import MetricsLog, TrainState, load_training_state, save_training_checkpoint
-from ekd.engine.teacher import build_teacher
+from ekd.engine.teacher_kinds import build_teacher
 from ekd.errors import ConfigError, EkdError
 from ekd.heads import PartialFC, build_head
 from ekd.heads.partial_fc import gather_global_batch, init_rows
