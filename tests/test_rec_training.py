@@ -262,11 +262,12 @@ def test_two_process_cache_equals_one_process_and_resume_equals_straight_run(rec
         # interrupted after 2 of 6 chunks, then the same command resumes it
         ds = RecordDataset(rec, input_size=SIZE)
         net, name = embedder_from_file(teacher_file, "mobilefacenet", SIZE, torch.device("cpu"))
-        calls = []
-        counted = lambda x: (calls.append(len(x)), net(x))[1]  # noqa: E731
-        build_cache(counted, ds, tmp_path / "resumed", file_fingerprint(teacher_file), name, batch_size=4,
-                    chunk_batches=1, progress=False, stop_after_chunks=2)
-        assert calls == [1, 4, 4, 4, 4]  # a probe, then 2 chunks of one batch and its mirror
+        for folder in ("resumed", "marked"):
+            calls = []
+            counted = lambda x: (calls.append(len(x)), net(x))[1]  # noqa: E731
+            build_cache(counted, ds, tmp_path / folder, file_fingerprint(teacher_file), name, batch_size=4,
+                        chunk_batches=1, progress=False, stop_after_chunks=2)
+            assert calls == [1, 4, 4, 4, 4]  # a probe, then 2 chunks of one batch and its mirror
         assert np.fromfile(tmp_path / "resumed" / DONE_FILE, np.uint8).tolist() == [1, 1, 0, 0, 0, 0]
         with pytest.raises(CheckpointError, match="unfinished .* run the same command again"):
             TeacherCache(tmp_path / "resumed")
@@ -275,6 +276,14 @@ def test_two_process_cache_equals_one_process_and_resume_equals_straight_run(rec
         assert "resuming an unfinished cache" in caplog.text
         assert not (tmp_path / "resumed" / DONE_FILE).exists()
         assert _cache_bytes(tmp_path / "resumed") == _cache_bytes(tmp_path / "one")
+        # chunks done before the interrupt are not embedded again: a mark in chunk 0 survives
+        norms = np.memmap(tmp_path / "marked" / "norms.f32", np.float32, "r+", shape=(24, 2))
+        norms[:4] = 7.0
+        norms.flush()
+        assert _cache_cli(rec, tmp_path / "marked", teacher_file) == 0
+        marked = TeacherCache(tmp_path / "marked")
+        assert (marked.norms[:4] == 7.0).all()
+        assert np.array_equal(marked.norms[4:], TeacherCache(tmp_path / "one").norms[4:])
     finally:
         torch.set_num_threads(threads)
     mp.spawn(_cache_worker, args=(2, _free_port(), rec, teacher_file, tmp_path / "two"), nprocs=2, join=True)
@@ -291,7 +300,7 @@ def _train_worker(rank, world, port, rec, out):
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     try:
-        trainer = Trainer(load_config(None, _overrides(rec, out / "run", "data.num_workers=1")))
+        trainer = Trainer(load_config(None, _overrides(rec, out / "run")))
         images, labels, indices = next(iter(trainer.loader))
         trainer.train_step(images, labels, indices, torch.zeros(len(labels), dtype=torch.bool))
         torch.save({"images": images, "labels": labels, "indices": indices}, out / f"batch{rank}.pt")
