@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ekd.errors import EkdError
+from ekd.errors import EkdError, user_message
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except EkdError as exc:
-        print(f"ekd {args.command}: error: {exc}", file=sys.stderr)
+        print(f"ekd {args.command}: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ekd {args.command}: interrupted", file=sys.stderr)

@@ -133,7 +133,8 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("folder", help="folder/<identity>/<image>")
     q.add_argument("out", help="output .rec path, prefix or folder (train.rec inside)")
     q.set_defaults(func=_cmd_pack)
-    q = sub.add_parser("unpack", help=".rec -> identity folder OUT/<label>/<key>.jpg (bytes as stored)")
+    q = sub.add_parser("unpack", help=".rec -> identity folder OUT/<label>/<key>.jpg "
+                       "(image bytes as stored)")
     q.add_argument("rec", help=".rec path, prefix or folder holding train.rec")
     q.add_argument("out", help="output folder (created; must be empty)")
     q.add_argument("--on-corrupt", choices=("skip", "error"), default="skip",

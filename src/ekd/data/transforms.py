@@ -18,8 +18,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ekd.errors import DataError
 
-__all__ = ["COLOURS", "decode_image", "decode_pil", "load_image", "normalize", "to_tensor", "to_uint8", "random_flip",
-           "denormalize"]
+__all__ = ["COLOURS", "decode_image", "decode_pil", "load_image", "normalize", "to_tensor", "to_uint8",
+           "random_flip", "denormalize"]
 
 #: Channel orders accepted by the decoders (``bgr`` swaps R and B after decoding).
 COLOURS = ("rgb", "bgr")

@@ -52,9 +52,9 @@ def cache_for_data(data: str | Path, input_size: int, out: str | Path, teacher: 
         if dev.type == "cuda" and info.enabled:
             dev = torch.device("cuda", info.local_rank)
         net, name = embedder_from_file(teacher, backbone, input_size, dev)  # type: ignore[arg-type]
-        return build_cache(net, dataset, out, file_fingerprint(teacher), name, batch_size, dev,  # type: ignore[arg-type]
-                           progress=progress, chunk_batches=chunk_batches, num_workers=num_workers,
-                           dist=info)
+        fp = file_fingerprint(teacher)  # type: ignore[arg-type]
+        return build_cache(net, dataset, out, fp, name, batch_size, dev, progress=progress,
+                           chunk_batches=chunk_batches, num_workers=num_workers, dist=info)
     finally:
         if started:
             D.shutdown()

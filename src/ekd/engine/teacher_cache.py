@@ -279,12 +279,13 @@ def build_cache(teacher: Callable[[torch.Tensor], torch.Tensor], dataset, out: s
     return folder
 
 
-def _embed_chunks(teacher, dataset, folder: Path, chunks: list[int], rows: int, batch_size: int,  # noqa: ANN001
-                  d: int, device, num_workers: int, progress: bool) -> None:  # noqa: ANN001
+def _embed_chunks(teacher, dataset, folder: Path, chunks: list[int], rows: int,  # noqa: ANN001
+                  batch_size: int, d: int, device, num_workers: int, progress: bool) -> None:  # noqa: ANN001
     """Embed ``chunks`` (lists of ``rows`` consecutive samples) and write each into the files."""
     n = len(dataset)
     spans = [(c, c * rows, min(n, (c + 1) * rows)) for c in chunks]
-    batches = [list(range(b, min(b + batch_size, hi))) for _, lo, hi in spans for b in range(lo, hi, batch_size)]
+    batches = [list(range(b, min(b + batch_size, hi)))
+               for _, lo, hi in spans for b in range(lo, hi, batch_size)]
     loader = iter(DataLoader(dataset, batch_sampler=batches, num_workers=num_workers))
     fds = [os.open(folder / name, os.O_RDWR) for name in (EMB_FILE, NORM_FILE, DONE_FILE)]
     try:
