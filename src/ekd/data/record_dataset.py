@@ -43,7 +43,7 @@ class RecordDataset(SharedArrays, SkipCorrupt, Dataset):
     workers) sends the path and shared-memory handles only; each process maps the file itself.
     """
 
-    _shared = ("image_keys", "labels")
+    _shared = ("image_keys", "labels", "_ranges")
 
     def __init__(self, path: str | os.PathLike[str], input_size: int = 112, train: bool = False,
                  color: str = "rgb", generator: torch.Generator | None = None,
@@ -54,7 +54,7 @@ class RecordDataset(SharedArrays, SkipCorrupt, Dataset):
         self.reader = rd = RecordIOReader(path)
         self.input_size, self.train, self.color, self.generator = int(input_size), train, color, generator
         self.header0: tuple[int, int] | None = None
-        self.identity_ranges: dict[int, tuple[int, int]] = {}
+        ranges: list[tuple[int, int, int]] = []
         self.dropped: list[int] = []
         first = rd.read_header(0) if rd.offset(0) is not None else None
         if first is not None and first.flag >= 2:
@@ -74,7 +74,7 @@ class RecordDataset(SharedArrays, SkipCorrupt, Dataset):
                     if on_corrupt == "error":
                         raise
                     continue  # informational only; training does not use the ranges
-                self.identity_ranges[k] = (int(h.label[0]), int(h.label[1]))
+                ranges.append((k, int(h.label[0]), int(h.label[1])))
         else:
             self.image_keys = rd.keys.copy()
         if self.image_keys.size == 0:
@@ -109,6 +109,7 @@ class RecordDataset(SharedArrays, SkipCorrupt, Dataset):
             except (ValueError, UnicodeDecodeError):
                 raise DataError(f"{prop}: expected 'num_classes,height,width'") from None
         self._num_classes = max(declared, int(self.labels.max()) + 1)
+        self._ranges = np.asarray(ranges, dtype=np.int64).reshape(-1, 3)  # key, start, end
         self._init_skip(on_corrupt)
         self._share_arrays()
 
@@ -153,6 +154,11 @@ class RecordDataset(SharedArrays, SkipCorrupt, Dataset):
             what = "negative identity label" if value < 0 else "impossible label"
             raise DataError(f"{rd.path}: record {key} (byte offset {offset}) has {what} {value}")
         return int(value)
+
+    @property
+    def identity_ranges(self) -> dict[int, tuple[int, int]]:
+        """Identity record key -> ``[start, end)`` image key range (header record 0 sets)."""
+        return {int(k): (int(a), int(b)) for k, a, b in self._ranges.tolist()}
 
     @property
     def num_classes(self) -> int:
