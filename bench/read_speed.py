@@ -1,7 +1,7 @@
 """Data speed: RecordIO vs image folder vs a preloaded set, and the data-wait share of training.
 
 Three measurements on the real faces' ``train/`` (``--faces``, first ``--identities``
-identities, packed into a ``.rec`` with ``ekd.data.recordio.pack_folder``, images byte for byte):
+identities, packed into a ``.rec`` with ``ekd.data.rec_folder.pack_folder``, images byte for byte):
 
 1. ``dataset[i]`` (read, decode, normalised tensor), single process, file and random order.
 2. Images/s through the training loader exactly as the trainer builds it
@@ -34,7 +34,8 @@ from PIL import Image
 
 from ekd.config import load_config
 from ekd.data import ImageFolderDataset
-from ekd.data.recordio import RecordDataset, pack_folder
+from ekd.data.rec_folder import pack_folder
+from ekd.data.record_dataset import RecordDataset
 from ekd.data.resident import ResidentBatches
 from ekd.data.sampler import BalancedBatchSampler
 from ekd.data.transforms import mirror_batch

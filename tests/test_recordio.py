@@ -15,15 +15,9 @@ from PIL import Image
 
 from ekd.cli import main
 from ekd.data import ImageFolderDataset
-from ekd.data.recordio import (
-    IRHeader,
-    RecordDataset,
-    RecordIOReader,
-    encode_record,
-    pack,
-    pack_folder,
-    unpack,
-)
+from ekd.data.rec_folder import pack_folder
+from ekd.data.record_dataset import RecordDataset
+from ekd.data.recordio import IRHeader, RecordIOReader, encode_record, pack, unpack
 from ekd.cli_data import recordio_info
 from ekd.errors import DataError
 

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ekd.errors import EkdError
+from ekd.errors import EkdError, user_message
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -81,13 +81,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_teacher_cache(args: argparse.Namespace) -> int:
-    from ekd.engine.teacher_cache import cache_for_folder
+    from ekd.engine.distributed import env_info
+    from ekd.engine.make_teacher_cache import cache_for_data
+    from ekd.engine.teacher_cache import TeacherCache
 
-    out = cache_for_folder(args.data, args.input_size, args.out, teacher=args.teacher,
-                           backbone=args.backbone, from_npz=args.from_npz,
-                           batch_size=args.batch_size, device=args.device)
-    print(f"teacher cache written to {out}; train with --set teacher.kind=cache "
-          f"--set teacher.path={out}")
+    out = cache_for_data(args.data, args.input_size, args.out, teacher=args.teacher,
+                         backbone=args.backbone, from_npz=args.from_npz, batch_size=args.batch_size,
+                         device=args.device, data_kind=args.data_kind, num_workers=args.num_workers,
+                         chunk_batches=args.chunk_batches, on_corrupt=args.on_corrupt)
+    if env_info().is_main:
+        TeacherCache(out)  # complete and readable
+        print(f"teacher cache written to {out}; train with --set teacher.kind=cache "
+              f"--set teacher.path={out}")
     return 0
 
 
@@ -134,15 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write roc_<set>.png per set into --out (needs matplotlib)")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("teacher-cache", help="run a teacher once over an identity folder and store "
-                       "its embeddings (original + mirrored) for training without the teacher")
-    p.add_argument("--data", required=True, help="identity folder (root/<identity>/<image>)")
+    p = sub.add_parser("teacher-cache", help="run a teacher once over a training set and store "
+                       "its embeddings (original + mirrored) for training without the teacher; "
+                       "under torchrun each rank embeds its share; a rerun resumes an interrupted one")
+    p.add_argument("--data", required=True,
+                   help="identity folder (root/<identity>/<image>) or InsightFace .rec (with .idx)")
+    p.add_argument("--data-kind", choices=("auto", "folder", "rec"), default="auto",
+                   help="auto (default): rec for a .rec/.idx or a folder holding train.rec")
     p.add_argument("--input-size", type=int, default=112)
     p.add_argument("--out", required=True, help="cache folder to write")
     p.add_argument("--teacher", help="ekd checkpoint, arcface_torch backbone.pth or .onnx model")
     p.add_argument("--backbone", help="architecture of a bare state_dict, e.g. iresnet50")
     p.add_argument("--from-npz", help="import precomputed embeddings (arrays paths, emb, emb_flip)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--chunk-batches", type=int, default=64,
+                   help="batches per resumable chunk (default 64)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
+    p.add_argument("--on-corrupt", choices=("skip", "error"), default="skip",
+                   help="unreadable images: replaced as in training (default) or an error")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_teacher_cache)
 
@@ -168,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except EkdError as exc:
-        print(f"ekd {args.command}: error: {exc}", file=sys.stderr)
+        print(f"ekd {args.command}: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ekd {args.command}: interrupted", file=sys.stderr)

@@ -34,9 +34,11 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    """Training data: an identity folder (``root/<identity>/<image>``) or the synthetic set."""
+    """Training data of kind ``kind`` (:mod:`ekd.data.kinds`): an identity folder
+    (``root/<identity>/<image>``), an InsightFace ``.rec`` (``root`` = the file, its prefix or
+    a folder holding ``train.rec``) or the synthetic set."""
 
-    kind: str = "synthetic"  # "folder" | "synthetic"
+    kind: str = "synthetic"  # "folder" | "rec" | "synthetic"
     root: str | None = None
     input_size: int = 112
     num_workers: int = 0
@@ -194,7 +196,7 @@ class Config:
 
 
 _CHOICES = {
-    "data.kind": ("folder", "synthetic"),
+    "data.kind": ("folder", "rec", "synthetic"),  # = ekd.data.kinds.DATASET_KINDS (tested)
     "data.on_corrupt": ("skip", "error"),
     "head.kind": ("arcface", "cosface"),
     "teacher.kind": ("none", "checkpoint", "onnx", "cache"),
@@ -326,8 +328,8 @@ def validate(cfg: Config) -> None:
     if cfg.train.ce_on == "random" and cfg.sampler.random_size == 0:
         raise ConfigError("train.ce_on is 'random' but sampler.random_size is 0: "
                           "set train.ce_on=all or a positive random_size")
-    if cfg.data.kind == "folder" and not cfg.data.root:
-        raise ConfigError("data.root is required when data.kind is 'folder'")
+    if cfg.data.kind in ("folder", "rec") and not cfg.data.root:
+        raise ConfigError(f"data.root is required when data.kind is '{cfg.data.kind}'")
     if cfg.teacher.kind != "none" and not cfg.teacher.path:
         raise ConfigError(f"teacher.path is required when teacher.kind is '{cfg.teacher.kind}'")
     if not 0 < cfg.head.sample_rate <= 1:

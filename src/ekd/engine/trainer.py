@@ -42,7 +42,7 @@ from ekd.engine.build import build_train_loader, build_train_set, resolve_device
 from ekd.engine.distill_inputs import build_distillers, distiller_extras, teacher_centers_for
 from ekd.engine.optim import build_optimizer, build_scheduler
 from ekd.engine.state import MetricsLog, TrainState, load_training_state, save_training_checkpoint
-from ekd.engine.teacher import build_teacher
+from ekd.engine.teacher_kinds import build_teacher
 from ekd.engine.tensorboard_log import open_tensorboard
 from ekd.engine.validation import build_validator, format_values
 from ekd.errors import ConfigError, EkdError
