@@ -26,8 +26,8 @@ DIM, CLASSES, SCALE = 16, 10, 16.0
 # --------------------------------------------------------------------------- parity
 
 @pytest.fixture(scope="module")
-def vectors(shared_dir):
-    return dict(np.load(shared_dir / "testvectors" / "distill_reference.npz"))
+def vectors(testvectors):
+    return dict(np.load(testvectors / "distill_reference.npz"))
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:

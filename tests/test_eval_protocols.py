@@ -171,18 +171,14 @@ def test_cap_per_identity() -> None:
 # --------------------------------------------------------------------------- real faces (LFW)
 
 
-def _lfw(shared_dir: Path) -> tuple[Path, np.ndarray, np.ndarray]:
-    faces = shared_dir / "data" / "faces"
-    npz = faces / "teacher_dlib_r29" / "lfw.npz"
-    if not npz.is_file():
-        pytest.skip(f"{npz} not present")
-    data = np.load(npz)
+def _lfw(faces: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    data = np.load(faces / "teacher_dlib_r29" / "lfw.npz")
     emb = l2_normalize(data["emb"] + data["emb_flip"])
     return faces / "lfw", np.asarray(data["paths"]).astype(str), emb
 
 
-def test_lfw_view2_teacher_accuracy(shared_dir: Path) -> None:
-    lfw, paths, emb = _lfw(shared_dir)
+def test_lfw_view2_teacher_accuracy(lfw_faces: Path) -> None:
+    lfw, paths, emb = _lfw(lfw_faces)
     pairs = read_lfw_pairs(lfw / "pairs.txt", lfw / "images")
     assert len(pairs) == 6000
     index = {p: i for i, p in enumerate(paths)}
@@ -197,8 +193,8 @@ def test_lfw_view2_teacher_accuracy(shared_dir: Path) -> None:
     assert r["accuracy_std"] == pytest.approx(0.004099, abs=1e-6)
 
 
-def test_lfw_all_pairs_teacher_tpr(shared_dir: Path) -> None:
-    _, paths, emb = _lfw(shared_dir)
+def test_lfw_all_pairs_teacher_tpr(lfw_faces: Path) -> None:
+    _, paths, emb = _lfw(lfw_faces)
     identities = np.array([Path(p).parent.name for p in paths])
     keep = cap_per_identity(list(paths), identities, 10)
     scores, same = all_pairs_scores(emb[keep], identities[keep])
