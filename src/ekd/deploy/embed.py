@@ -66,13 +66,15 @@ class _Images(Dataset):
         return preprocess(img, self.size, self.mean, self.std, self.order), img.size
 
 
-def _bar_width() -> int | None:
-    """None (tqdm measures the terminal) unless the terminal reports 0 columns, as a fresh
-    pseudo-terminal does: then 80, or tqdm would draw an empty bar."""
+def _bar_size() -> dict[str, int]:
+    """``{}`` (tqdm measures the terminal) unless the terminal reports a zero size, as a fresh
+    pseudo-terminal (some CI runners, ``script``) does: then 80x24, or tqdm draws nothing."""
     try:
-        return None if os.get_terminal_size(sys.stderr.fileno()).columns else 80
+        size = os.get_terminal_size(sys.stderr.fileno())
     except (OSError, ValueError, AttributeError):
-        return None
+        return {}
+    return {} if size.columns and size.lines else {"ncols": size.columns or 80,
+                                                    "nrows": size.lines or 24}
 
 
 def _collate(items: list[tuple[np.ndarray, tuple[int, int]]]) -> tuple[np.ndarray, list]:
@@ -137,7 +139,7 @@ class EmbeddingModel(ABC):
         disable = (None if len(paths) > batch_size else True) if progress is None else not progress
         out, sizes = [], []
         with tqdm(total=len(paths), desc="embedding", unit="img", disable=disable,
-                  leave=False, ncols=_bar_width()) as bar:
+                  leave=False, **_bar_size()) as bar:
             for batch, batch_sizes in loader:
                 out.append(self.embed_batch(batch, flip))
                 sizes.extend(batch_sizes)
