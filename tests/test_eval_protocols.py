@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -200,10 +199,7 @@ def test_lfw_all_pairs_teacher_tpr(lfw_faces: Path) -> None:
     scores, same = all_pairs_scores(emb[keep], identities[keep])
     assert scores.size == 20_604_990
     assert int(same.sum()) == 14_508
-    start = time.perf_counter()
-    tpr = tpr_at_fpr(scores, same, (1e-3, 1e-4, 1e-5))
-    elapsed = time.perf_counter() - start
+    tpr = tpr_at_fpr(scores, same, (1e-3, 1e-4, 1e-5))  # its speed: bench/eval_speed.py
     assert tpr[1e-3] == pytest.approx(0.9289, abs=5e-5)
     assert tpr[1e-4] == pytest.approx(0.7831, abs=5e-5)
     assert tpr[1e-5] == pytest.approx(0.5351, abs=5e-5)
-    assert elapsed < 10.0
