@@ -94,6 +94,16 @@ def test_unwritable_output_files_fail_first(name, capsys):
     assert "cannot create the folder /proc/forbidden" in err
 
 
+@pytest.mark.parametrize("where", ["file", FORBIDDEN])
+def test_train_output_dir_checked_before_training(tmp_path, capsys, monkeypatch, where):
+    monkeypatch.setattr("ekd.engine.trainer.train", lambda cfg: pytest.fail("training started"))
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {kind: synthetic, input_size: 32}\n")
+    out = str(config) if where == "file" else FORBIDDEN
+    assert main(["train", str(config), "--set", f"train.output_dir={out}"]) == 2
+    _one_line_error(capsys, "train", f"train.output_dir {out}: ")
+
+
 def test_eval_checks_every_input_before_embedding(tmp_path, capsys):
     model = tmp_path / "model.pt"
     model.write_bytes(b"not read: the missing .bin is found first")

@@ -18,6 +18,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ekd.engine.trainer import train
 
     cfg = load_config(args.config, args.set)
+    prepare_output_dir(cfg.train.output_dir, "train.output_dir")
     result = train(cfg)
     print(f"run directory: {result.run_dir}\nmodel: {result.model_path}")
     return 0
