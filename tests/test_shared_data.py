@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEFAULT_SHARED, FACES_NEEDS, TESTVECTORS, need_faces
+from conftest import FACES_NEEDS, TESTVECTORS, need_faces, shared_root
 
 VECTOR_FILES = ["arcface_torch_forward.npz", "arcface_torch_state_dict_keys.json",
                 "distill_reference.npz"]
@@ -26,7 +26,7 @@ def test_reference_vectors_are_in_the_repository():
 
 
 def test_reference_vectors_match_the_shared_copy():
-    shared = DEFAULT_SHARED / "testvectors"
+    shared = shared_root() / "testvectors"
     if not shared.is_dir():
         pytest.skip(f"no shared copy at {shared} to compare with")
     assert {n: _sha(TESTVECTORS / n) for n in VECTOR_FILES} == \
