@@ -88,8 +88,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_teacher_cache(args: argparse.Namespace) -> int:
     from ekd.engine.teacher_cache import cache_for_folder
 
-    out = cache_for_folder(args.data, args.input_size, prepare_output_dir(args.out), teacher=args.teacher,
-                           backbone=args.backbone, from_npz=args.from_npz,
+    out = cache_for_folder(args.data, args.input_size, prepare_output_dir(args.out),
+                           teacher=args.teacher, backbone=args.backbone, from_npz=args.from_npz,
                            batch_size=args.batch_size, device=args.device)
     print(f"teacher cache written to {out}; train with --set teacher.kind=cache "
           f"--set teacher.path={out}")

@@ -253,8 +253,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree: dict = dict(base or {})
     if path is not None:
         tree.update(read_yaml(path))
-    parsed = parse_overrides(overrides or [])
-    for key, value in parsed:
+    for key, value in parse_overrides(overrides or []):
         _set_path(tree, key, value)
     cfg = from_dict(Config, tree)
     if path is not None and "data" not in tree:

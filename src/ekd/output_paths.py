@@ -36,7 +36,8 @@ def prepare_output_dir(path: str | os.PathLike[str], option: str = "--out") -> P
 
 
 def prepare_output_file(path: str | os.PathLike[str], option: str) -> Path:
-    """Check that the file ``path`` can be written: not a folder, its folder creatable and writable."""
+    """Check that the file ``path`` can be written: not a folder; its folder creatable and
+    writable."""
     out = Path(path)
     if out.is_dir():
         raise EkdError(f"{option} {out}: is a folder; give a file name")

@@ -138,8 +138,8 @@ def stats_table(rows: list[ModelStats]) -> str:
     head += [f"CPU ms @ batch {b}" + (" (per image)" if b > 1 else "") for b in batches]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.backbone or r.name, r.file or "-", f"{r.input_size}x{r.input_size}", f"{r.parameters / 1e6:.2f}",
-                 f"{r.macs / 1e9:.3f}", str(r.embedding_size)]
+        cells = [r.backbone or r.name, r.file or "-", f"{r.input_size}x{r.input_size}",
+                 f"{r.parameters / 1e6:.2f}", f"{r.macs / 1e9:.3f}", str(r.embedding_size)]
         for b in batches:
             ms = r.latency_ms.get(b)
             cells.append("n/a" if ms is None else

@@ -49,7 +49,8 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
 
 
 def sniff_file(path: Path) -> str | None:
-    """What a file that cannot be a PyTorch checkpoint is ("a text file", ...); None when it may be one."""
+    """What a file that cannot be a PyTorch checkpoint is ("a text file", ...); None when it
+    may be one (a torch.save zip archive or a binary pickle)."""
     with open(path, "rb") as fh:
         head = fh.read(512)
     if not head:
@@ -62,8 +63,8 @@ def sniff_file(path: Path) -> str | None:
             return None  # a cut-short torch.save file: torch.load names the damage
         return None if any(n.endswith("data.pkl") for n in names) else \
             "a zip archive without a PyTorch checkpoint inside"
-    if head[:1] == b"\x80" or head.startswith((b"(", b"}", b"]")):
-        return None  # a pickle: legacy torch.save or plain pickle, judged by the safe loader
+    if head[:1] == b"\x80":
+        return None  # a binary pickle: legacy torch.save or plain pickle, judged by the safe loader
     text = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
     if text >= 0.95 * len(head):
         return "a text file"
