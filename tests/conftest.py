@@ -46,6 +46,15 @@ def testvectors() -> Path:
     return TESTVECTORS
 
 
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The whole shared data folder (prefer the fixtures below, which name the part needed)."""
+    root = shared_root()
+    if not root.is_dir():
+        pytest.skip(f"needs the shared data folder at {root} (missing)")
+    return root
+
+
 @pytest.fixture
 def shared_faces() -> Path:
     """The real-face folder with every part the tests use (KD-table tests)."""
