@@ -75,10 +75,13 @@ def bin_info(path: str | os.PathLike[str]) -> dict:
 
 def _cmd_pack(args: argparse.Namespace) -> int:
     from ekd.data.rec_folder import pack_folder
+    from ekd.data.recordio import rec_paths
+    from ekd.output_paths import prepare_output_file
 
     out = Path(args.out)
     if out.is_dir() or str(args.out).endswith(("/", "\\")):
         out = out / "train.rec"
+    prepare_output_file(rec_paths(out)[0], "OUT")
     print(json.dumps(pack_folder(args.folder, out), indent=1))
     return 0
 
@@ -106,7 +109,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_make_bin(args: argparse.Namespace) -> int:
     from ekd.data.verification_bin import make_bin
+    from ekd.output_paths import prepare_output_file
 
+    prepare_output_file(args.out, "OUT")
     print(json.dumps(make_bin(args.pairs, args.out, args.root), indent=1))
     return 0
 
@@ -121,15 +126,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``data`` with its ``check``, ``pack``, ``unpack``, ``info`` and ``make-bin`` subcommands."""
-    p = subparsers.add_parser("data", help="check identity folders; pack / inspect InsightFace .rec and .bin files")
-    sub = p.add_subparsers(dest="data_command", required=True)
-    q = sub.add_parser("check", help="unreadable images, empty identities and duplicate files "
-                       "in an identity folder")
+    p = subparsers.add_parser("data", help="check identity folders; pack/unpack/inspect .rec and .bin",
+                              description="Check identity folders; pack, unpack and inspect "
+                              "InsightFace .rec and .bin files.")
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="COMMAND",
+                           title="commands")
+    q = sub.add_parser("check", help="unreadable, empty and duplicate files in a folder")
     q.add_argument("folder", help="folder/<identity>/<image>")
     q.add_argument("--no-decode", action="store_true", help="hash only (faster)")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.set_defaults(func=_cmd_check)
-    q = sub.add_parser("pack", help="identity folder -> .rec/.idx/property (InsightFace layout)")
+    q = sub.add_parser("pack", help="identity folder -> InsightFace .rec/.idx/property")
     q.add_argument("folder", help="folder/<identity>/<image>")
     q.add_argument("out", help="output .rec path, prefix or folder (train.rec inside)")
     q.set_defaults(func=_cmd_pack)

@@ -221,6 +221,10 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
         where = ".".join(parts[:depth + 1])
         if isinstance(node, list):
             index = int(part) if part.isdecimal() and len(part) < 10 else len(node)
+            if not node:
+                raise ConfigError(f"--set {dotted}: the list {'.'.join(parts[:depth])} is empty; "
+                                  "add its entries in the YAML file (or --set "
+                                  f"{'.'.join(parts[:depth])}=[...])")
             if index >= len(node):
                 raise ConfigError(f"--set {dotted}: {where} is not an index of a list of {len(node)}")
             if last:
@@ -232,6 +236,9 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
             raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth])} is not a section")
         if last:
             node[part] = value
+        elif node.get(part) is None and parts[depth + 1].isdecimal():
+            raise ConfigError(f"--set {dotted}: the list {where} is empty; add its entries in the "
+                              f"YAML file (or --set {where}=[...])")
         else:
             node = node.setdefault(part, {})
 
@@ -268,7 +275,8 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: cannot read the config file: {exc}") from None
     data = _safe_yaml(text, f"{path}: invalid YAML")
     if data is None:
-        return {}
+        raise ConfigError(f"{path}: the file is empty (no settings); start from a file in "
+                          "configs/, e.g. configs/ekd_synthetic.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections ({_valid_keys(Config)})")
     return data
@@ -283,6 +291,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, value in parse_overrides(overrides or []):
         _set_path(tree, key, value)
     cfg = from_dict(Config, tree)
+    if path is not None and "data" not in tree:
+        raise ConfigError(f"{path}: no 'data' section, so nothing says what to train on; add "
+                          "data: {kind: synthetic} (ekd's synthetic faces) or data: {kind: folder, "
+                          "root: FOLDER, input_size: 112}")
     validate(cfg)
     return cfg
 

@@ -80,6 +80,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto") -> dict:
     teacher_cfg.train.ce_on = "all"  # the teacher learns from every sample of the batch
     log.info("training the teacher (IResNet-18, %d epochs)", plan.teacher_epochs)
     teacher = train(teacher_cfg)
+    log.info("teacher saved to %s", teacher.model_path)
 
     plain_cfg = demo_config(plan, out, "student_nokd", "mobilefacenet", plan.student_epochs, device)
     log.info("training the student without distillation (MobileFaceNet, %d epochs)", plan.student_epochs)

@@ -278,7 +278,7 @@ class Trainer:
             log.warning("stopped at epoch %d step %d; resume with --set train.resume=auto",
                         self.state.epoch + 1, self.state.step)
         else:
-            log.info("finished %d epochs in %.1f s; student saved to %s", cfg.train.epochs, seconds, model_path)
+            log.info("finished %d epochs in %.1f s; model saved to %s", cfg.train.epochs, seconds, model_path)
         return TrainResult(self.run_dir, model_path, seconds, last, self._stop_requested)
 
     def _run_epoch(self, metrics: MetricsLog) -> dict:
