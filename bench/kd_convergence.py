@@ -118,7 +118,8 @@ def report(sweep: Sweep, out: Path) -> Path:
              "|---|---|---|---|---|---|---|---|"]
     for (s, e, seed), r in sorted(runs.items()):
         m = r["metrics"]
-        tprs = " | ".join("n/a" if m[k] is None else f"{m[k]:.4f}" for k in ("lfw_tpr@1e-3", "lfw_tpr@1e-4", "lfw_tpr@1e-5"))
+        keys = ("lfw_tpr@1e-3", "lfw_tpr@1e-4", "lfw_tpr@1e-5")
+        tprs = " | ".join("n/a" if m[k] is None else f"{m[k]:.4f}" for k in keys)
         lines.append(f"| {s} | {e} | {seed} | {m['lfw_acc']:.4f} | {tprs} | "
                      f"{(r['train_seconds'] + r['eval_seconds']) / 60:.1f} |")
     lines += ["", "| size | E → 2E | Δ LFW acc | Δ TPR@1e-3 (relative) | seed spread TPR@1e-3 | converged at E |",

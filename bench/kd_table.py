@@ -219,6 +219,22 @@ class Table:
         return any(c.teacher == "T1" and c.method != "no KD" and self.store.load(self.cell_name(c)) is None
                    for c in self.plan())
 
+    def commit_cached(self) -> list[str]:
+        """Commit cells finished in the cache before the store existed (v1 ``result.json``): the
+        record gets the cell's hash and portable config, no bootstrap samples (no tail was kept)
+        and ``migrated_from_cache``. Returns the names written."""
+        written = []
+        for cell in self.plan():
+            name, file = self.cell_name(cell), self.cell_dir(cell) / "result.json"
+            if self.store.load(name) is None and file.is_file():
+                r = json.loads(file.read_text())
+                record = {"width": cell.width, **r, "name": name, "hash": name.rsplit("-", 1)[1],
+                          "profile": self.profile.name, "config": self.portable(self.config_tree(cell)),
+                          "git_commit": r.get("git_commit", "unknown"), "migrated_from_cache": True}
+                self.store.write(name, record, None)
+                written.append(name)
+        return written
+
     def write_cell(self, cell_dir: Path, spec: dict) -> None:
         cell_dir.mkdir(parents=True, exist_ok=True)
         (cell_dir / "cell.json").write_text(json.dumps(spec, indent=1))
@@ -252,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         run_cell(args.run_cell)
         return 0
     profile = smoke(PROFILES[args.profile]) if args.smoke else PROFILES[args.profile]
+    if args.smoke:  # never next to the committed results
+        args.results, args.out = args.cache / "smoke-results", args.cache / "smoke-report"
     table = Table(profile, args.faces, args.cache, args.results)
     wall = 0.0
     if not args.report_only:
@@ -259,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"real faces not found at {args.faces} (see --faces): nothing to run")
             return 0
         table.prepare()
+        for name in table.commit_cached():
+            print(f"committed {name} from the cache (no bootstrap samples)")
         if args.only is not None:
             table = LimitedTable(table, args.only)
         wall = run_all(table, args.jobs or profile.jobs, args.budget)

@@ -205,12 +205,13 @@ def markdown(table, runs: list[dict], teachers: dict, missing: list[str], wall: 
                 f"{100 * by[params[w]]:+.1f}%" if params[w] in by else "–" for w in p.students) + " |")
         lines += ["", f"![capacity](kd_table_{p.name}_capacity.png)", ""]
     compute = sum(r["train_seconds"] + r["eval_seconds"] + r.get("bootstrap_seconds", 0.0) for r in runs)
+    dirty = _git("status", "--porcelain", "--", "src", "bench", "configs")
     lines += ["## How these numbers were made", "",
               f"- Command: `{' '.join(c for c in command if c != '--report-only')}`"
               + (" (this report rewritten with `--report-only`)" if "--report-only" in command else ""),
               f"- Built from the committed cell files in `bench/results/kd_table/{p.name}/`.",
               f"- Git commit: `{_git('rev-parse', 'HEAD')}`"
-              + (" (with uncommitted changes)" if _git("status", "--porcelain", "--", "src", "bench", "configs") else ""),
+              + (" (with uncommitted changes)" if dirty else ""),
               f"- Environment: `{json.dumps(environment())}`",
               f"- Compute: {compute / 3600:.2f} h of cell time (training + evaluation + bootstrap, summed "
               f"over {len(runs)} runs, {p.jobs} at a time × {p.threads} thread(s)); this invocation's wall "

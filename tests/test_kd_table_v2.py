@@ -91,6 +91,20 @@ def test_committed_cells_are_results_and_are_skipped(tmp_path):
     np.testing.assert_allclose(table.store.load_boot(name)["samples"].shape, (1000, 3))
 
 
+def test_cache_results_of_v1_are_committed_with_hash_and_portable_config(tmp_path):
+    table = _table(tmp_path, K.CPU)
+    cell = K.Cell("T2", "sp", 0)
+    d = table.cell_dir(cell)
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps({"teacher": "T2", "method": "sp", "seed": 0, "metrics": {},
+                                               "train_seconds": 1.0, "eval_seconds": 1.0}))
+    assert table.commit_cached() == [table.cell_name(cell)]
+    record = table.store.load(table.cell_name(cell))
+    assert record["migrated_from_cache"] and record["hash"] == "04d43649856a"
+    assert record["config"]["data"]["root"] == "<faces>/train"
+    assert table.commit_cached() == []
+
+
 def test_real_difference_needs_every_seed_on_one_side():
     up, zero, down = np.array([[0.01, 0.03]]), np.array([[-0.01, 0.02]]), np.array([[-0.03, -0.01]])
     assert S.verdict([up, up, up]) == ["+"]
