@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds: start no cell after it, interrupt running ones at it (they resume)")
     ap.add_argument("--smoke", action="store_true", help="tiny steps on CPU, own results folder")
     ap.add_argument("--only", type=int, default=None, help="run at most this many pending cells")
+    ap.add_argument("--match", default="", help="run only pending cells whose name contains this")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report")
     ap.add_argument("--run-cell", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -279,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         table.prepare()
         for name in table.commit_cached():
             print(f"committed {name} from the cache (no bootstrap samples)")
-        if args.only is not None:
-            table = LimitedTable(table, args.only)
+        if args.only is not None or args.match:
+            table = LimitedTable(table, args.only, args.match)
         wall = run_all(table, args.jobs or profile.jobs, args.budget)
     from kd_table_report import write_report
 
@@ -290,17 +291,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class LimitedTable:
-    """A :class:`Table` whose ``pending`` stops after the first ``n`` cells it handed out."""
+    """A :class:`Table` whose ``pending`` hands out only cells whose name contains ``match`` (and
+    T1, which they may need), at most ``n`` of them."""
 
-    def __init__(self, table: Table, n: int) -> None:
-        self._table, self._n = table, n
+    def __init__(self, table: Table, n: int | None, match: str = "") -> None:
+        self._table, self._n, self._match = table, n if n is not None else 1 << 30, match
         self._given: set[str] = set()
 
     def __getattr__(self, name: str):  # noqa: ANN204
         return getattr(self._table, name)
 
     def pending(self) -> list[tuple[str, Path, dict]]:
-        jobs = self._table.pending()
+        jobs = [j for j in self._table.pending() if self._match in j[0] or j[0].startswith("T1-teacher")]
         if len(self._given) >= self._n:
             return [j for j in jobs if j[0] in self._given]
         for j in jobs[: self._n - len(self._given)]:
