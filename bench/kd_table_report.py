@@ -93,6 +93,13 @@ def _cell(mean: float, std: float | None) -> str:
     return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (no machine paths in reports)."""
+    repo = Path(__file__).resolve().parents[1]
+    path = Path(path).resolve()
+    return str(path.relative_to(repo)) if path.is_relative_to(repo) else f"<results>/{path.name}"
+
+
 def _student_label(width: float, params: int) -> str:
     name = "MobileFaceNet" if width == 1.0 else f"MobileFaceNet ×{width:g} width"
     return f"{name} ({params / 1e6:.2f} M parameters)"
@@ -209,7 +216,7 @@ def markdown(table, runs: list[dict], teachers: dict, missing: list[str], wall: 
     lines += ["## How these numbers were made", "",
               f"- Command: `{' '.join(c for c in command if c != '--report-only')}`"
               + (" (this report rewritten with `--report-only`)" if "--report-only" in command else ""),
-              f"- Built from the committed cell files in `bench/results/kd_table/{p.name}/`.",
+              f"- Built from the committed cell files in `{_shown(table.store.root)}/`.",
               f"- Git commit: `{_git('rev-parse', 'HEAD')}`"
               + (" (with uncommitted changes)" if dirty else ""),
               f"- Environment: `{json.dumps(environment())}`",
