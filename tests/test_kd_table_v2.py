@@ -159,3 +159,16 @@ def test_convergence_criterion_and_report(tmp_path):
         _table(tmp_path).cell_name(K.Cell("T2", "no KD", 0)))
     text = C.report(sweep, tmp_path / "out").read_text()
     assert "0 of 4 cells committed" in text and "(incomplete)" in text
+
+
+def test_smoke_profile_and_limited_table(tmp_path):
+    tiny = K.smoke(K.GPU)
+    assert (tiny.device, tiny.input_size, tiny.epochs, tiny.steps_per_epoch, tiny.t1["epochs"]) == ("cpu", 32, 1, 2, 1)
+    table = _table(tmp_path, tiny)
+    assert [p[0] for p in table.pending()] == [table.t1_name()]  # T1 trains first
+    limited = K.LimitedTable(table, 1, match="ekd__ours")
+    assert [p[0] for p in limited.pending()] == [table.t1_name()]  # T1 passes any match
+    half = K.LimitedTable(_table(tmp_path, K.CPU2), 2, match="w0.5-")
+    names = [p[0] for p in half.pending()]
+    assert len(names) == 2 and all("-w0.5-" in n for n in names)
+    assert [p[0] for p in half.pending()] == names  # the same two, not the next ones
