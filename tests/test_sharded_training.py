@@ -1,0 +1,109 @@
+"""Through the trainer: gradient clipping (``optim.clip_grad_norm``), the classifier-based
+distillers under Partial FC (class-sharded teacher centres, sampled negatives) and the refusal
+of class-based methods without shard support."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ekd.config import load_config
+from ekd.data import generate_identity_folder
+from ekd.distill import Distiller
+from ekd.engine.checkpoint import load_file
+from ekd.engine.distill_inputs import check_sharding
+from ekd.engine.trainer import Trainer
+from ekd.errors import ConfigError
+from test_zoo_training import EMB, IDS, SIZE, _teacher, _tiny
+
+ZOO = Path(__file__).resolve().parents[1] / "configs" / "zoo"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shard_faces") / "train"
+    generate_identity_folder(root, num_identities=IDS, images_per_identity=6, image_size=SIZE, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return _teacher(tmp_path_factory.mktemp("shard_teacher") / "teacher.pt")
+
+
+def _step(trainer: Trainer) -> dict:
+    images, labels, indices = next(iter(trainer.loader))
+    return trainer.train_step(images, labels, indices, torch.zeros(len(labels), dtype=torch.bool))
+
+
+def _grad_norm(trainer: Trainer) -> float:
+    grads = [p.grad for g in trainer.optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads)))
+
+
+@pytest.mark.parametrize("extra", [[], ["head.sample_rate=0.5"]], ids=["full_head", "partial_fc"])
+def test_clip_grad_norm_bounds_the_norm_of_all_gradients(folder, teacher, tmp_path, extra):
+    base = _tiny(folder, teacher, tmp_path / "a") + ["distill=[{name: cosine}]"] + extra
+    free = Trainer(load_config(None, base))
+    _step(free)
+    unclipped = _grad_norm(free)
+    limit = unclipped / 4
+    clipped = Trainer(load_config(None, base + [f"optim.clip_grad_norm={limit}"]))
+    assert _step(clipped) is not None
+    assert _grad_norm(clipped) == pytest.approx(limit, rel=1e-4)  # scaled down to the limit
+    loose = Trainer(load_config(None, base + [f"optim.clip_grad_norm={10 * unclipped}"]))
+    _step(loose)
+    assert _grad_norm(loose) == pytest.approx(unclipped, rel=1e-5)  # below the limit: untouched
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "true"])
+def test_clip_grad_norm_must_be_positive(folder, teacher, tmp_path, value):
+    with pytest.raises(ConfigError, match="optim.clip_grad_norm"):
+        load_config(None, _tiny(folder, teacher, tmp_path) + [f"optim.clip_grad_norm={value}"])
+
+
+def test_adadistill_zoo_configs_clip_at_5_like_the_authors():
+    for name in ("adadistill", "ekd_adadistill"):
+        assert load_config(ZOO / f"{name}.yaml").optim.clip_grad_norm == 5.0
+    assert load_config(ZOO / "kd.yaml").optim.clip_grad_norm is None  # off by default
+
+
+@pytest.mark.parametrize("name", ["kd", "proxylesskd", "margin_distill", "adadistill"])
+def test_classifier_methods_train_under_partial_fc(name, folder, teacher, tmp_path):
+    cfg = load_config(None, _tiny(folder, teacher, tmp_path / "s")
+                      + [f"distill=[{{name: {name}}}]", "head.sample_rate=0.5"])
+    trainer = Trainer(cfg)  # formerly refused for kd and proxylesskd
+    assert trainer.partial_fc and trainer.class_shard is not None
+    assert trainer.class_shard.num_sample == IDS // 2
+    if trainer.teacher_centers is not None:
+        assert trainer.teacher_centers.shape == (trainer.class_shard.size, EMB)
+    terms = _step(trainer)
+    assert terms is not None and name in terms and all(torch.isfinite(torch.tensor(v)) for v in terms.values())
+    if name == "adadistill":
+        result = trainer.fit()
+        ckpt = load_file(result.run_dir / "checkpoints" / "last.pt")
+        assert ckpt["distillers"]["0.centres"].shape == (IDS, EMB)
+        resumed = Trainer(load_config(None, _tiny(folder, teacher, tmp_path / "s")
+                                      + [f"distill=[{{name: {name}}}]", "train.resume=auto"]))
+        assert torch.equal(resumed.distillers[0].centres, ckpt["distillers"]["0.centres"])
+
+
+class _NeedsLogits(Distiller):
+    name = "needs_logits"
+    requires = frozenset({"student_logits"})
+
+
+def test_class_based_method_without_shard_support_is_refused_under_partial_fc():
+    with pytest.raises(ConfigError, match="needs_logits need the student's full classifier.*class_shard"):
+        check_sharding(nn.ModuleList([_NeedsLogits()]))
