@@ -87,8 +87,11 @@ def run(rank: int, world: int, names: list[str]) -> dict:
         if hasattr(distiller, "full_centres"):
             state["centres"] = distiller.full_centres()
         res["state"] = state
-        res["sharded"] = bool(world > 1 and sharded(distiller))
-        res["class_based"] = bool(distiller.requires & CLASS_EXTRAS)
+        res["sharded"] = bool(world > 1 and (sharded(distiller)
+                                             or getattr(distiller, "class_shard", None) is not None))
+        res["class_based"] = bool(distiller.requires & CLASS_EXTRAS) or hasattr(distiller, "class_shard")
+        if hasattr(distiller, "centres"):  # rows held by this rank
+            res["rows_held"] = int(distiller.centres.shape[0])
         out[name] = res
     return out
 

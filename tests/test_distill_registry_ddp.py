@@ -57,6 +57,8 @@ def test_two_processes_equal_one_process_on_the_global_batch(results, name):
     # class-based methods really ran sharded (the trainer's multi-process path)
     if ranks[0][name]["class_based"]:
         assert ranks[0][name]["sharded"], f"{name} has no class_shard support"
+    if "rows_held" in ref:  # class centres held by the distiller: each rank only its shard
+        assert sum(res[name]["rows_held"] for res in ranks) == ref["rows_held"] == W.CLASSES
 
 
 def test_the_comparison_detects_a_distiller_that_updates_twice(results):

@@ -99,6 +99,46 @@ def test_classifier_methods_train_under_partial_fc(name, folder, teacher, tmp_pa
         assert torch.equal(resumed.distillers[0].centres, ckpt["distillers"]["0.centres"])
 
 
+def _clip_worker(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from ekd.engine.optim import clip_grad_norm
+    from ekd.heads.sharded_ce import shard_range
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    rep, full = _clip_grads()
+    start, end = shard_range(full.shape[0], rank, world)
+    shard = nn.Parameter(torch.zeros(end - start, full.shape[1]))
+    shard.grad = full.grad[start:end].clone()
+    norm = clip_grad_norm([rep], [shard], 1.0, distributed=True)
+    torch.save({"norm": norm, "rep": rep.grad, "shard": shard.grad}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def _clip_grads() -> tuple[nn.Parameter, nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    rep, full = nn.Parameter(torch.zeros(4, 3)), nn.Parameter(torch.zeros(7, 3))
+    rep.grad, full.grad = torch.randn(4, 3, generator=gen), torch.randn(7, 3, generator=gen)
+    return rep, full
+
+
+def test_clipping_with_partial_fc_shards_on_2_processes_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from ekd.engine.optim import clip_grad_norm
+
+    mp.start_processes(_clip_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "r")), nprocs=2,
+                       start_method="fork")
+    ranks = [torch.load(tmp_path / f"r.{r}", weights_only=True) for r in range(2)]
+    rep, full = _clip_grads()
+    want_norm = clip_grad_norm([rep, full], [], 1.0)
+    assert want_norm > 1.0  # the clip is active
+    for r in ranks:
+        torch.testing.assert_close(r["norm"], want_norm)
+        torch.testing.assert_close(r["rep"], rep.grad)
+    torch.testing.assert_close(torch.cat([r["shard"] for r in ranks]), full.grad)
+
+
 class _NeedsLogits(Distiller):
     name = "needs_logits"
     requires = frozenset({"student_logits"})
