@@ -19,6 +19,7 @@ import math
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,8 +59,8 @@ def measure(classes: int, world: int, rate: float, batch: int, use_shard: bool) 
     shard = None
     if use_shard:
         if world > 1:
-            dist.init_process_group("gloo", init_method=f"file://{RESULTS}/.store_{time.time_ns()}",
-                                    rank=0, world_size=1)
+            store = Path(tempfile.mkdtemp()) / "store"
+            dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
         shard = ClassShard(classes, 0, world, rate)  # rank 0 of `world`; collectives: 1 process
     t0 = time.perf_counter()
     d = AdaDistillLoss(num_classes=classes, teacher_dim=D, class_shard=shard)

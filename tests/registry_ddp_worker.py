@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from ekd.distill import CLASS_EXTRAS, DISTILLERS, build_distiller, distiller_params
 from ekd.engine import distributed as D
-from ekd.engine.distill_inputs import distiller_extras, sharded
+from ekd.engine.distill_inputs import check_sharding, distiller_extras, sharded
+from ekd.errors import ConfigError
 from ekd.heads import ArcFace, PartialFC
 from ekd.heads.partial_fc import gather_global_batch, init_rows
 
@@ -62,6 +63,12 @@ def run(rank: int, world: int, names: list[str]) -> dict:
                 head.weight.copy_(init_rows(0, CLASSES, CLASSES, DIM, 0))
         shard = head.shard if world > 1 else None
         distiller = build(name, shard if world > 1 else None)
+        if world > 1:
+            try:
+                check_sharding(torch.nn.ModuleList([distiller]))  # as the trainer does
+            except ConfigError as exc:
+                out[name] = {"refused": str(exc)}
+                continue
         n = BATCH // world
         res: dict = {"loss": [], "emb_grad": [], "param_grad": [], "head_grad": []}
         for step in range(STEPS):

@@ -6,6 +6,9 @@ distillers see the *global* batch (student embeddings all-gathered differentiabl
 :mod:`ekd.engine.distributed`) with the frozen teacher's embeddings, plus the extras they
 ``requires``. Methods that train the student on another classifier (``replaces_ce``) drop the
 margin cross-entropy. The total loss is the sum of all named terms, each logged separately.
+Under Partial FC the classifier-based distillers get this rank's class shard (same range as the
+head's) and complete their softmax across ranks; ``optim.clip_grad_norm`` clips the gradient
+norm over all trained parameters after unscaling.
 
 Images are mirrored here (per sample, p=0.5, torch RNG seeded per rank) rather than in the
 dataset, so the mirror flags are known: an embedding cache returns the matching teacher
@@ -33,6 +36,7 @@ from tqdm import tqdm
 
 from ekd.config import Config, save_config
 from ekd.data.sampler import BalancedBatchSampler
+from ekd.distill import CLASS_EXTRAS
 from ekd.engine import distributed as D
 from ekd.engine.build import build_train_set, resolve_device, seed_everything
 from ekd.engine.distill_inputs import (build_distillers, check_sharding, distiller_extras, sharded,
@@ -40,7 +44,6 @@ from ekd.engine.distill_inputs import (build_distillers, check_sharding, distill
 from ekd.engine.optim import build_optimizer, build_scheduler, clip_grad_norm
 from ekd.engine.state import MetricsLog, TrainState, load_training_state, save_training_checkpoint
 from ekd.engine.teacher import build_teacher
-from ekd.distill import CLASS_EXTRAS
 from ekd.errors import EkdError
 from ekd.heads import PartialFC, build_head
 from ekd.heads.partial_fc import gather_global_batch, init_rows
@@ -117,6 +120,7 @@ class Trainer:
             check_sharding(self.distillers)
             if centers is not None and all(sharded(d) for d in self.distillers if d.requires & CLASS_EXTRAS):
                 centers = self.class_shard.rows(centers).clone()  # this rank's rows only
+                self.teacher.head_state = None  # type: ignore[union-attr]  # frees the full matrix
         self.teacher_centers = centers.to(device) if centers is not None else None
         self.ce_replaced = any(getattr(d, "replaces_ce", False) for d in self.distillers)
         steps_per_epoch = len(self.sampler)
