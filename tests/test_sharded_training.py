@@ -147,3 +147,74 @@ class _NeedsLogits(Distiller):
 def test_class_based_method_without_shard_support_is_refused_under_partial_fc():
     with pytest.raises(ConfigError, match="needs_logits need the student's full classifier.*class_shard"):
         check_sharding(nn.ModuleList([_NeedsLogits()]))
+
+
+# --------------------------------------------------------------------------- trainer, 2 Gloo processes
+
+SHARDED_DISTILL = ("distill=[{name: kd}, {name: proxylesskd, params: {replace_ce: false}}, "
+                   "{name: margin_distill, params: {replace_ce: false, scale: 16.0}}, "
+                   "{name: adadistill, params: {replace_ce: false, scale: 16.0}}]")
+
+
+def _overrides(folder: Path, teacher: Path, out: Path) -> list[str]:
+    return _tiny(folder, teacher, out) + [SHARDED_DISTILL, "train.ce_on=all", "optim.lr=0.01",
+                                          "optim.clip_grad_norm=1.0", "head.scale=16.0"]
+
+
+def _fixed_batch(trainer: Trainer, rank: int, world: int) -> tuple:
+    """8 images of 4 identities; BatchNorm calibrated on all 8 and frozen (as in test_scale)."""
+    g = torch.Generator().manual_seed(7)
+    images = torch.randn(8, 3, SIZE, SIZE, generator=g)
+    for m in trainer.student.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    trainer.student.train()
+    with torch.no_grad():
+        trainer.student(images)
+    trainer.student.eval()
+    labels = torch.tensor([0, 0, 5, 5, 7, 7, 11, 11])  # classes on both ranks' shards
+    per = 8 // world
+    sl = slice(rank * per, (rank + 1) * per)
+    return images[sl], labels[sl], torch.arange(8)[sl], torch.zeros(per, dtype=torch.bool)
+
+
+def _trainer_worker(rank: int, world: int, port: int, folder: Path, teacher: Path, out: Path) -> None:
+    import os
+
+    from ekd.engine import distributed as D
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(load_config(None, _overrides(folder, teacher, out / f"r{rank}")))
+        assert trainer.class_shard is not None and trainer.class_shard.size == IDS // world
+        terms = trainer.train_step(*_fixed_batch(trainer, rank, world))
+        torch.save({"terms": terms, "model": {k: v.detach() for k, v in trainer.student.named_parameters()},
+                    "centres": trainer.distillers[3].full_centres()}, out / f"rank{rank}.pt")
+    finally:
+        D.shutdown()
+
+
+def test_trainer_step_with_sharded_distillers_on_2_processes_equals_one_process(folder, teacher, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    single = Trainer(load_config(None, _overrides(folder, teacher, tmp_path / "single")))
+    assert single.class_shard is None  # one process, sample rate 1: the unsharded path
+    want = single.train_step(*_fixed_batch(single, 0, 1))
+    expected = {k: v.detach() for k, v in single.student.named_parameters()}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_trainer_worker, args=(2, port, folder, teacher, tmp_path), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["terms"].keys() == want.keys() >= {"ce", "kd", "proxylesskd", "margin_distill", "adadistill"}
+        for k in want:
+            assert got["terms"][k] == pytest.approx(want[k], rel=1e-4, abs=1e-5), (rank, k)
+        diff = max(float((got["model"][k] - expected[k]).abs().max()) for k in expected)
+        assert diff < 1e-5, (rank, diff)
+        torch.testing.assert_close(got["centres"], single.distillers[3].centres, rtol=1e-5, atol=1e-6)
