@@ -141,12 +141,12 @@ def test_extras_are_computed_only_when_required(folder, teacher, tmp_path):
         return distiller_extras(distillers, emb, t_emb, trainer.head, trainer.teacher_centers,
                                 trainer.cfg.sampler.random_size)
 
-    extras = extras_of(trainer.distillers)
-    assert set(extras) == {"student_logits", "teacher_logits"}
-    assert extras["teacher_logits"].shape == (len(labels), IDS)
+    extras = extras_of(trainer.distillers)  # one dict per distiller
+    assert [set(e) for e in extras] == [set(), set(), {"student_logits", "teacher_logits"}]
+    assert extras[2]["teacher_logits"].shape == (len(labels), IDS)
     terms = trainer.compute_terms(images, labels, indices, torch.zeros(len(labels), dtype=torch.bool))
     assert {"ce", "cosine", "cosine_1", "kd"} == set(terms)  # composed, each term named
-    assert extras_of(trainer.distillers[:1]) == {}
+    assert extras_of(trainer.distillers[:1]) == [{}]
 
 
 def test_adadistill_centres_are_checkpointed(folder, teacher, tmp_path):

@@ -121,6 +121,8 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     milestones: list = field(default_factory=list)  # epochs, for the step scheduler
     gamma: float = 0.1
+    # Clip the L2 norm of all gradients to this value (null = off; AdaDistill's recipe: 5).
+    clip_grad_norm: float | None = None
 
 
 @dataclass

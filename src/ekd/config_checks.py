@@ -83,6 +83,10 @@ def _check_optim_train(cfg: Config) -> None:
         raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")
     if o.gamma <= 0:
         raise ConfigError(f"optim.gamma must be > 0, got {o.gamma}")
+    clip = o.clip_grad_norm
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                             or not math.isfinite(clip) or clip <= 0):
+        raise ConfigError(f"optim.clip_grad_norm must be a number > 0 or null (off), got {clip!r}")
     if o.warmup_epochs > t.epochs:
         raise ConfigError(f"optim.warmup_epochs={o.warmup_epochs} exceeds train.epochs={t.epochs}")
     bad = [m for m in o.milestones

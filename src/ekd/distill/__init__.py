@@ -26,11 +26,13 @@ from ekd.distill.sp import SPLoss
 from ekd.distill.triplet_distill import TripletDistillLoss
 from ekd.distill.unified_kd import UnifiedKDLoss
 
-#: Keys a distiller may list in ``requires``; the trainer provides exactly these.
+#: Keys a distiller may list in ``requires`` (or ``optional``); the trainer provides exactly these.
 EXTRAS = frozenset({"teacher_logits", "student_logits", "teacher_centers", "student_head",
-                    "random_size"})
+                    "random_size", "class_shard"})
+#: Extras that depend on the class range a rank holds under sharding.
+CLASS_EXTRAS = frozenset({"teacher_logits", "student_logits", "teacher_centers", "student_head"})
 
-__all__ = ["DISTILLERS", "EXTRAS", "AdaDistillLoss", "CCKDLoss", "CosineLoss", "CoupleFaceLoss",
+__all__ = ["CLASS_EXTRAS", "DISTILLERS", "EXTRAS", "AdaDistillLoss", "CCKDLoss", "CosineLoss", "CoupleFaceLoss",
            "Distiller", "EKDLoss", "FitNetLoss", "GKDLoss", "HardDarkRankLoss", "ICDFaceLoss",
            "KDLoss", "MarginDistillLoss", "ProxylessKDLoss", "RKDLoss", "SPLoss", "ShrinkTeaNetLoss",
            "TripletDistillLoss", "UnifiedKDLoss", "build_distiller", "distiller_params",

@@ -7,7 +7,13 @@ frozen by the trainer; distillers only see its outputs. State that must survive 
 (EMA buffers, learnable regressors) lives in the module's ``state_dict``.
 
 Distillers that need more than embeddings (teacher logits, features, ...) list the keys in
-``requires``; the trainer refuses to start when it cannot provide them.
+``requires``; the trainer refuses to start when it cannot provide them. Keys in ``optional``
+are passed when the trainer has them: ``class_shard`` (a
+:class:`ekd.heads.sharded_ce.ClassShard`) under several processes or Partial FC sampling, when
+``teacher_centers``/``teacher_logits``/``student_logits`` hold only this rank's class range
+and the method completes its softmax across ranks. A class-based distiller without
+``class_shard`` in ``optional`` gets the full teacher centres and is refused when it needs the
+student's (sharded) classifier.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class Distiller(nn.Module):
 
     name: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
+    optional: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()

@@ -5,6 +5,13 @@ teacher against their own class centres, the teacher's class centres, the studen
 and the size of the random part of the batch. Only extras some distiller needs are computed;
 what cannot be provided (e.g. teacher logits for a teacher without classifier) is refused when
 training starts, naming the distiller and the teacher file.
+
+Sharding. Under several processes or ``head.sample_rate < 1`` the student's head is Partial FC
+and the class-based extras are per rank: a :class:`ekd.heads.sharded_ce.ClassShard` (the same
+class range as the rank's Partial FC shard), the teacher's centres of that range, logits against
+that range only. Distillers that list ``class_shard`` in ``optional`` complete their softmax
+across ranks; the others get the full teacher centres and logits and are refused when they need
+the student's classifier (:func:`check_sharding`).
 """
 
 from __future__ import annotations
@@ -14,16 +21,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ekd.config import Config, DistillerConfig
-from ekd.distill import EXTRAS, Distiller, build_distiller, distiller_params
+from ekd.distill import CLASS_EXTRAS, EXTRAS, Distiller, build_distiller, distiller_params
 from ekd.errors import ConfigError
-from ekd.heads import MarginHead
+from ekd.heads import MarginHead, PartialFC
+from ekd.heads.sharded_ce import ClassShard
 
 
-def build_distillers(cfg: Config, teacher_dim: int | None, num_classes: int) -> nn.ModuleList:
-    """Every configured distiller; ``student_dim``/``teacher_dim``/``num_classes`` are filled in
-    when the distiller's ``__init__`` accepts them and the config does not set them."""
+def build_distillers(cfg: Config, teacher_dim: int | None, num_classes: int,
+                      class_shard: ClassShard | None = None) -> nn.ModuleList:
+    """Every configured distiller; ``student_dim``/``teacher_dim``/``num_classes`` (and the
+    rank's ``class_shard`` under sharding) are filled in when the distiller's ``__init__``
+    accepts them and the config does not set them."""
     known = {"student_dim": cfg.model.embedding_size, "teacher_dim": teacher_dim,
-             "num_classes": num_classes}
+             "num_classes": num_classes, "class_shard": class_shard}
 
     def build(d: DistillerConfig) -> Distiller:
         accepted = distiller_params(d.name)
@@ -38,7 +48,7 @@ def teacher_centers_for(distillers: nn.ModuleList, head_state: dict | None, teac
     """The teacher's class centres when some distiller needs its classifier; checks shapes."""
     centers = None
     for d in distillers:
-        unknown = sorted(d.requires - EXTRAS)
+        unknown = sorted((d.requires | d.optional) - EXTRAS)
         if unknown:
             raise ConfigError(f"distiller '{d.name}' requires {', '.join(unknown)}, which the "
                               f"trainer does not provide (it provides {', '.join(sorted(EXTRAS))})")
@@ -60,22 +70,62 @@ def teacher_centers_for(distillers: nn.ModuleList, head_state: dict | None, teac
     return centers
 
 
+def sharded(distiller: Distiller) -> bool:
+    """Whether ``distiller`` takes per-rank class extras (``class_shard`` in ``optional``)."""
+    return "class_shard" in distiller.optional
+
+
+def check_sharding(distillers: nn.ModuleList) -> None:
+    """Refuse distillers that need the student's classifier but cannot work on its shards."""
+    refused = [d.name for d in distillers
+               if d.requires & {"student_head", "student_logits"} and not sharded(d)]
+    if refused:
+        raise ConfigError(f"distiller(s) {', '.join(refused)} need the student's full classifier, "
+                          "which Partial FC (head.sample_rate < 1 or several processes) shards "
+                          "across ranks, and do not support class shards (class_shard); use "
+                          "head.sample_rate=1 on one process")
+
+
 def distiller_extras(distillers: nn.ModuleList, emb: torch.Tensor, teacher_emb: torch.Tensor,
-                     head: MarginHead, teacher_centers: torch.Tensor | None,
-                     random_size: int) -> dict[str, object]:
-    """The extra inputs some distiller requires (and only those)."""
-    needed = set().union(*(d.requires for d in distillers))
-    extras: dict[str, object] = {}
-    if "student_logits" in needed:  # margin-free s * cos against the student's own centres
-        extras["student_logits"] = head.cosine(emb) * head.scale
-    if "teacher_logits" in needed:
-        with torch.no_grad():
-            cos = F.linear(F.normalize(teacher_emb.float()), F.normalize(teacher_centers))
-            extras["teacher_logits"] = cos.clamp(-1, 1) * head.scale
-    if "teacher_centers" in needed:
-        extras["teacher_centers"] = teacher_centers
-    if "student_head" in needed:
-        extras["student_head"] = head
-    if "random_size" in needed:
-        extras["random_size"] = random_size
-    return extras
+                     head: MarginHead | PartialFC, teacher_centers: torch.Tensor | None,
+                     random_size: int, class_shard: ClassShard | None = None
+                     ) -> list[dict[str, object]]:
+    """The extra inputs each distiller requires (and only those), one dict per distiller.
+
+    ``teacher_centers`` are the full ``[C, d]`` centres, or this rank's rows when every
+    class-based distiller supports shards; with ``class_shard`` the distillers that support
+    shards get this rank's rows and per-shard logits, the others the full ones.
+    """
+    cache: dict[tuple[str, bool], object] = {}
+
+    def value(key: str, shard: ClassShard | None) -> object:
+        if (key, shard is not None) in cache:
+            return cache[(key, shard is not None)]
+        centers = teacher_centers  # full [C, d], or already this rank's rows
+        if shard is not None and centers is not None and centers.shape[0] == shard.num_classes:
+            centers = shard.rows(centers)
+        if key == "student_logits":  # margin-free s * cos against the student's own centres
+            out: object = (head.shard_cosine(emb) if shard is not None  # type: ignore[union-attr]
+                           else head.cosine(emb)) * head.scale  # type: ignore[union-attr]
+        elif key == "teacher_logits":
+            with torch.no_grad():
+                cos = F.linear(F.normalize(teacher_emb.float()), F.normalize(centers))
+                out = cos.clamp(-1, 1) * head.scale
+        elif key == "teacher_centers":
+            out = centers
+        elif key == "student_head":
+            out = head
+        elif key == "random_size":
+            out = random_size
+        else:  # class_shard
+            out = shard
+        cache[(key, shard is not None)] = out
+        return out
+
+    per_distiller = []
+    for d in distillers:
+        shard = class_shard if sharded(d) else None
+        keys = set(d.requires) | ({"class_shard"} & d.optional if shard is not None else set())
+        per_distiller.append({k: value(k, shard if k in CLASS_EXTRAS | {"class_shard"} else None)
+                              for k in sorted(keys)})
+    return per_distiller

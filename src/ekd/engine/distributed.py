@@ -76,6 +76,17 @@ def gather_no_grad(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def average_replicated_grads(module: torch.nn.Module, info: DistInfo) -> None:
+    """Average the gradients of a module replicated on every rank (the distillers; DDP does the
+    student's). Each rank computed the same global-batch loss, so the mean is that gradient."""
+    if not info.enabled:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= info.world_size
+
+
 def all_reduce_mean(value: float, info: DistInfo, device: torch.device) -> float:
     """Mean of a Python number over ranks (for logging)."""
     if not info.enabled:

@@ -11,6 +11,7 @@ import math
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -47,3 +48,32 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
                     gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, scheduler, milestones_steps, gamma))
+
+
+@torch.no_grad()
+def clip_grad_norm(replicated: Iterable[nn.Parameter], sharded: Iterable[nn.Parameter],
+                   max_norm: float, distributed: bool = False) -> torch.Tensor:
+    """Scale every gradient by ``min(1, max_norm / ||g||)``, ``||g||`` the L2 norm over all
+    trained parameters (as ``torch.nn.utils.clip_grad_norm_``; AdaDistill's recipe: 5).
+
+    ``replicated`` parameters are the same on every rank (after DDP's averaging); ``sharded``
+    ones (Partial FC's class shards) differ per rank, so their squared norms are summed over
+    ranks: the norm and the scaling equal the single-process ones. A collective when
+    ``distributed``. Returns the norm before clipping (non-finite gradients stay non-finite).
+    """
+    rep = [p.grad for p in replicated if p.grad is not None]
+    shard = [p.grad for p in sharded if p.grad is not None]
+    device = (rep + shard)[0].device if rep + shard else torch.device("cpu")
+    sq_rep = torch.zeros((), dtype=torch.float64, device=device)
+    sq_shard = torch.zeros((), dtype=torch.float64, device=device)
+    for g in rep:
+        sq_rep += g.double().pow(2).sum()
+    for g in shard:
+        sq_shard += g.double().pow(2).sum()
+    if distributed:
+        dist.all_reduce(sq_shard)
+    total = (sq_rep + sq_shard).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in rep + shard:
+        g.mul_(coef.to(g.dtype))
+    return total

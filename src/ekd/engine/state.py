@@ -89,6 +89,7 @@ def save_training_checkpoint(trainer: "Trainer", path: Path, training_state: boo
     """Write model + head (+ the full training state, + ``extra`` entries) atomically; rank 0
     only under DDP."""
     head_state = _full_head_state(trainer)  # a collective under DDP: every rank takes part
+    distiller_state = _full_distiller_state(trainer) if training_state else None  # collective too
     if trainer.dist.is_main:
         cfg = trainer.cfg
         obj = {
@@ -104,7 +105,7 @@ def save_training_checkpoint(trainer: "Trainer", path: Path, training_state: boo
             obj.update({"optimizer": trainer.optimizer.state_dict(),
                         "scheduler": trainer.scheduler.state_dict(),
                         "scaler": trainer.scaler.state_dict(),
-                        "distillers": trainer.distillers.state_dict(),
+                        "distillers": distiller_state,
                         "state": asdict(trainer.state),
                         "world_size": trainer.dist.world_size,
                         "rng": rng_state(),
@@ -148,6 +149,16 @@ def _full_head_state(trainer: "Trainer") -> dict:
     if trainer.partial_fc:
         return {"weight": trainer.head.full_weight().detach().cpu()}
     return trainer.head.state_dict()
+
+
+def _full_distiller_state(trainer: "Trainer") -> dict:
+    """The distillers' state with sharded class centres gathered to the full ``[C, d]``, so a
+    checkpoint resumes under any world size (a collective under sharding)."""
+    state = trainer.distillers.state_dict()
+    for i, d in enumerate(trainer.distillers):
+        if hasattr(d, "full_centres"):
+            state[f"{i}.centres"] = d.full_centres().cpu()
+    return state
 
 
 def _load_head(trainer: "Trainer", state: dict, source: str) -> None:

@@ -6,6 +6,9 @@ distillers see the *global* batch (student embeddings all-gathered differentiabl
 :mod:`ekd.engine.distributed`) with the frozen teacher's embeddings, plus the extras they
 ``requires``. Methods that train the student on another classifier (``replaces_ce``) drop the
 margin cross-entropy. The total loss is the sum of all named terms, each logged separately.
+Under Partial FC the classifier-based distillers get this rank's class shard (same range as the
+head's) and complete their softmax across ranks; ``optim.clip_grad_norm`` clips the gradient
+norm over all trained parameters after unscaling.
 
 Images are mirrored here (per sample, p=0.5, torch RNG seeded per rank) rather than in the
 dataset, so the mirror flags are known: an embedding cache returns the matching teacher
@@ -37,10 +40,12 @@ from tqdm import tqdm
 from ekd.config import Config, save_config
 from ekd.data.sampler import BalancedBatchSampler
 from ekd.data.transforms import mirror_batch
+from ekd.distill import CLASS_EXTRAS
 from ekd.engine import distributed as D
 from ekd.engine.build import build_train_loader, build_train_set, resolve_device, seed_everything
-from ekd.engine.distill_inputs import build_distillers, distiller_extras, teacher_centers_for
-from ekd.engine.optim import build_optimizer, build_scheduler
+from ekd.engine.distill_inputs import (build_distillers, check_sharding, distiller_extras, sharded,
+                                      teacher_centers_for)
+from ekd.engine.optim import build_optimizer, build_scheduler, clip_grad_norm
 from ekd.engine.state import MetricsLog, TrainState, load_training_state, save_training_checkpoint
 from ekd.engine.teacher_kinds import build_teacher
 from ekd.engine.tensorboard_log import open_tensorboard
@@ -113,17 +118,18 @@ class Trainer:
                                                  mc.embedding_size, tc.seed))
         self.teacher = build_teacher(cfg.teacher, cfg.data.input_size, self.dataset, device)
         t_dim = self.teacher.embedding_size if self.teacher else None
-        self.distillers = build_distillers(cfg, t_dim, self.dataset.num_classes).to(device)
+        # Under sharding the classifier-based distillers hold/see this rank's class range only.
+        self.class_shard = self.head.shard if self.partial_fc else None
+        self.distillers = build_distillers(cfg, t_dim, self.dataset.num_classes, self.class_shard).to(device)
         centers = teacher_centers_for(self.distillers, self.teacher.head_state if self.teacher else None,
                                       cfg.teacher.path, self.dataset.num_classes, t_dim)
+        if self.class_shard is not None:
+            check_sharding(self.distillers)
+            if centers is not None and all(sharded(d) for d in self.distillers if d.requires & CLASS_EXTRAS):
+                centers = self.class_shard.rows(centers).clone()  # this rank's rows only
+                self.teacher.head_state = None  # type: ignore[union-attr]  # frees the full matrix
         self.teacher_centers = centers.to(device) if centers is not None else None
         self.ce_replaced = any(getattr(d, "replaces_ce", False) for d in self.distillers)
-        if self.partial_fc:
-            needs_head = [d.name for d in self.distillers if d.requires & {"student_head", "student_logits"}]
-            if needs_head:
-                raise ConfigError(f"distiller(s) {', '.join(needs_head)} need the student's full "
-                                  "classifier, which Partial FC (head.sample_rate < 1 or several "
-                                  "processes) shards across ranks; use head.sample_rate=1 on one process")
         steps_per_epoch = len(self.sampler)
         self.total_steps = steps_per_epoch * tc.epochs
         oc = cfg.optim
@@ -173,9 +179,9 @@ class Trainer:
             teacher_emb = D.gather_no_grad(teacher_emb.float(), self.dist)
             all_emb, all_labels = gather_global_batch(emb, labels)
             extras = distiller_extras(self.distillers, all_emb, teacher_emb, self.head,
-                                      self.teacher_centers, self.cfg.sampler.random_size)
-            for i, distiller in enumerate(self.distillers):
-                given = {k: extras[k] for k in distiller.requires}
+                                      self.teacher_centers, self.cfg.sampler.random_size,
+                                      self.class_shard)
+            for i, (distiller, given) in enumerate(zip(self.distillers, extras)):
                 for name, value in distiller(all_emb, teacher_emb, all_labels, **given).items():
                     terms[name if name not in terms else f"{name}_{i}"] = value
         return terms
@@ -183,13 +189,18 @@ class Trainer:
     def _sync_small_grads(self) -> None:
         """Average distiller gradients over ranks (DDP does the student's; each rank's Partial FC
         shard gradient is already exact and must not be averaged)."""
-        if not self.dist.enabled:
+        D.average_replicated_grads(self.distillers, self.dist)
+
+    def _clip_grads(self) -> None:
+        """``optim.clip_grad_norm``: clip the norm over all trained parameters (Partial FC's
+        shards summed over ranks, so the norm is the single-process one)."""
+        max_norm = self.cfg.optim.clip_grad_norm
+        if max_norm is None:
             return
-        for module in (self.distillers,):
-            for p in module.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= self.dist.world_size
+        shards = list(self.head.parameters()) if self.partial_fc else []
+        ids = {id(p) for p in shards}
+        others = [p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in ids]
+        clip_grad_norm(others, shards, float(max_norm), distributed=self.partial_fc and self.dist.enabled)
 
     def _grads_finite(self) -> bool:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -211,6 +222,7 @@ class Trainer:
         self.scaler.scale(total).backward()
         self._sync_small_grads()
         self.scaler.unscale_(self.optimizer)
+        self._clip_grads()
         if not self._grads_finite():
             if self.scaler.is_enabled():  # fp16 overflow: the scaler skips and lowers its scale
                 self.scaler.step(self.optimizer)

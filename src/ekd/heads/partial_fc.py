@@ -49,18 +49,14 @@ from torch import nn
 from ekd.functional import unit
 from ekd.errors import CheckpointError, ConfigError, DataError
 from ekd.heads.margin import ArcFace, CosFace, MarginHead
+from ekd.heads.sharded_ce import (ClassShard, SumGradAcrossRanks, sample_classes, shard_margin_cross_entropy,
+                                  shard_range)
+
+__all__ = ["ClassShard", "PartialFC", "gather_global_batch", "init_rows", "shard_range"]
 
 #: Rows per initialisation block; each block has its own seeded generator (see ``_init_shard``).
 INIT_BLOCK = 1024
 _MARGIN_KINDS = {"arcface": ArcFace, "cosface": CosFace}
-
-
-def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous ``[start, end)`` of the classes owned by ``rank``; the first
-    ``num_classes % world_size`` ranks get one class more."""
-    base, extra = divmod(num_classes, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 def _block_seed(seed: int, block: int) -> int:
@@ -86,62 +82,6 @@ def init_rows(start: int, end: int, num_classes: int, embedding_size: int,
         lo, hi = max(start, b0), min(end, b0 + rows)
         out[lo - start:hi - start] = values[lo - b0:hi - b0]
     return out
-
-
-class _SumGradAcrossRanks(torch.autograd.Function):
-    """Identity forward; all-reduce (SUM) of the gradient backward, so that the gradient w.r.t.
-    the replicated global embeddings gathers the contributions of every class shard."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
-
-
-class _DistSoftmaxCrossEntropy(torch.autograd.Function):
-    """Mean softmax cross-entropy over class shards (Partial FC, ICCVW 2021, Sec. 3.1).
-
-    ``logits`` [B, k] are this rank's (scaled, margin-applied) logits; ``local_target`` [B] is
-    the column of the target in ``logits`` or -1 when the target class lives on another rank.
-    The global max, the sum of exponentials and the target logit are combined with all-reduce;
-    the backward returns the exact ``(softmax - one_hot) / B`` for the local columns.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, local_target: torch.Tensor, group: Any,
-                distributed: bool) -> torch.Tensor:
-        batch = logits.shape[0]
-        row_max = logits.detach().max(dim=1).values
-        if distributed:
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        exp = torch.exp(logits.detach() - row_max[:, None])
-        sum_exp = exp.sum(dim=1)
-        if distributed:
-            dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)
-        has = local_target >= 0
-        rows = torch.arange(batch, device=logits.device)
-        target = torch.zeros(batch, dtype=logits.dtype, device=logits.device)
-        target[has] = logits.detach()[rows[has], local_target[has]] - row_max[has]
-        if distributed:
-            dist.all_reduce(target, op=dist.ReduceOp.SUM, group=group)
-        loss = (torch.log(sum_exp) - target).mean()
-        ctx.save_for_backward(exp.div_(sum_exp[:, None]), local_target)
-        return loss
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        prob, local_target = ctx.saved_tensors
-        grad = prob.clone()
-        has = local_target >= 0
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows[has], local_target[has]] -= 1.0
-        return grad * (grad_out / grad.shape[0]), None, None, None
 
 
 class PartialFC(nn.Module):
@@ -208,27 +148,28 @@ class PartialFC(nn.Module):
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def sample(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept local centre indices (sorted) and each row's column among them (-1: elsewhere).
+    @property
+    def shard(self) -> ClassShard:
+        """This rank's class range (the same ranges the sharded distillers use)."""
+        return ClassShard(self.num_classes, self.rank, self.world_size, self.sample_rate,
+                          self.process_group)
 
-        Keeps every positive class of the batch owned by this shard plus uniformly sampled
-        negatives, ``max(num_sample, #positives)`` in total (Partial FC, CVPR 2022, Sec. 3).
-        """
-        local = labels - self.shard_start
-        in_shard = (local >= 0) & (local < self.shard_size)
-        if not (self.training and self.num_sample < self.shard_size):
-            index = torch.arange(self.shard_size, device=labels.device)
-            return index, torch.where(in_shard, local, torch.full_like(local, -1))
-        positives = torch.unique(local[in_shard])
-        score = torch.rand(self.shard_size, device=labels.device)
-        score[positives] = 2.0  # above any uniform draw: positives always survive top-k
-        keep = max(self.num_sample, int(positives.numel()))
-        index = torch.topk(score, k=keep, sorted=False).indices.sort().values
-        remap = torch.full((self.shard_size,), -1, dtype=torch.long, device=labels.device)
-        remap[index] = torch.arange(keep, device=labels.device)
-        column = torch.full_like(local, -1)
-        column[in_shard] = remap[local[in_shard]]
-        return index, column
+    def sample(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept local centre indices and each row's column among them (see
+        :func:`ekd.heads.sharded_ce.sample_classes`)."""
+        return sample_classes(labels, self.shard, self.training)
+
+    def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
+        """The margin applied to target cosines (ArcFace or CosFace, as configured)."""
+        return self._margin_fn[0].target_logit(cos_target)
+
+    def shard_cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Margin-free cosines ``[B, shard_size]`` of the global batch against this rank's
+        centres (every shard's gradient reaches the embeddings)."""
+        emb = embeddings.float()
+        if self.distributed:
+            emb = SumGradAcrossRanks.apply(emb, self.process_group)
+        return F.linear(unit(emb), unit(self.weight.float())).clamp(-1, 1)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean margin-softmax cross-entropy over the global batch (same value on every rank)."""
@@ -244,19 +185,11 @@ class PartialFC(nn.Module):
         if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
             raise DataError(f"partial_fc: labels must be in [0, {self.num_classes}), got "
                             f"[{int(labels.min())}, {int(labels.max())}]")
-        index, column = self.sample(labels)
+        loss, index = shard_margin_cross_entropy(embeddings.float(), self.weight.float(), labels,
+                                                 self.shard, lambda cos, rows: self.target_logit(cos),
+                                                 self.scale, self.training)
         self.last_index = index
-        emb = embeddings.float()
-        if self.distributed:
-            emb = _SumGradAcrossRanks.apply(emb, self.process_group)
-        weight = self.weight if index.numel() == self.shard_size else self.weight[index]
-        cos = F.linear(unit(emb), unit(weight.float())).clamp(-1, 1)
-        has = column >= 0
-        rows = torch.arange(cos.shape[0], device=cos.device)[has]
-        logits = cos.clone()
-        logits[rows, column[has]] = self._margin_fn[0].target_logit(cos[rows, column[has]])
-        return _DistSoftmaxCrossEntropy.apply(logits * self.scale, column,
-                                              self.process_group, self.distributed)
+        return loss
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
