@@ -23,7 +23,11 @@ from ekd.heads.partial_fc import gather_global_batch, init_rows
 
 DIM, CLASSES, BATCH, STEPS, SCALE, RANDOM = 8, 7, 12, 2, 16.0, 4
 #: Per-method parameters beyond the defaults (and the trainer's num_classes/dims).
-PARAMS: dict[str, dict] = {"adadistill": {"scale": 16.0}, "margin_distill": {"scale": 16.0}}
+#: gkd's default (``logits: heads``) needs the student's full classifier and is refused under
+#: several processes (tested in test_distill_registry_ddp.py); ``teacher_centers`` is its
+#: multi-process form.
+PARAMS: dict[str, dict] = {"adadistill": {"scale": 16.0}, "margin_distill": {"scale": 16.0},
+                           "gkd": {"logits": "teacher_centers", "scale": 16.0}}
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -75,3 +75,17 @@ def test_the_comparison_detects_a_distiller_that_updates_twice(results):
     d(s, t, y)
     assert not torch.allclose(d.state_dict()["centres"], single["adadistill"]["state"]["centres"],
                               atol=1e-3)
+
+
+def test_gkd_with_the_students_heads_is_refused_under_shards_with_the_way_out():
+    """gkd's default scores the student with its own classifier, which Partial FC shards: the
+    trainer refuses it (check_sharding) and names the multi-process form tested above."""
+    import torch.nn as nn
+
+    from ekd.distill import build_distiller
+    from ekd.engine.distill_inputs import check_sharding
+    from ekd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"gkd.*logits: teacher_centers"):
+        check_sharding(nn.ModuleList([build_distiller("gkd")]))
+    check_sharding(nn.ModuleList([build_distiller("gkd", logits="teacher_centers")]))

@@ -121,6 +121,8 @@ class GKDLoss(Distiller):
     """
 
     requires = LOGIT_SOURCES["heads"]
+    #: What to do where the student's classifier is sharded (several processes, Partial FC).
+    shard_hint = "set params.logits: teacher_centers (both models scored against the teacher's centres)"
 
     def __init__(self, weight: float = 1.0, temperature: float = 4.0, rate: float = 0.93,
                  binary_weight: float = 1.0, primary_weight: float = 8.0,

@@ -80,10 +80,12 @@ def check_sharding(distillers: nn.ModuleList) -> None:
     refused = [d.name for d in distillers
                if d.requires & {"student_head", "student_logits"} and not sharded(d)]
     if refused:
+        hints = "".join(f"; {d.name}: {d.shard_hint}" for d in distillers
+                        if d.name in refused and getattr(d, "shard_hint", ""))
         raise ConfigError(f"distiller(s) {', '.join(refused)} need the student's full classifier, "
                           "which Partial FC (head.sample_rate < 1 or several processes) shards "
                           "across ranks, and do not support class shards (class_shard); use "
-                          "head.sample_rate=1 on one process")
+                          f"head.sample_rate=1 on one process{hints}")
 
 
 def distiller_extras(distillers: nn.ModuleList, emb: torch.Tensor, teacher_emb: torch.Tensor,
