@@ -120,6 +120,20 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto") -> dict:
         log.info("training the student with EKD (seed %d)", seed)
         runs[run_label(EKD, seed)] = train(ekd_cfg)
 
+    results, table, comparison = evaluate_and_compare(out, plan, runs, device)
+    total = time.perf_counter() - start
+    (out / "timing.json").write_text(json.dumps({"total_seconds": total, "quick": quick}))
+    print(f"\nEKD demo ({'quick' if quick else 'full'}), {total / 60:.1f} min; results in {out}\n")
+    print(table + "\n\nEKD vs no KD (gap closed = (EKD - no KD) / (teacher - no KD)):\n")
+    print(comparison)
+    return results
+
+
+def evaluate_and_compare(out: Path, plan: DemoPlan, runs: dict,
+                         device: str = "auto") -> tuple[dict, str, str]:
+    """Evaluate the demo's models (``runs``: label -> :class:`TrainResult`), write
+    ``metrics.json``, ``results.md`` and ``comparison.json`` into ``out``; return the results,
+    the per-run table and the EKD vs no-KD comparison."""
     data = out / "data"
     sets = {"synthetic pairs": ("pairs", str(data / "pairs.txt"), str(data / "eval")),
             "synthetic all-pairs": ("folder", str(data / "eval"), None)}
@@ -131,8 +145,8 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto") -> dict:
         results[label] = res
     table = write_report(results, out)
     rows, skipped = comparisons_from_results(results[TEACHER],
-                                    [results[run_label(NOKD, s)] for s in plan.seeds],
-                                    [results[run_label(EKD, s)] for s in plan.seeds])
+                                             [results[run_label(NOKD, s)] for s in plan.seeds],
+                                             [results[run_label(EKD, s)] for s in plan.seeds])
     comparison = comparison_table(rows) + "\n\n" + summary(rows)
     if skipped:
         comparison += ("\n\nNot compared (too few negative pairs for that FPR): "
@@ -143,9 +157,4 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto") -> dict:
         indent=1))
     with open(out / "results.md", "a") as fh:
         fh.write("\n## EKD vs no KD\n\n" + comparison + "\n")
-    total = time.perf_counter() - start
-    (out / "timing.json").write_text(json.dumps({"total_seconds": total, "quick": quick}))
-    print(f"\nEKD demo ({'quick' if quick else 'full'}), {total / 60:.1f} min; results in {out}\n")
-    print(table + "\n\nEKD vs no KD (gap closed = (EKD - no KD) / (teacher - no KD)):\n")
-    print(comparison)
-    return results
+    return results, table, comparison
