@@ -15,7 +15,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test,onnx,plot]"
+	$(BIN)/python -m pip install --quiet -e ".[test,onnx,plot,tensorboard]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -1,5 +1,5 @@
 """CFP protocol reader: Pair_list_F/P numbering, FF/FP folds, interleaving, fold selection, errors;
-and the teacher's reference results on the real CFP (skipped when ../shared is absent)."""
+and the teacher's reference results on the real CFP (skipped, naming what is missing, when ../shared lacks those faces)."""
 
 from __future__ import annotations
 
@@ -90,10 +90,8 @@ CFP_REFERENCE = {("FF", None): (0.9877, 0.0037), ("FP", None): (0.6684, 0.0225),
 
 
 @pytest.mark.parametrize("split,folds", list(CFP_REFERENCE))
-def test_real_cfp_teacher_reference(shared_dir, split, folds):
-    faces = shared_dir / "data" / "faces"
-    if not (faces / "cfp" / "Protocol").is_dir():
-        pytest.skip("real CFP faces not present")
+def test_real_cfp_teacher_reference(cfp_faces, split, folds):
+    faces = cfp_faces
     data = np.load(faces / "teacher_dlib_r29" / "cfp.npz")
     emb = l2_normalize(data["emb"] + data["emb_flip"])
     index = {os.path.normpath(faces / "cfp" / p): i for i, p in enumerate(data["paths"])}

@@ -18,7 +18,8 @@ def _write(tmp_path: Path, data: dict) -> Path:
 
 
 def test_defaults_and_overrides(tmp_path):
-    path = _write(tmp_path, {"model": {"backbone": "iresnet18"}, "distill": [{"name": "ekd"}],
+    path = _write(tmp_path, {"data": {"kind": "synthetic"}, "model": {"backbone": "iresnet18"},
+                             "distill": [{"name": "ekd"}],
                              "teacher": {"kind": "checkpoint", "path": "t.pt"}})
     cfg = load_config(path, ["optim.lr=0.05", "distill.0.weight=2", "train.device=cpu",
                              "optim.milestones=[2, 4]"])

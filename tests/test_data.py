@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -232,16 +231,6 @@ def test_make_synthetic_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(DataError, match="foreign"):
         make_synthetic_benchmark(foreign, **args)
     assert (foreign / "train" / "keep").is_dir()
-
-
-def test_synthetic_generation_speed_report() -> None:
-    """Report-only: rendering throughput on this machine (not asserted)."""
-    render_face(0, 0, 0, 64)  # warm the caches
-    n, t = 150, time.perf_counter()
-    for j in range(n):
-        render_face(0, j % 15, j, 64)
-    rate = n / (time.perf_counter() - t)
-    print(f"\nsynthetic render speed at 64 px: {rate:.0f} images/s (one core)")
 
 
 def test_synthetic_identity_is_learnable_but_not_trivial() -> None:

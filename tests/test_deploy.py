@@ -58,10 +58,8 @@ def _save_checkpoint(model: nn.Module, name: str, size: int, emb: int, path: Pat
                         "model": model.state_dict()}, path)
 
 
-def _lfw_faces(shared: Path, count: int) -> list[Path]:
-    root = shared / "data" / "faces" / "lfw" / "images"
-    if not root.is_dir():
-        pytest.skip(f"LFW faces not present under {root}")
+def _lfw_faces(faces: Path, count: int) -> list[Path]:
+    root = faces / "lfw" / "images"
     paths: list[Path] = []
     for person in sorted(root.iterdir()):
         paths += sorted(person.glob("*.jpg"))
@@ -89,9 +87,9 @@ def test_export_parity_random(exported):
     assert max(result.parity.values()) <= TOL, result.parity
 
 
-def test_export_parity_real_faces(exported, shared_dir):
+def test_export_parity_real_faces(exported, lfw_images):
     model, path, (_, size, _), _ = exported
-    faces = _lfw_faces(shared_dir, 32)
+    faces = _lfw_faces(lfw_images, 32)
     batch = torch.stack([to_tensor(load_image(p), size) for p in faces])
     assert onnx_parity(model, path, batch) <= TOL
 
@@ -155,7 +153,7 @@ def test_macs_match_hand_count_for_tiny_model():
     assert stats.parameters == count_parameters(tiny) == 108 + 8 + 4 + 4096
     assert set(stats.latency_ms) == {1, 4} and all(v > 0 for v in stats.latency_ms.values())
     table = stats_table([stats])
-    assert "| tiny | 8x8 |" in table and "batch 4 (per image)" in table
+    assert "| tiny | - | 8x8 |" in table and "batch 4 (per image)" in table
 
 
 def test_mobilefacenet_macs_match_paper():
@@ -170,9 +168,12 @@ def test_stats_cli(tmp_path, capsys):
             "--warmup", "0", "--batch-sizes", "1,2", "--threads", str(torch.get_num_threads()),
             "--json", str(out)]
     assert main(args) == 0
-    assert "| mobilefacenet | 32x32 |" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "| mobilefacenet | - | 32x32 |" in table  # a backbone name: no file
+    assert f"| mbf | {ckpt} | 32x32 |" in table  # a checkpoint: its backbone and its file
     rows = json.loads(out.read_text())
     assert [r["backbone"] for r in rows] == ["mobilefacenet", "mbf"]
+    assert [r["file"] for r in rows] == ["", str(ckpt)]
     assert rows[0]["parameters"] == count_parameters(build_backbone("mobilefacenet", 512, 32))
     assert [r["embedding_size"] for r in rows] == [512, 128]
     assert all(r["macs"] > 1e6 and r["latency_ms"]["2"] > 0 for r in rows)

@@ -19,15 +19,16 @@ from ekd.errors import ConfigError
 from ekd.heads import ArcFace
 
 ZOO = ["fitnet", "kd", "darkrank", "sp", "cckd", "rkd", "cosine", "shrinkteanet",
-       "triplet_distill", "margin_distill", "proxylesskd", "adadistill"]
+       "triplet_distill", "margin_distill", "proxylesskd", "adadistill", "coupleface", "gkd",
+       "icd_face", "unified_kd"]
 DIM, CLASSES, SCALE = 16, 10, 16.0
 
 
 # --------------------------------------------------------------------------- parity
 
 @pytest.fixture(scope="module")
-def vectors(shared_dir):
-    return dict(np.load(shared_dir / "testvectors" / "distill_reference.npz"))
+def vectors(testvectors):
+    return dict(np.load(testvectors / "distill_reference.npz"))
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -156,7 +157,8 @@ def test_finite_loss_and_gradients_on_edge_batches(name, case):
 
 
 # methods whose loss is a discrepancy that vanishes when the student reproduces the teacher
-MIMIC = ["fitnet", "kd", "sp", "cckd", "rkd", "cosine", "shrinkteanet", "ekd"]
+MIMIC = ["fitnet", "kd", "sp", "cckd", "rkd", "cosine", "shrinkteanet", "ekd", "coupleface", "gkd",
+         "icd_face", "unified_kd"]
 
 
 @pytest.mark.parametrize("name", MIMIC)
@@ -245,11 +247,41 @@ def test_rkd_chunked_angle_equals_one_block():
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-14)
 
 
+def _expected_triplet_margins(t: torch.Tensor, y: torch.Tensor, m_min=0.2, m_max=0.5):
+    """Per (anchor, positive) pair, the list of margins m(a, p, n) over its negatives, by the
+    paper's formula written as loops: m_min + (m_max - m_min) * gap / D_max."""
+    u = (t / t.norm(dim=1, keepdim=True)).double()
+    d = ((u[:, None] - u[None]) ** 2).sum(-1)  # squared L2 of unit vectors
+    gaps = {(a, p): [max(0.0, float(d[a, n] - d[a, p])) for n in range(len(y)) if y[n] != y[a]]
+            for a in range(len(y)) for p in range(len(y)) if p != a and y[p] == y[a]}
+    d_max = max(g for row in gaps.values() for g in row)
+    return {k: [m_min + (m_max - m_min) * g / d_max if d_max > 0 else m_min for g in row]
+            for k, row in gaps.items()}
+
+
 def test_triplet_margins_follow_the_teacher():
+    """A collapsed student (d_s = 0 everywhere) pays exactly the margin of every triplet, so the
+    loss is the mean margin (mining all) or the mean largest margin per pair (mining hard)."""
     torch.manual_seed(0)
     t, y = torch.randn(16, DIM), torch.arange(16) // 4
-    d = make("triplet_distill", mining="hard")
-    assert d(t.clone(), t, y)["triplet_distill"] >= 0
+    collapsed = torch.ones(16, DIM)
+    margins = _expected_triplet_margins(t, y)
+    want_all = np.mean([m for row in margins.values() for m in row])
+    want_hard = np.mean([max(row) for row in margins.values()])
+    assert 0.2 < want_all < want_hard <= 0.5  # the margins really vary with the teacher
+    assert make("triplet_distill")(collapsed, t, y)["triplet_distill"].item() == \
+        pytest.approx(want_all, abs=1e-5)
+    assert make("triplet_distill", mining="hard")(collapsed, t, y)["triplet_distill"].item() == \
+        pytest.approx(want_hard, abs=1e-5)
+    # the teacher separates every negative equally: every margin is m_max
+    square = torch.eye(4, DIM).repeat_interleave(2, dim=0)  # 4 identities, 2 equal images each
+    y4 = torch.arange(8) // 2
+    assert make("triplet_distill")(torch.ones(8, DIM), square, y4)["triplet_distill"].item() == \
+        pytest.approx(0.5, abs=1e-6)
+    # the teacher puts positives farther than negatives: no gap anywhere, every margin is m_min
+    swapped = torch.eye(4, DIM)[[0, 1, 1, 0, 2, 3, 3, 2]]
+    assert make("triplet_distill")(torch.ones(8, DIM), swapped, y4)["triplet_distill"].item() == \
+        pytest.approx(0.2, abs=1e-6)
     assert make("triplet_distill")(t, t, torch.zeros(16, dtype=torch.long))["triplet_distill"] == 0
 
 

@@ -1,4 +1,4 @@
-"""EKDLoss against the authors' implementation (shared/testvectors/distill_reference.npz)."""
+"""EKDLoss against the authors' implementation (tests/data/testvectors/distill_reference.npz)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from ekd.distill import EKDLoss, build_distiller
 
 
 @pytest.fixture(scope="module")
-def vectors(shared_dir):
-    path = shared_dir / "testvectors" / "distill_reference.npz"
+def vectors(testvectors):
+    path = testvectors / "distill_reference.npz"
     return dict(np.load(path))
 
 

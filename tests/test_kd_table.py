@@ -91,10 +91,10 @@ def test_summary_std_and_gap_closed():
     assert gaps["no KD"]["cfp_fp_acc"] == pytest.approx(0.0)
 
 
-def test_teacher_reference_values(shared_dir):
+def test_teacher_reference_values(shared_faces):
     from kd_table_eval import evaluate_teacher_npz, load_protocols
 
-    faces = shared_dir / "data" / "faces"
+    faces = shared_faces
     m = evaluate_teacher_npz(load_protocols(faces), faces)
     assert m["lfw_acc"] == pytest.approx(0.989167, abs=1e-6)
     assert m["lfw_acc_std"] == pytest.approx(0.004099, abs=1e-6)
@@ -103,8 +103,8 @@ def test_teacher_reference_values(shared_dir):
     assert (round(m["cfp_ff_acc"], 4), round(m["cfp_fp_acc"], 4)) == (0.9857, 0.6629)
 
 
-def test_one_real_cell_end_to_end(shared_dir, tmp_path):
-    faces = shared_dir / "data" / "faces"
+def test_one_real_cell_end_to_end(shared_faces, tmp_path):
+    faces = shared_faces
     profile = dataclasses.replace(K.CPU, epochs=1, steps_per_epoch=2, threads=2)
     table = K.Table(profile, faces, tmp_path / "cache")
     table.prepare()

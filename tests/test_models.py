@@ -12,13 +12,13 @@ import torch
 from ekd.errors import ConfigError
 from ekd.models import BACKBONES, build_backbone, count_parameters, feature_map_side
 
-KEYS_FILE = "testvectors/arcface_torch_state_dict_keys.json"
-FORWARD_FILE = "testvectors/arcface_torch_forward.npz"
+KEYS_FILE = "arcface_torch_state_dict_keys.json"
+FORWARD_FILE = "arcface_torch_forward.npz"
 JSON_ARCHS = ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "mbf"]
 
 
-def _reference_shapes(shared_dir: Path, name: str) -> dict[str, list[int]]:
-    with open(shared_dir / KEYS_FILE) as handle:
+def _reference_shapes(testvectors: Path, name: str) -> dict[str, list[int]]:
+    with open(testvectors / KEYS_FILE) as handle:
         return json.load(handle)["models"][name]
 
 
@@ -43,8 +43,8 @@ def _recipe_state_dict(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", JSON_ARCHS)
-def test_state_dict_matches_arcface_torch(shared_dir: Path, name: str) -> None:
-    ref = _reference_shapes(shared_dir, name)
+def test_state_dict_matches_arcface_torch(testvectors: Path, name: str) -> None:
+    ref = _reference_shapes(testvectors, name)
     ours = build_backbone(name).state_dict()
     assert list(ours) == list(ref)
     for key, shape in ref.items():
@@ -52,11 +52,11 @@ def test_state_dict_matches_arcface_torch(shared_dir: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["iresnet18", "iresnet50", "mbf"])
-def test_forward_matches_arcface_torch(shared_dir: Path, name: str) -> None:
+def test_forward_matches_arcface_torch(testvectors: Path, name: str) -> None:
     model = build_backbone(name)
-    model.load_state_dict(_recipe_state_dict(_reference_shapes(shared_dir, name)), strict=True)
+    model.load_state_dict(_recipe_state_dict(_reference_shapes(testvectors, name)), strict=True)
     model.eval()
-    vectors = np.load(shared_dir / FORWARD_FILE)
+    vectors = np.load(testvectors / FORWARD_FILE)
     with torch.no_grad():
         out = model(torch.from_numpy(vectors["input"])).numpy()
     expected = vectors[name]

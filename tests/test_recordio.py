@@ -15,15 +15,9 @@ from PIL import Image
 
 from ekd.cli import main
 from ekd.data import ImageFolderDataset
-from ekd.data.recordio import (
-    IRHeader,
-    RecordDataset,
-    RecordIOReader,
-    encode_record,
-    pack,
-    pack_folder,
-    unpack,
-)
+from ekd.data.rec_folder import pack_folder
+from ekd.data.record_dataset import RecordDataset
+from ekd.data.recordio import IRHeader, RecordIOReader, encode_record, pack, unpack
 from ekd.cli_data import recordio_info
 from ekd.errors import DataError
 
@@ -128,6 +122,24 @@ def test_file_without_header0_and_without_idx(tmp_path):
     assert ds.labels.tolist() == [5, 2, 5] and ds.num_classes == 6
     np.testing.assert_array_equal(ds.image(2), imgs[2][1])
     np.testing.assert_array_equal(RecordDataset(rec, color="bgr").image(2), imgs[2][1][..., ::-1])
+
+
+def test_scan_without_idx_skips_padding_of_odd_lengths(tmp_path):
+    """Records of length 1, 2 and 3 mod 4 are followed by 3, 2 and 1 zero bytes of padding; a
+    sequential scan (no .idx) must step over them to find the next magic number."""
+    imgs = [png(i) for i in range(4)]
+    payloads = []
+    for k, (b, _) in enumerate(imgs):
+        body = irheader(0, float(k), k) + b
+        extra = (k + 1 - len(body)) % 4  # total length = k + 1 (mod 4): 1, 2, 3, 0
+        payloads.append(body + b"\xff" * extra)  # trailing bytes after the PNG's IEND chunk
+    assert sorted(len(p) % 4 for p in payloads) == [0, 1, 2, 3]
+    rec = write_files(tmp_path, [part(0, p) for p in payloads], with_idx=False)
+    ds = RecordDataset(rec)
+    assert len(ds) == 4 and ds.labels.tolist() == [0, 1, 2, 3]
+    assert [ds.reader.read(k) for k in range(4)] == payloads
+    for k in range(4):
+        np.testing.assert_array_equal(ds.image(k), imgs[k][1])
 
 
 def test_sparse_keys_and_header_split_by_magic(tmp_path):

@@ -1,6 +1,6 @@
 """Reports: `ekd eval` over several models and set kinds (bin, CFP, IJB 1:1 + 1:N) writing
 metrics.json, the Markdown tables and one ROC PNG per set; ROC points; and the LFW reference
-results of the teacher embeddings on the real faces (skipped when ../shared is absent)."""
+results of the teacher embeddings on the real faces (skipped, naming what is missing, when ../shared lacks those faces)."""
 
 from __future__ import annotations
 
@@ -125,10 +125,8 @@ LFW_REFERENCE = {"accuracy": 0.989167, "std": 0.004099, "pairs": 20_604_990, "ge
                  "tpr": {1e-3: 0.9289, 1e-4: 0.7831, 1e-5: 0.5351}}
 
 
-def test_real_lfw_teacher_reference(shared_dir):
-    faces = shared_dir / "data" / "faces"
-    if not (faces / "lfw" / "pairs.txt").is_file():
-        pytest.skip("real LFW faces not present")
+def test_real_lfw_teacher_reference(lfw_faces):
+    faces = lfw_faces
     data = np.load(faces / "teacher_dlib_r29" / "lfw.npz")
     emb = l2_normalize(data["emb"] + data["emb_flip"]).astype(np.float32)
     paths = [str(p) for p in data["paths"]]

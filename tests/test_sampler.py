@@ -83,6 +83,21 @@ def test_ranks_have_disjoint_random_parts_and_distinct_batches():
     assert all(x != y for x, y in zip(r0, r1))
 
 
+def test_ranks_draw_different_identity_balanced_parts():
+    """Each rank draws its own P x K part (its own RNG stream): identical parts on every rank
+    would shrink the global batch's identities to one rank's P."""
+    labels = _labels()
+    for random_size in (8, 0):
+        ranks = [BalancedBatchSampler(labels, random_size, 4, rank=r, world_size=2)
+                 for r in range(2)]
+        r0, r1 = (list(s) for s in ranks)
+        assert len(r0) == len(r1) > 1
+        for x, y in zip(r0, r1):
+            assert x[random_size:] != y[random_size:]
+            # and not merely reordered: the ranks' identity sets differ too
+            assert set(labels[x[random_size:]].tolist()) != set(labels[y[random_size:]].tolist())
+
+
 def test_errors_are_clear():
     labels = _labels()
     with pytest.raises(ConfigError, match="identities_per_batch"):

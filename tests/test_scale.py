@@ -135,11 +135,11 @@ def test_stale_cache_is_an_error(folder, tmp_path):
         TeacherCache(cache_dir)
 
 
-def test_shared_embedding_format_imports(shared_dir, tmp_path):
+def test_shared_embedding_format_imports(train_faces, tmp_path):
     from ekd.data import ImageFolderDataset
     import numpy as np
 
-    faces = shared_dir / "data" / "faces"
+    faces = train_faces
     ds = ImageFolderDataset(faces / "train", input_size=112, identities=["cfp-001", "cfp-002"])
     cache = TeacherCache(import_npz(faces / "teacher_dlib_r29" / "train.npz", ds, tmp_path / "c"),
                          dataset_fingerprint(ds.root, ds.samples))

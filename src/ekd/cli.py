@@ -1,5 +1,6 @@
-"""Command line: ``ekd train``, ``ekd eval``, ``ekd demo``, ``ekd data``. Only argument wiring
-lives here."""
+"""Command line: ``ekd train``, ``eval``, ``teacher-cache``, ``demo`` here; ``data`` in
+:mod:`ekd.cli_data`; ``export``, ``stats``, ``embed``, ``verify`` in :mod:`ekd.cli_deploy`.
+Only argument wiring lives here."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ekd.errors import EkdError
+from ekd.errors import EkdError, user_message
+from ekd.output_paths import prepare_output_dir
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -16,14 +18,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ekd.engine.trainer import train
 
     cfg = load_config(args.config, args.set)
+    prepare_output_dir(cfg.train.output_dir, "train.output_dir")
     result = train(cfg)
-    print(f"run directory: {result.run_dir}\nstudent: {result.model_path}")
+    print(f"run directory: {result.run_dir}\nmodel: {result.model_path}")
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ekd.engine.evaluation import evaluate_checkpoint, write_report
+    from ekd.engine.evaluation import check_inputs, evaluate_checkpoint, write_report
 
+    out = prepare_output_dir(args.out) if args.out else None
     sets = {}
     if args.pairs:
         sets["pairs"] = ("pairs", args.pairs, args.pairs_root)
@@ -48,13 +52,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "use_detector_score": not args.ijb_no_detector_score,
             "use_flip_test": not args.ijb_no_flip})
     if not sets:
-        raise EkdError("ekd eval: give at least one of --pairs, --lfw-pairs, --folder, --bin, "
+        raise EkdError("give at least one of --pairs, --lfw-pairs, --folder, --bin, "
                        "--cfp, --ijb")
     labels = args.label or args.model
     if len(labels) != len(args.model):
-        raise EkdError(f"ekd eval: {len(args.label)} --label for {len(args.model)} --model")
+        raise EkdError(f"{len(args.label)} --label for {len(args.model)} --model")
     if args.plots and not args.out:
-        raise EkdError("ekd eval: --plots needs --out")
+        raise EkdError("--plots needs --out")
+    check_inputs(args.model, sets)
     from ekd.engine import distributed as D
     from ekd.engine.build import resolve_device
 
@@ -67,7 +72,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                                  batch_size=args.batch_size, device=args.device,
                                                  progress=info.is_main)
         if info.is_main:
-            print(write_report(results, Path(args.out) if args.out else None, plots=args.plots))
+            print(write_report(results, out, plots=args.plots))
     finally:
         D.shutdown()
     return 0
@@ -76,33 +81,57 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ekd.engine.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, device=args.device)
+    run_demo(prepare_output_dir(args.out), quick=args.quick, device=args.device)
     return 0
 
 
 def _cmd_teacher_cache(args: argparse.Namespace) -> int:
-    from ekd.engine.teacher_cache import cache_for_folder
+    from ekd.engine.distributed import env_info
+    from ekd.engine.make_teacher_cache import cache_for_data
+    from ekd.engine.teacher_cache import TeacherCache
 
-    out = cache_for_folder(args.data, args.input_size, args.out, teacher=args.teacher,
-                           backbone=args.backbone, from_npz=args.from_npz,
-                           batch_size=args.batch_size, device=args.device)
-    print(f"teacher cache written to {out}; train with --set teacher.kind=cache "
-          f"--set teacher.path={out}")
+    out = cache_for_data(args.data, args.input_size, prepare_output_dir(args.out), teacher=args.teacher,
+                         backbone=args.backbone, from_npz=args.from_npz, batch_size=args.batch_size,
+                         device=args.device, data_kind=args.data_kind, num_workers=args.num_workers,
+                         chunk_batches=args.chunk_batches, on_corrupt=args.on_corrupt)
+    if env_info().is_main:
+        TeacherCache(out)  # complete and readable
+        print(f"teacher cache written to {out}; train with --set teacher.kind=cache "
+              f"--set teacher.path={out}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ekd", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _OneLineHelp(argparse.HelpFormatter):
+    """Every command and its help on one line (room for the longest name, ``teacher-cache``)."""
 
-    p = sub.add_parser("train", help="train a model from a YAML config")
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog)
+        self._action_max_length = 18
+
+
+DESCRIPTION = ("Evaluation-oriented Knowledge Distillation (EKD, CVPR 2022) for face recognition: "
+               "train, evaluate and deploy face models.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ekd import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ekd", description=DESCRIPTION,
+        formatter_class=_OneLineHelp,
+        epilog="Run 'ekd COMMAND --help' for the options of one command; docs/ explains each.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"ekd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands")
+
+    p = sub.add_parser("train", help="train a teacher or a student from a YAML config")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=0.05 (repeatable)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate one or several models on verification sets")
+    p = sub.add_parser("eval", help="evaluate models on verification sets (LFW, CFP, IJB)")
     p.add_argument("--model", action="append", required=True,
                    help="ekd checkpoint or arcface_torch backbone.pth (repeatable)")
     p.add_argument("--backbone", help="architecture of bare state_dict files, e.g. iresnet50")
@@ -134,19 +163,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write roc_<set>.png per set into --out (needs matplotlib)")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("teacher-cache", help="run a teacher once over an identity folder and store "
-                       "its embeddings (original + mirrored) for training without the teacher")
-    p.add_argument("--data", required=True, help="identity folder (root/<identity>/<image>)")
+    p = sub.add_parser("teacher-cache", help="store a teacher's embeddings of a training set once",
+                       description="Run a teacher once over a training set (identity folder or "
+                       ".rec) and store its embeddings (original + mirrored) for training without "
+                       "the teacher. Under torchrun each rank embeds its share; a rerun resumes an "
+                       "interrupted cache.")
+    p.add_argument("--data", required=True,
+                   help="identity folder (root/<identity>/<image>) or InsightFace .rec (with .idx)")
+    p.add_argument("--data-kind", choices=("auto", "folder", "rec"), default="auto",
+                   help="auto (default): rec for a .rec/.idx or a folder holding train.rec")
     p.add_argument("--input-size", type=int, default=112)
     p.add_argument("--out", required=True, help="cache folder to write")
     p.add_argument("--teacher", help="ekd checkpoint, arcface_torch backbone.pth or .onnx model")
     p.add_argument("--backbone", help="architecture of a bare state_dict, e.g. iresnet50")
     p.add_argument("--from-npz", help="import precomputed embeddings (arrays paths, emb, emb_flip)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--chunk-batches", type=int, default=64,
+                   help="batches per resumable chunk (default 64)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
+    p.add_argument("--on-corrupt", choices=("skip", "error"), default="skip",
+                   help="unreadable images: replaced as in training (default) or an error")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_teacher_cache)
 
-    p = sub.add_parser("demo", help="synthetic data -> teacher -> students (no KD, EKD) -> table")
+    p = sub.add_parser("demo", help="synthetic faces: a teacher, students without/with EKD")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="a 2-minute version")
     p.add_argument("--device", default="auto")
@@ -168,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except EkdError as exc:
-        print(f"ekd {args.command}: error: {exc}", file=sys.stderr)
+        print(f"ekd {args.command}: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ekd {args.command}: interrupted", file=sys.stderr)

@@ -1,7 +1,10 @@
-"""``ekd data pack|info|make-bin``: InsightFace data files without mxnet (wiring + file summaries).
+"""``ekd data check|pack|unpack|info|make-bin``: InsightFace data files without mxnet (wiring +
+file summaries).
 
 * ``ekd data pack FOLDER OUT`` -- ``OUT.rec``, ``OUT.idx`` and ``property`` from an identity folder
-  (:func:`ekd.data.recordio.pack_folder`; ``OUT`` may also be ``train.rec`` or a folder).
+  (:func:`ekd.data.rec_folder.pack_folder`; ``OUT`` may also be ``train.rec`` or a folder).
+* ``ekd data unpack REC OUT`` -- the identity folder ``OUT/<label>/<key>.jpg`` back from a ``.rec``
+  (:func:`ekd.data.rec_folder.unpack_rec`; image bytes as stored).
 * ``ekd data info FILE`` -- summary of a ``.rec`` (or its folder / ``.idx``) or a ``.bin``.
 * ``ekd data make-bin PAIRS OUT`` -- a verification ``.bin`` from a ``path1 path2 label`` list.
 """
@@ -34,7 +37,7 @@ def _samples(n: int, k: int = 64) -> list[int]:
 
 def recordio_info(path: str | os.PathLike[str]) -> dict:
     """Summary of a ``.rec``: records, images, identities, image size, colour order guess."""
-    from ekd.data.recordio import RecordDataset
+    from ekd.data.record_dataset import RecordDataset
 
     ds = RecordDataset(path)
     imgs = [ds.image(i) for i in _samples(len(ds))]
@@ -71,12 +74,22 @@ def bin_info(path: str | os.PathLike[str]) -> dict:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from ekd.data.recordio import pack_folder
+    from ekd.data.rec_folder import pack_folder
+    from ekd.data.recordio import rec_paths
+    from ekd.output_paths import prepare_output_file
 
     out = Path(args.out)
     if out.is_dir() or str(args.out).endswith(("/", "\\")):
         out = out / "train.rec"
+    prepare_output_file(rec_paths(out)[0], "OUT")
     print(json.dumps(pack_folder(args.folder, out), indent=1))
+    return 0
+
+
+def _cmd_unpack(args: argparse.Namespace) -> int:
+    from ekd.data.rec_folder import unpack_rec
+
+    print(json.dumps(unpack_rec(args.rec, args.out, on_corrupt=args.on_corrupt), indent=1))
     return 0
 
 
@@ -96,7 +109,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_make_bin(args: argparse.Namespace) -> int:
     from ekd.data.verification_bin import make_bin
+    from ekd.output_paths import prepare_output_file
 
+    prepare_output_file(args.out, "OUT")
     print(json.dumps(make_bin(args.pairs, args.out, args.root), indent=1))
     return 0
 
@@ -110,19 +125,28 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``data`` with its ``pack``, ``info`` and ``make-bin`` subcommands."""
-    p = subparsers.add_parser("data", help="check identity folders; pack / inspect InsightFace .rec and .bin files")
-    sub = p.add_subparsers(dest="data_command", required=True)
-    q = sub.add_parser("check", help="unreadable images, empty identities and duplicate files "
-                       "in an identity folder")
+    """Register ``data`` with its ``check``, ``pack``, ``unpack``, ``info`` and ``make-bin`` subcommands."""
+    p = subparsers.add_parser("data", help="check identity folders; pack/unpack/inspect .rec and .bin",
+                              description="Check identity folders; pack, unpack and inspect "
+                              "InsightFace .rec and .bin files.")
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="COMMAND",
+                           title="commands")
+    q = sub.add_parser("check", help="unreadable, empty and duplicate files in a folder")
     q.add_argument("folder", help="folder/<identity>/<image>")
     q.add_argument("--no-decode", action="store_true", help="hash only (faster)")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.set_defaults(func=_cmd_check)
-    q = sub.add_parser("pack", help="identity folder -> .rec/.idx/property (InsightFace layout)")
+    q = sub.add_parser("pack", help="identity folder -> InsightFace .rec/.idx/property")
     q.add_argument("folder", help="folder/<identity>/<image>")
     q.add_argument("out", help="output .rec path, prefix or folder (train.rec inside)")
     q.set_defaults(func=_cmd_pack)
+    q = sub.add_parser("unpack", help=".rec -> identity folder OUT/<label>/<key>.jpg "
+                       "(image bytes as stored)")
+    q.add_argument("rec", help=".rec path, prefix or folder holding train.rec")
+    q.add_argument("out", help="output folder (created; must be empty)")
+    q.add_argument("--on-corrupt", choices=("skip", "error"), default="skip",
+                   help="unreadable records: leave out with a warning (default) or stop")
+    q.set_defaults(func=_cmd_unpack)
     q = sub.add_parser("info", help="summarise a .rec or .bin file")
     q.add_argument("file", help=".rec / .idx / folder with train.rec, or .bin")
     q.set_defaults(func=_cmd_info)

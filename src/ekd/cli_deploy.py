@@ -14,11 +14,13 @@ import sys
 from pathlib import Path
 
 from ekd.errors import ConfigError
+from ekd.output_paths import prepare_output_file
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from ekd.deploy.onnx_export import export_checkpoint
 
+    prepare_output_file(args.onnx, "--onnx")
     res = export_checkpoint(args.checkpoint, args.onnx, backbone=args.backbone, fp16=args.fp16,
                             opset=args.opset, check=args.check)
     print(f"wrote {res.path}: {res.backbone}, input [batch, 3, {res.input_size}, "
@@ -45,14 +47,18 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
     from ekd.deploy.stats import model_stats, resolve_model, stats_table
 
+    if args.json:
+        prepare_output_file(args.json, "--json")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     for spec in args.model:
         model, backbone, size = resolve_model(spec, args.backbone, args.input_size,
                                               args.embedding_size)
-        name = backbone if spec.strip().lower() == backbone else Path(spec).name
+        is_file = Path(spec).is_file()
+        name = Path(spec).name if is_file else backbone
         rows.append(model_stats(model, size, name=name, backbone=backbone,
+                                file=spec if is_file else "",
                                 batch_sizes=_batch_sizes(args.batch_sizes),
                                 repeats=args.repeats, warmup=args.warmup))
     print(stats_table(rows))
@@ -67,8 +73,10 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from ekd.deploy.embed import collect_images, load_embedding_model, save_embeddings
+    from ekd.deploy.embed import (collect_images, embeddings_file, load_embedding_model,
+                                  save_embeddings)
 
+    prepare_output_file(embeddings_file(args.output), "--output")
     model = load_embedding_model(args.model, backbone=args.backbone, device=args.device)
     paths = collect_images(args.images)
     emb = model.embed_paths(paths, batch_size=args.batch_size, flip=not args.no_flip,

@@ -34,14 +34,20 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    """Training data: an identity folder (``root/<identity>/<image>``) or the synthetic set."""
+    """Training data of kind ``kind`` (:mod:`ekd.data.kinds`): an identity folder
+    (``root/<identity>/<image>``), an InsightFace ``.rec`` (``root`` = the file, its prefix or
+    a folder holding ``train.rec``) or the synthetic set."""
 
-    kind: str = "synthetic"  # "folder" | "synthetic"
+    kind: str = "synthetic"  # "folder" | "rec" | "synthetic"
     root: str | None = None
     input_size: int = 112
     num_workers: int = 0
     # An unreadable image: "skip" (replaced by a readable one, counted, warned) or "error".
     on_corrupt: str = "skip"
+    # Decode every image once into one uint8 tensor on the training device and build batches
+    # there (no DataLoader); refused when N*3*S*S bytes exceed preload_max_gb (10**9 bytes).
+    preload: bool = False
+    preload_max_gb: float = 4.0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -134,6 +140,8 @@ class TrainConfig:
     max_bad_steps: int = 5
     # Resume from a checkpoint ("auto" = output_dir/checkpoints/last.pt when it exists).
     resume: str | None = None
+    # Scalars under output_dir/tensorboard/ (null = when the tensorboard package is installed).
+    tensorboard: bool | None = None
 
 
 @dataclass
@@ -148,6 +156,32 @@ class EvalConfig:
 
 
 @dataclass
+class ValSetConfig:
+    """One validation set; ``val.sets`` entries are these mappings or a bare path string."""
+
+    path: str = ""
+    name: str | None = None  # metric prefix; default: the file or folder name without suffix
+    kind: str | None = None  # "bin" | "pairs" | "folder"; default: .bin file, folder, else pair list
+    root: str | None = None  # pairs: folder of the list's relative paths (default: the list's)
+    color: str = "rgb"  # bin: channel order fed to the model ("rgb" | "bgr")
+
+
+@dataclass
+class ValConfig:
+    """Verification during training (docs/training.md): every ``every_steps`` steps and at every
+    epoch end; metrics ``<set>/<acc|auc|tpr@F>``; ``keep_best`` names one of them for best.pt."""
+
+    sets: list = field(default_factory=list)  # paths or ValSetConfig mappings
+    every_steps: int | None = None
+    keep_best: str | None = None  # e.g. "lfw/tpr@1e-4", "cfp_fp/acc"
+    fprs: list[float] = field(default_factory=lambda: [1e-3, 1e-4])
+    batch_size: int = 128
+    max_per_identity: int | None = 10  # folder sets: first N images of each identity
+    # Images whose size differs from data.input_size: an error, or resized bilinearly (true).
+    resize: bool = False
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -158,10 +192,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    val: ValConfig = field(default_factory=ValConfig)
 
 
 _CHOICES = {
-    "data.kind": ("folder", "synthetic"),
+    "data.kind": ("folder", "rec", "synthetic"),  # = ekd.data.kinds.DATASET_KINDS (tested)
     "data.on_corrupt": ("skip", "error"),
     "head.kind": ("arcface", "cosface"),
     "teacher.kind": ("none", "checkpoint", "onnx", "cache"),
@@ -186,6 +221,10 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
         where = ".".join(parts[:depth + 1])
         if isinstance(node, list):
             index = int(part) if part.isdecimal() and len(part) < 10 else len(node)
+            if not node:
+                raise ConfigError(f"--set {dotted}: the list {'.'.join(parts[:depth])} is empty; "
+                                  "add its entries in the YAML file (or --set "
+                                  f"{'.'.join(parts[:depth])}=[...])")
             if index >= len(node):
                 raise ConfigError(f"--set {dotted}: {where} is not an index of a list of {len(node)}")
             if last:
@@ -197,6 +236,9 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
             raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth])} is not a section")
         if last:
             node[part] = value
+        elif node.get(part) is None and parts[depth + 1].isdecimal():
+            raise ConfigError(f"--set {dotted}: the list {where} is empty; add its entries in the "
+                              f"YAML file (or --set {where}=[...])")
         else:
             node = node.setdefault(part, {})
 
@@ -233,7 +275,8 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: cannot read the config file: {exc}") from None
     data = _safe_yaml(text, f"{path}: invalid YAML")
     if data is None:
-        return {}
+        raise ConfigError(f"{path}: the file is empty (no settings); start from a file in "
+                          "configs/, e.g. configs/ekd_synthetic.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections ({_valid_keys(Config)})")
     return data
@@ -248,6 +291,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, value in parse_overrides(overrides or []):
         _set_path(tree, key, value)
     cfg = from_dict(Config, tree)
+    if path is not None and "data" not in tree:
+        raise ConfigError(f"{path}: no 'data' section, so nothing says what to train on; add "
+                          "data: {kind: synthetic} (ekd's synthetic faces) or data: {kind: folder, "
+                          "root: FOLDER, input_size: 112}")
     validate(cfg)
     return cfg
 
@@ -269,7 +316,9 @@ def validate(cfg: Config) -> None:
         "sampler.samples_per_identity": cfg.sampler.samples_per_identity,
         "train.epochs": cfg.train.epochs,
         "eval.batch_size": cfg.eval.batch_size,
+        "val.batch_size": cfg.val.batch_size,
         "train.log_every": cfg.train.log_every,
+        "data.preload_max_gb": cfg.data.preload_max_gb,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -291,8 +340,8 @@ def validate(cfg: Config) -> None:
     if cfg.train.ce_on == "random" and cfg.sampler.random_size == 0:
         raise ConfigError("train.ce_on is 'random' but sampler.random_size is 0: "
                           "set train.ce_on=all or a positive random_size")
-    if cfg.data.kind == "folder" and not cfg.data.root:
-        raise ConfigError("data.root is required when data.kind is 'folder'")
+    if cfg.data.kind in ("folder", "rec") and not cfg.data.root:
+        raise ConfigError(f"data.root is required when data.kind is '{cfg.data.kind}'")
     if cfg.teacher.kind != "none" and not cfg.teacher.path:
         raise ConfigError(f"teacher.path is required when teacher.kind is '{cfg.teacher.kind}'")
     if not 0 < cfg.head.sample_rate <= 1:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ekd.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ekd.config import Config
+    from ekd.config import Config, ValConfig, ValSetConfig
 
 #: Distillers whose loss needs positive pairs (same identity) in every batch.
 NEEDS_POSITIVE_PAIRS = ("ekd", "triplet_distill")
@@ -35,7 +35,7 @@ def _floats(obj: Any, prefix: str) -> list[tuple[str, float]]:
 
 def check_more(cfg: Config) -> None:
     """Checks beyond the per-key ones of :func:`ekd.config.validate`."""
-    for section in ("data", "sampler", "model", "head", "teacher", "optim", "train", "eval"):
+    for section in ("data", "sampler", "model", "head", "teacher", "optim", "train", "eval", "val"):
         for key, value in _floats(getattr(cfg, section), section + "."):
             if not math.isfinite(value):
                 raise ConfigError(f"{key} must be a finite number, got {value}")
@@ -46,6 +46,7 @@ def check_more(cfg: Config) -> None:
     _check_optim_train(cfg)
     _check_batch(cfg)
     _check_distillers(cfg)
+    _check_val(cfg.val)
 
 
 def _check_model(cfg: Config) -> None:
@@ -138,3 +139,71 @@ def _check_distillers(cfg: Config) -> None:
                     f"every batch, but sampler.identities_per_batch={sp.identities_per_batch} and "
                     f"sampler.samples_per_identity={sp.samples_per_identity}: set "
                     "identities_per_batch >= 1 and samples_per_identity >= 2 (paper: 4)")
+
+
+VAL_KINDS = ("bin", "pairs", "folder")
+
+
+def val_metric_names(fprs: list[float]) -> list[str]:
+    """The metrics logged per validation set: 10-fold ``acc`` (pair sets), ``auc``, ``tpr@F``."""
+    from ekd.eval.evaluate import fpr_key
+
+    return ["acc", "auc"] + [fpr_key(f) for f in fprs]
+
+
+def val_sets(val: ValConfig) -> list[ValSetConfig]:
+    """``val.sets`` as :class:`~ekd.config.ValSetConfig` (a bare string is the path), names
+    defaulted to the path's stem; malformed entries are errors naming ``val.sets[i]``."""
+    from ekd.config import ValSetConfig
+    from ekd.config_types import from_dict
+
+    out = []
+    for i, entry in enumerate(val.sets):
+        key = f"val.sets[{i}]"
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{key}: expected a path or a mapping of path, name, kind, root, "
+                              f"color; got {entry!r}")
+        vs = from_dict(ValSetConfig, entry, prefix=key + ".")
+        if not vs.path.strip():
+            raise ConfigError(f"{key}.path is required (a .bin file, a pair list or an identity folder)")
+        if vs.kind is not None and vs.kind not in VAL_KINDS:
+            raise ConfigError(f"{key}.kind: {vs.kind!r} is not one of {', '.join(VAL_KINDS)}")
+        if vs.color not in ("rgb", "bgr"):
+            raise ConfigError(f"{key}.color: {vs.color!r} is not one of rgb, bgr")
+        if vs.name is None:
+            vs.name = re.split(r"[\\/]", vs.path.rstrip("/\\"))[-1].rsplit(".", 1)[0] or vs.path
+        if not vs.name or "/" in vs.name:
+            raise ConfigError(f"{key}.name: {vs.name!r} must be non-empty and without '/'")
+        out.append(vs)
+    names = [vs.name for vs in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"val.sets: the name {dup[0]!r} is used twice; give the sets distinct "
+                          "'name's")
+    return out
+
+
+def _check_val(val: ValConfig) -> None:
+    from ekd.eval.evaluate import REPORT_FPRS
+
+    sets = val_sets(val)
+    if not sets and (val.every_steps is not None or val.keep_best):
+        raise ConfigError("val.every_steps / val.keep_best are set but val.sets is empty: "
+                          "list the verification sets to validate on")
+    if val.every_steps is not None and val.every_steps < 1:
+        raise ConfigError(f"val.every_steps must be >= 1 or null, got {val.every_steps}")
+    if val.max_per_identity is not None and val.max_per_identity < 2:
+        raise ConfigError(f"val.max_per_identity must be >= 2 or null (pairs need 2 images), "
+                          f"got {val.max_per_identity}")
+    valid = ", ".join(f"{f:.0e}".replace("e-0", "e-") for f in REPORT_FPRS)
+    for f in val.fprs:
+        if not any(math.isclose(f, r, rel_tol=1e-9) for r in REPORT_FPRS):
+            raise ConfigError(f"val.fprs: {f!r} is not one of {valid}")
+    if val.keep_best is not None:
+        metrics = val_metric_names(val.fprs)
+        choices = [f"{vs.name}/{m}" for vs in sets for m in metrics]
+        if val.keep_best not in choices:
+            raise ConfigError(f"val.keep_best: {val.keep_best!r} is not a validation metric; "
+                              f"valid: {', '.join(choices)}")

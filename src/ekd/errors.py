@@ -20,3 +20,17 @@ class DataError(EkdError, ValueError):
 
 class CheckpointError(EkdError, ValueError):
     """A checkpoint or teacher file is missing, corrupt or does not match the model."""
+
+
+def user_message(exc: EkdError) -> str:
+    """The message to show for ``exc``. An error raised in a DataLoader worker reaches the main
+    process re-created by torch with the worker's whole traceback as its message; only the
+    original message is kept (and which worker raised it)."""
+    text = str(exc)
+    head, sep, trace = text.partition("\nOriginal Traceback (most recent call last):")
+    if not sep:
+        return text
+    last = trace.rstrip().rsplit("\n", 1)[-1]
+    original = last.split(": ", 1)[1] if last.startswith(f"ekd.errors.{type(exc).__name__}: ") else last
+    where = head.split(" in ", 1)[1].rstrip(".") if " in " in head else "a DataLoader worker"
+    return f"{original} (in {where})"

@@ -8,7 +8,8 @@ from ekd.data.synthetic import (
     render_face,
 )
 from ekd.data.record_dataset import RecordDataset
-from ekd.data.recordio import RecordIOReader, RecordIOWriter, pack_folder
+from ekd.data.rec_folder import pack_folder, unpack_rec
+from ekd.data.recordio import RecordIOReader, RecordIOWriter
 from ekd.data.robust import ON_CORRUPT, CorruptSampleWarning
 from ekd.data.transforms import denormalize, load_image, random_flip, to_tensor
 from ekd.data.verification_bin import BinDataset, load_bin, read_bin, write_bin
@@ -27,6 +28,7 @@ __all__ = [
     "RecordIOWriter",
     "load_bin",
     "pack_folder",
+    "unpack_rec",
     "read_bin",
     "write_bin",
     "denormalize",

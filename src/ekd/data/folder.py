@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ekd.data.robust import SkipCorrupt, check_on_corrupt
-from ekd.data.transforms import load_image, random_flip, to_tensor
+from ekd.data.transforms import load_image, normalize, random_flip, to_tensor, to_uint8
 from ekd.errors import DataError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "ListDataset", "write_pairs"]
@@ -134,8 +134,19 @@ class ImageFolderDataset(SkipCorrupt, Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         flip = self.train and random_flip(self.generator)
+        index, pixels = self._fetch_uint8(index)
+        return normalize(pixels.flip(-1) if flip else pixels), self.samples[index][1], index
+
+    def read_uint8(self, index: int) -> torch.Tensor:
+        """Item ``index`` decoded and resized to ``uint8 [3, input_size, input_size]``, never
+        mirrored; ``self[index][0]`` is ``normalize(self.read_uint8(index))`` (``train=False``).
+        An unreadable image follows ``on_corrupt`` as in ``__getitem__`` (the substitute's
+        pixels; its index is :meth:`substitute_of`)."""
+        return self._fetch_uint8(index)[1]
+
+    def _fetch_uint8(self, index: int) -> tuple[int, torch.Tensor]:
         index, img = self._fetch(index)
-        return to_tensor(img, self.input_size, flip=flip), self.samples[index][1], index
+        return index, to_uint8(img, self.input_size)
 
     def _load(self, index: int):  # noqa: ANN202 - a PIL image, or DataError naming the file
         return load_image(self.samples[index][0])

@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 
 from ekd.data.recordio import _LEN_MASK, MAGIC, RecordIOReader, unpack
 from ekd.data.robust import CorruptSampleWarning, SkipCorrupt, check_on_corrupt
-from ekd.data.transforms import COLOURS, decode_pil, random_flip, to_tensor
+from ekd.data.shared_arrays import SharedArrays
+from ekd.data.transforms import COLOURS, decode_pil, random_flip, to_tensor, to_uint8
 from ekd.errors import DataError
 
 __all__ = ["RecordDataset"]
@@ -21,7 +22,7 @@ __all__ = ["RecordDataset"]
 _MAX_LABEL = 1 << 24  # float32 labels are exact integers below 2**24
 
 
-class RecordDataset(SkipCorrupt, Dataset):
+class RecordDataset(SharedArrays, SkipCorrupt, Dataset):
     """An InsightFace ``.rec`` as a dataset; items ``(image, label, index)`` like
     :class:`~ekd.data.folder.ImageFolderDataset`.
 
@@ -36,7 +37,13 @@ class RecordDataset(SkipCorrupt, Dataset):
     the original label). ``on_corrupt="skip"`` (default) leaves out records whose header cannot
     be read at construction (keys in :attr:`dropped`, one warning) and replaces undecodable
     images while iterating (see :mod:`ekd.data.robust`); ``"error"`` raises instead.
+
+    ``read_uint8(i)`` is the decoded image resized to ``input_size`` (``uint8 [3, H, W]``,
+    never mirrored); ``dataset[i][0]`` is exactly its normalisation. Pickling (DataLoader
+    workers) sends the path and shared-memory handles only; each process maps the file itself.
     """
+
+    _shared = ("image_keys", "labels", "_ranges")
 
     def __init__(self, path: str | os.PathLike[str], input_size: int = 112, train: bool = False,
                  color: str = "rgb", generator: torch.Generator | None = None,
@@ -47,7 +54,7 @@ class RecordDataset(SkipCorrupt, Dataset):
         self.reader = rd = RecordIOReader(path)
         self.input_size, self.train, self.color, self.generator = int(input_size), train, color, generator
         self.header0: tuple[int, int] | None = None
-        self.identity_ranges: dict[int, tuple[int, int]] = {}
+        ranges: list[tuple[int, int, int]] = []
         self.dropped: list[int] = []
         first = rd.read_header(0) if rd.offset(0) is not None else None
         if first is not None and first.flag >= 2:
@@ -67,7 +74,7 @@ class RecordDataset(SkipCorrupt, Dataset):
                     if on_corrupt == "error":
                         raise
                     continue  # informational only; training does not use the ranges
-                self.identity_ranges[k] = (int(h.label[0]), int(h.label[1]))
+                ranges.append((k, int(h.label[0]), int(h.label[1])))
         else:
             self.image_keys = rd.keys.copy()
         if self.image_keys.size == 0:
@@ -102,7 +109,9 @@ class RecordDataset(SkipCorrupt, Dataset):
             except (ValueError, UnicodeDecodeError):
                 raise DataError(f"{prop}: expected 'num_classes,height,width'") from None
         self._num_classes = max(declared, int(self.labels.max()) + 1)
+        self._ranges = np.asarray(ranges, dtype=np.int64).reshape(-1, 3)  # key, start, end
         self._init_skip(on_corrupt)
+        self._share_arrays()
 
     def _read_labels(self, strict: bool, block: int = 1 << 20) -> tuple[np.ndarray, list]:
         """Image labels, parsed from the mapped file in blocks with numpy (fast path: magic,
@@ -147,6 +156,11 @@ class RecordDataset(SkipCorrupt, Dataset):
         return int(value)
 
     @property
+    def identity_ranges(self) -> dict[int, tuple[int, int]]:
+        """Identity record key -> ``[start, end)`` image key range (header record 0 sets)."""
+        return {int(k): (int(a), int(b)) for k, a, b in self._ranges.tolist()}
+
+    @property
     def num_classes(self) -> int:
         return self._num_classes
 
@@ -164,10 +178,15 @@ class RecordDataset(SkipCorrupt, Dataset):
         """Decoded ``uint8 [H, W, 3]`` image of item ``index`` in the dataset's colour order."""
         return np.asarray(self.pil_image(index))
 
+    def read_uint8(self, index: int) -> torch.Tensor:
+        """``uint8 [3, input_size, input_size]`` of item ``index`` before normalisation (an
+        unreadable item is replaced as in ``__getitem__``, by ``on_corrupt``)."""
+        return to_uint8(self._fetch(index)[1], self.input_size)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         flip = self.train and random_flip(self.generator)
         index, img = self._fetch(index)
-        return to_tensor(img, self.input_size, flip=flip), int(self.labels[index]), index
+        return to_tensor(img, self.input_size, flip), int(self.labels[index]), index
 
     _load = pil_image
 

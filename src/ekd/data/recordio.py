@@ -29,18 +29,19 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ekd.data.folder import ImageFolderDataset
+from ekd.data.shared_arrays import SharedArrays
 from ekd.data.transforms import COLOURS, decode_image, decode_pil
 from ekd.errors import DataError
 
 __all__ = ["COLOURS", "MAGIC", "IRHeader", "pack", "unpack", "encode_record", "RecordIOReader",
-           "RecordIOWriter", "RecordDataset", "decode_image", "decode_pil", "pack_folder", "rec_paths"]
+           "RecordIOWriter", "decode_image", "decode_pil", "rec_paths"]
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -129,12 +130,19 @@ def _read_idx(path: Path) -> tuple[np.ndarray, np.ndarray]:
     raise DataError(f"{path}: unreadable index")
 
 
-class RecordIOReader:
-    """Random access to a ``.rec`` through its ``.idx`` (or a sequential scan when absent).
+class RecordIOReader(SharedArrays):
+    """Random access to a ``.rec`` through its ``.idx``; ``read(key)`` returns the record data
+    with continuation parts joined.
 
-    The file is memory-mapped on first use in each process, so the reader can be pickled into
-    DataLoader workers. ``read(key)`` returns the record data with continuation parts joined.
+    Without an ``.idx`` the ``.rec`` is indexed by one sequential scan (keys ``0..N-1`` in file
+    order, as MXNet writes them), with a warning naming both files: slow for large sets.
+
+    The file is memory-mapped on first use in each process and the key/offset arrays live in
+    shared memory, so a DataLoader worker receives only the path and small handles
+    (:mod:`ekd.data.shared_arrays`) and maps the file itself.
     """
+
+    _shared = ("keys", "offsets", "_sorted")
 
     def __init__(self, path: str | os.PathLike[str], idx_path: str | os.PathLike[str] | None = None):
         self.path, default_idx = rec_paths(path)
@@ -146,10 +154,13 @@ class RecordIOReader:
         if self.idx_path.is_file():
             self.keys, self.offsets = _read_idx(self.idx_path)
         else:
+            warnings.warn(f"{self.idx_path} not found: indexing {self.path} by a sequential scan "
+                          "(slow for large files; keys are record positions 0..N-1)", stacklevel=2)
             offs = [off for off, _ in self.scan()]
             self.keys, self.offsets = np.arange(len(offs), dtype=np.int64), np.asarray(offs, np.int64)
         self._dense = bool(np.array_equal(self.keys, np.arange(self.keys.size)))  # InsightFace
         self._sorted = np.argsort(self.keys, kind="stable")
+        self._share_arrays()
 
     def _map(self) -> mmap.mmap:
         if self._mm is None or self._pid != os.getpid():
@@ -161,7 +172,7 @@ class RecordIOReader:
         return self._mm
 
     def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
+        state = super().__getstate__()
         state["_mm"], state["_pid"] = None, -1
         return state
 
@@ -245,39 +256,3 @@ class RecordIOWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def pack_folder(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict:
-    """Write ``out.rec/.idx`` and ``property`` from ``folder/<identity>/<image>`` (InsightFace
-    layout: header record 0, images ``1..N`` with scalar labels, then one ``[start, end)``
-    record per identity). Image files are stored byte for byte (no re-encoding).
-    """
-    ds = ImageFolderDataset(folder)
-    rec, _ = rec_paths(out)
-    n, c = len(ds.samples), ds.num_classes
-    if n + c + 1 > 1 << 24:
-        raise DataError(f"{folder}: {n} images + {c} identities exceed the float32 labels' 2**24")
-    ranges: list[list[int]] = [[0, 0] for _ in range(c)]
-    with RecordIOWriter(rec) as w:
-        w.write(0, pack(IRHeader(2, np.array([n + 1, n + 1 + c], np.float32)), b""))
-        for key, (path, label) in enumerate(ds.samples, start=1):
-            data = Path(path).read_bytes()
-            if key == 1:
-                size = decode_image(data, where=path).shape[:2]
-            if ranges[label][0] == 0:
-                ranges[label][0] = key
-            ranges[label][1] = key + 1
-            w.write(key, pack(IRHeader(0, float(label), key, 0), data))
-        for i, (a, b) in enumerate(ranges):
-            w.write(n + 1 + i, pack(IRHeader(2, np.array([a, b], np.float32), n + 1 + i), b""))
-    (rec.parent / "property").write_text(f"{c},{size[0]},{size[1]}\n")
-    return {"rec": str(rec), "images": n, "identities": c, "image_size": [int(size[0]), int(size[1])]}
-
-
-def __getattr__(name: str) -> object:
-    """``RecordDataset`` lives in :mod:`ekd.data.record_dataset` (imported on first use)."""
-    if name == "RecordDataset":
-        from ekd.data.record_dataset import RecordDataset
-
-        return RecordDataset
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

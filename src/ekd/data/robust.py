@@ -99,6 +99,15 @@ class SkipCorrupt:
                         f"and so are the {tried} substitute(s) tried: on_corrupt='skip' gives up; "
                         "check the data, e.g. with ekd.data.check.check_folder")
 
+    def substitute_of(self, index: int) -> int:
+        """The item that stands for ``index``: itself when readable (not in :attr:`corrupt`),
+        else the first candidate not known to be unreadable -- the one :meth:`_fetch` returned,
+        once it has been tried in this process."""
+        index = int(index)
+        if index not in self.corrupt:
+            return index
+        return next((j for j in self._candidates(index) if j not in self.corrupt), index)
+
     def _candidates(self, index: int) -> Iterator[int]:
         """Other items of the same identity (cyclically after ``index``), then the next items."""
         n = len(self.labels)

@@ -1,7 +1,9 @@
 """Image loading and tensor conversion (numpy only, no torchvision).
 
 Images are normalised as InsightFace does: ``(x / 255 - 0.5) / 0.5``, i.e. pixel values in
-``[-1, 1]``. Random horizontal flips use torch's RNG (optionally an explicit
+``[-1, 1]``, computed as ``(x - 127.5) / 127.5`` in float32 by :func:`normalize`, the one
+normalisation of every path (per item in a dataset, per batch on the device for a preloaded
+set: :mod:`ekd.data.resident`). Random horizontal flips use torch's RNG (optionally an explicit
 :class:`torch.Generator`), so ``torch.manual_seed`` makes them reproducible and every
 ``DataLoader`` worker, which torch seeds differently, draws its own flips.
 """
@@ -18,8 +20,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ekd.errors import DataError
 
-__all__ = ["COLOURS", "decode_image", "decode_pil", "load_image", "to_tensor", "random_flip",
-           "denormalize"]
+__all__ = ["COLOURS", "decode_image", "decode_pil", "load_image", "to_tensor", "to_uint8", "normalize",
+           "mirror_batch", "random_flip", "denormalize"]
 
 #: Channel orders accepted by the decoders (``bgr`` swaps R and B after decoding).
 COLOURS = ("rgb", "bgr")
@@ -83,21 +85,51 @@ def random_flip(generator: torch.Generator | None = None) -> bool:
     return bool(torch.rand((), generator=generator).item() < 0.5)
 
 
-def to_tensor(img: Image.Image, input_size: int, flip: bool = False) -> torch.Tensor:
-    """Convert an RGB image to a normalised float tensor of shape ``[3, input_size, input_size]``.
-
-    The image is resized (bilinear) only when its size differs from ``input_size``; ``flip``
-    mirrors it horizontally. Values are mapped to ``[-1, 1]``.
-    """
+def to_uint8(img: Image.Image, input_size: int) -> torch.Tensor:
+    """An RGB image as ``uint8 [3, input_size, input_size]``, resized (bilinear) only when its
+    size differs from ``input_size``; never mirrored."""
     if img.mode != "RGB":
         img = img.convert("RGB")
     if img.size != (input_size, input_size):
         img = img.resize((input_size, input_size), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.float32)
-    if flip:
-        arr = arr[:, ::-1]
-    arr = (arr - 127.5) / 127.5
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+_LUT: dict[torch.device, torch.Tensor] = {}
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """``uint8`` pixels (any shape, any device) -> float32 ``(x - 127.5) / 127.5`` in ``[-1, 1]``.
+
+    On the CPU this is the arithmetic itself. On other devices it is a lookup in the 256 values
+    computed once on the CPU, because e.g. CUDA divides by a scalar as a multiplication by its
+    reciprocal, which can differ in the last bit: every device thus gives the CPU's bits.
+    """
+    if pixels.dtype != torch.uint8:
+        raise DataError(f"normalize expects uint8 pixels, got {pixels.dtype}")
+    if pixels.device.type == "cpu":
+        return (pixels.float() - 127.5) / 127.5
+    lut = _LUT.get(pixels.device)
+    if lut is None:
+        lut = _LUT[pixels.device] = normalize(torch.arange(256, dtype=torch.uint8)).to(pixels.device)
+    return lut[pixels.long()]
+
+
+def to_tensor(img: Image.Image, input_size: int, flip: bool = False) -> torch.Tensor:
+    """Convert an RGB image to a normalised float tensor of shape ``[3, input_size, input_size]``.
+
+    ``normalize(to_uint8(img, input_size))``, mirrored horizontally when ``flip``.
+    """
+    pixels = to_uint8(img, input_size)
+    return normalize(pixels.flip(-1) if flip else pixels)
+
+
+def mirror_batch(images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror each image of an ``[N, C, H, W]`` batch with p=0.5 drawn from a CPU generator
+    seeded with ``seed`` (on the batch's device); returns the batch and the CPU flip flags."""
+    flipped = torch.rand(images.shape[0], generator=torch.Generator().manual_seed(seed)) < 0.5
+    images = torch.where(flipped.to(images.device)[:, None, None, None], images.flip(-1), images)
+    return images, flipped
 
 
 def denormalize(tensor: torch.Tensor) -> np.ndarray:

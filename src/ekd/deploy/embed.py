@@ -8,8 +8,10 @@ L2-normalise, exactly as ``ekd eval`` does, so scores and ``ekd eval`` threshold
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -27,6 +29,7 @@ __all__ = ["EmbeddingModel", "OnnxEmbeddingModel", "TorchEmbeddingModel", "colle
            "load_embedding_model", "preprocess", "read_threshold", "save_embeddings"]
 
 _DEFAULT_MEAN = (0.5, 0.5, 0.5)
+log = logging.getLogger("ekd.embed")
 
 
 def preprocess(img: Image.Image, input_size: int, mean: tuple[float, ...] = _DEFAULT_MEAN,
@@ -58,8 +61,35 @@ class _Images(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        return preprocess(load_image(self.paths[i]), self.size, self.mean, self.std, self.order)
+    def __getitem__(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
+        img = load_image(self.paths[i])
+        return preprocess(img, self.size, self.mean, self.std, self.order), img.size
+
+
+def _bar_size() -> dict[str, int]:
+    """``{}`` (tqdm measures the terminal) unless the terminal reports a zero size, as a fresh
+    pseudo-terminal (some CI runners, ``script``) does: then 80x24, or tqdm draws nothing."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {} if size.columns and size.lines else {"ncols": size.columns or 80,
+                                                    "nrows": size.lines or 24}
+
+
+def _collate(items: list[tuple[np.ndarray, tuple[int, int]]]) -> tuple[np.ndarray, list]:
+    return np.stack([a for a, _ in items]), [size for _, size in items]
+
+
+def _warn_unaligned(paths: list[str], sizes: list[tuple[int, int]], side: int) -> None:
+    """One warning when images are not the model's aligned input size (e.g. whole photos)."""
+    odd = [(p, s) for p, s in zip(paths, sizes) if s != (side, side)]
+    if odd:
+        (first, (w, h)) = odd[0]
+        log.warning("%d of %d image(s) are not %d×%d (first: %s is %d×%d); ekd expects aligned "
+                    "%d×%d crops (docs/deploy.md): other images are resized, not aligned, and "
+                    "their embeddings are unreliable", len(odd), len(paths), side, side, first,
+                    w, h, side, side)
 
 
 class EmbeddingModel(ABC):
@@ -91,6 +121,10 @@ class EmbeddingModel(ABC):
         """Embeddings of image files in order; a tqdm bar on lists longer than one batch."""
         if not paths:
             raise DataError("no images to embed")
+        folders = [p for p in paths if os.path.isdir(p)]
+        if folders:
+            raise DataError(f"{', '.join(map(str, folders[:5]))}: a folder where an image file is "
+                            "expected (ekd embed takes folders; ekd verify takes two image files)")
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise DataError(f"{len(missing)} image file(s) not found: {', '.join(missing[:5])}")
@@ -98,17 +132,19 @@ class EmbeddingModel(ABC):
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         data = _Images(list(paths), self.input_size, self.mean, self.std, self.color_order)
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
-                            collate_fn=np.stack)
+                            collate_fn=_collate)
         from tqdm.auto import tqdm
 
         # None: a bar for lists longer than one batch, on a terminal only.
         disable = (None if len(paths) > batch_size else True) if progress is None else not progress
-        out = []
+        out, sizes = [], []
         with tqdm(total=len(paths), desc="embedding", unit="img", disable=disable,
-                  leave=False) as bar:
-            for batch in loader:
+                  leave=False, **_bar_size()) as bar:
+            for batch, batch_sizes in loader:
                 out.append(self.embed_batch(batch, flip))
+                sizes.extend(batch_sizes)
                 bar.update(len(batch))
+        _warn_unaligned(list(paths), sizes, self.input_size)
         return np.concatenate(out)
 
     def describe(self) -> str:
@@ -207,7 +243,8 @@ def load_embedding_model(path: str | Path, backbone: str | None = None,
     """An :class:`OnnxEmbeddingModel` for ``*.onnx`` files, else a :class:`TorchEmbeddingModel`."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"model file not found: {path}")
+        raise CheckpointError(f"model file not found: {path}"
+                              + (" (it is a folder)" if path.is_dir() else ""))
     if path.suffix.lower() == ".onnx":
         return OnnxEmbeddingModel(path)
     return TorchEmbeddingModel(path, backbone=backbone, device=device)
@@ -234,11 +271,15 @@ def collect_images(items: list[str | Path]) -> list[str]:
     return paths
 
 
+def embeddings_file(out: str | Path) -> Path:
+    """The ``.npy`` file :func:`save_embeddings` writes for ``out`` (``.npy`` appended if missing)."""
+    out = Path(out)
+    return out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
+
+
 def save_embeddings(out: str | Path, embeddings: np.ndarray, paths: list[str]) -> tuple[Path, Path]:
     """Write ``out`` (``.npy``, float32 ``[N, D]``) and ``<stem>.paths.txt`` (one path a line)."""
-    out = Path(out)
-    if out.suffix != ".npy":
-        out = out.with_name(out.name + ".npy")
+    out = embeddings_file(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, np.asarray(embeddings, dtype=np.float32))
     listing = out.with_suffix(".paths.txt")

@@ -38,6 +38,7 @@ class ModelStats:
     repeats: int = 0
     threads: int = 1
     device: str = "cpu"
+    file: str = ""  # the model file measured; "" for a backbone built from its name
 
     def to_dict(self) -> dict:
         """JSON-ready dict (latency keys as strings)."""
@@ -99,13 +100,13 @@ def measure_latency(model: nn.Module, input_size: int, batch_size: int, repeats:
 
 def model_stats(model: nn.Module, input_size: int, name: str | None = None,
                 backbone: str = "", batch_sizes: tuple[int, ...] = (1, 32), repeats: int = 10,
-                warmup: int = 2) -> ModelStats:
+                warmup: int = 2, file: str = "") -> ModelStats:
     """Parameters, MACs, embedding size and median CPU latency at each batch size."""
     model = model.cpu().float()
     macs, emb = count_macs(model, input_size)
     stats = ModelStats(name or backbone or type(model).__name__, backbone, int(input_size), emb,
                        count_parameters(model), int(macs), repeats=repeats,
-                       threads=torch.get_num_threads())
+                       threads=torch.get_num_threads(), file=str(file))
     for b in batch_sizes:
         stats.latency_ms[int(b)] = measure_latency(model, input_size, int(b), repeats, warmup)
     return stats
@@ -130,14 +131,15 @@ def resolve_model(spec: str, backbone: str | None = None, input_size: int | None
 
 
 def stats_table(rows: list[ModelStats]) -> str:
-    """A Markdown table, one row per model."""
+    """A Markdown table, one row per model, labelled with its backbone and file ("-": built
+    from the backbone name, random weights)."""
     batches = sorted({b for r in rows for b in r.latency_ms})
-    head = ["model", "input", "params (M)", "MACs (G)", "embedding"]
+    head = ["backbone", "file", "input", "params (M)", "MACs (G)", "embedding"]
     head += [f"CPU ms @ batch {b}" + (" (per image)" if b > 1 else "") for b in batches]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.name, f"{r.input_size}x{r.input_size}", f"{r.parameters / 1e6:.2f}",
-                 f"{r.macs / 1e9:.3f}", str(r.embedding_size)]
+        cells = [r.backbone or r.name, r.file or "-", f"{r.input_size}x{r.input_size}",
+                 f"{r.parameters / 1e6:.2f}", f"{r.macs / 1e9:.3f}", str(r.embedding_size)]
         for b in batches:
             ms = r.latency_ms.get(b)
             cells.append("n/a" if ms is None else

@@ -2,16 +2,21 @@
 
 Importing this package registers every method: ``ekd`` (the paper), the baselines of its tables
 (``fitnet``, ``kd``, ``darkrank``, ``sp``, ``cckd``, ``rkd``, ``cosine``, ``shrinkteanet``,
-``triplet_distill``, ``margin_distill``, ``proxylesskd``) and ``adadistill`` (ECCV 2024).
+``triplet_distill``, ``margin_distill``, ``proxylesskd``), ``adadistill`` (ECCV 2024),
+``coupleface`` (ECCV 2022), ``gkd`` (AAAI 2023), ``icd_face`` (ICCV 2023) and ``unified_kd``
+(ILED + RPSD, IJCB 2025).
 """
 
 from ekd.distill.adadistill import AdaDistillLoss
 from ekd.distill.base import DISTILLERS, Distiller, build_distiller, distiller_params, register_distiller
 from ekd.distill.cckd import CCKDLoss
 from ekd.distill.cosine import CosineLoss
+from ekd.distill.coupleface import CoupleFaceLoss
 from ekd.distill.darkrank import HardDarkRankLoss
 from ekd.distill.ekd import EKDLoss
 from ekd.distill.fitnet import FitNetLoss
+from ekd.distill.gkd import GKDLoss
+from ekd.distill.icd_face import ICDFaceLoss
 from ekd.distill.kd import KDLoss
 from ekd.distill.margin_distill import MarginDistillLoss
 from ekd.distill.proxylesskd import ProxylessKDLoss
@@ -19,12 +24,14 @@ from ekd.distill.rkd import RKDLoss
 from ekd.distill.shrinkteanet import ShrinkTeaNetLoss
 from ekd.distill.sp import SPLoss
 from ekd.distill.triplet_distill import TripletDistillLoss
+from ekd.distill.unified_kd import UnifiedKDLoss
 
 #: Keys a distiller may list in ``requires``; the trainer provides exactly these.
 EXTRAS = frozenset({"teacher_logits", "student_logits", "teacher_centers", "student_head",
                     "random_size"})
 
-__all__ = ["DISTILLERS", "EXTRAS", "AdaDistillLoss", "CCKDLoss", "CosineLoss", "Distiller",
-           "EKDLoss", "FitNetLoss", "HardDarkRankLoss", "KDLoss", "MarginDistillLoss",
-           "ProxylessKDLoss", "RKDLoss", "SPLoss", "ShrinkTeaNetLoss", "TripletDistillLoss",
-           "build_distiller", "distiller_params", "register_distiller"]
+__all__ = ["DISTILLERS", "EXTRAS", "AdaDistillLoss", "CCKDLoss", "CosineLoss", "CoupleFaceLoss",
+           "Distiller", "EKDLoss", "FitNetLoss", "GKDLoss", "HardDarkRankLoss", "ICDFaceLoss",
+           "KDLoss", "MarginDistillLoss", "ProxylessKDLoss", "RKDLoss", "SPLoss", "ShrinkTeaNetLoss",
+           "TripletDistillLoss", "UnifiedKDLoss", "build_distiller", "distiller_params",
+           "register_distiller"]

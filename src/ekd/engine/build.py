@@ -1,15 +1,16 @@
-"""Small builders shared by the engine: device, seeding, the training set."""
+"""Small builders shared by the engine: device, seeding, the training set and its loader."""
 
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ekd.config import Config
-from ekd.data import ImageFolderDataset, make_synthetic_benchmark
+from ekd.data.kinds import build_dataset
+from ekd.data.resident import ResidentBatches, ResidentImages
 from ekd.errors import ConfigError
 
 
@@ -31,19 +32,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_train_set(cfg: Config) -> ImageFolderDataset:
-    """The training identity folder: ``data.root`` or the generated synthetic set.
+def build_train_set(cfg: Config):  # noqa: ANN201 - a dataset of the kind data.kind
+    """The training set of kind ``data.kind`` (:mod:`ekd.data.kinds`: folder, rec, synthetic).
 
     Images are not mirrored here: the trainer mirrors each batch itself so that it knows which
     samples were mirrored (needed to look up cached teacher embeddings).
     """
-    if cfg.data.kind == "synthetic":
-        s = cfg.data.synthetic
-        paths = make_synthetic_benchmark(Path(s.cache_dir), s.train_identities, s.train_images,
-                                         s.eval_identities, s.eval_images, s.image_size,
-                                         s.num_pairs, s.seed)
-        root = paths["train"]
-    else:
-        root = Path(cfg.data.root)  # type: ignore[arg-type]
-    return ImageFolderDataset(root, input_size=cfg.data.input_size, train=False,
-                              on_corrupt=cfg.data.on_corrupt)
+    return build_dataset(cfg.data)
+
+
+def build_train_loader(cfg: Config, dataset: Dataset, sampler: Sampler[list[int]],
+                       device: torch.device, rank: int = 0, progress: bool = True
+                       ) -> DataLoader | ResidentBatches:
+    """Batches ``(images, labels, indices)`` of ``sampler``: a DataLoader reading the dataset, or,
+    with ``data.preload``, the whole set decoded once onto ``device`` (:mod:`ekd.data.resident`;
+    ``data.num_workers`` then only decode it)."""
+    dc = cfg.data
+    if dc.preload:
+        resident = ResidentImages.build(dataset, device, dc.preload_max_gb, dc.num_workers, progress)
+        return ResidentBatches(resident, sampler)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=dc.num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=dc.num_workers > 0,
+                      generator=torch.Generator().manual_seed(cfg.train.seed + rank))

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping
 
@@ -45,19 +48,63 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     return write_atomic(path, lambda fh: torch.save(obj, fh))
 
 
+def sniff_file(path: Path) -> str | None:
+    """What a file that cannot be a PyTorch checkpoint is ("a text file", ...); None when it
+    may be one (a torch.save zip archive or a binary pickle)."""
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None  # a cut-short torch.save file: torch.load names the damage
+        return None if any(n.endswith("data.pkl") for n in names) else \
+            "a zip archive without a PyTorch checkpoint inside"
+    if head[:1] == b"\x80":
+        return None  # a binary pickle: legacy torch.save or plain pickle, judged by the safe loader
+    text = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    if text >= 0.95 * len(head):
+        return "a text file"
+    return None
+
+
+def _safe_loader_reason(exc: BaseException) -> str:
+    """The safe unpickler's own reason (e.g. the refused class), without torch's advice text."""
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it needs the Python class {found.group(1)}"
+    tail = text.split("WeightsUnpickler error:")[-1].strip().splitlines()
+    reason = tail[0].strip() if tail and "weights_only" not in tail[0] else "not plain tensors"
+    return f"a pickle not written by torch.save: {reason}" if "operand" in reason else reason
+
+
 def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Load a checkpoint safely (tensors and plain containers only); errors name the file."""
+    """Load a checkpoint safely (tensors and plain containers only); errors name the file and
+    say what it is when it is not a checkpoint. Never suggests an unsafe load."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}"
+                              + (" (it is a folder)" if path.is_dir() else ""))
+    what = sniff_file(path)
+    if what is not None:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint / ONNX model: it is {what}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: refused to load: it contains objects other than tensors "
-                              f"and plain containers (weights_only=True): {exc}") from None
+                              f"and plain containers ({_safe_loader_reason(exc)}); ekd reads "
+                              "only tensors, numbers, strings and containers, and runs no code "
+                              "from model files; re-save the weights as a state_dict") from None
     except Exception as exc:  # noqa: BLE001 - zipfile, struct, ... errors all mean a bad file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): "
-                              f"{type(exc).__name__}: {exc}") from None
+                              f"{type(exc).__name__}: {first}") from None
 
 
 def _describe(keys: list[str], limit: int = 12) -> str:

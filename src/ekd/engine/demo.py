@@ -25,7 +25,7 @@ from pathlib import Path
 from ekd.config import Config, DistillerConfig, from_dict, validate
 from ekd.engine.demo_report import comparison_table, comparisons_from_results, summary
 from ekd.engine.evaluation import evaluate_checkpoint, write_report
-from ekd.engine.teacher_cache import cache_for_folder
+from ekd.engine.make_teacher_cache import cache_for_data
 from ekd.engine.trainer import train
 
 log = logging.getLogger("ekd.demo")
@@ -100,8 +100,9 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto") -> dict:
     teacher_cfg = demo_config(plan, out, "teacher", "iresnet18", plan.teacher_epochs, device)
     log.info("training the teacher (IResNet-18, %d epochs)", plan.teacher_epochs)
     teacher = train(teacher_cfg)
-    cache = cache_for_folder(out / "data" / "train", plan.image_size, out / "teacher_cache",
-                             teacher=str(teacher.model_path), device=device, progress=False)
+    log.info("teacher saved to %s", teacher.model_path)
+    cache = cache_for_data(out / "data" / "train", plan.image_size, out / "teacher_cache",
+                           teacher=str(teacher.model_path), device=device, progress=False)
 
     runs = {TEACHER: teacher}
     for seed in plan.seeds:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ekd.engine.teacher import load_model
 from ekd.engine.build import resolve_device
-from ekd.errors import ConfigError
+from ekd.errors import CheckpointError, ConfigError, DataError
 from ekd.eval.evaluate import (evaluate_bin, evaluate_folder, evaluate_ijb, evaluate_pairs,
                                format_value, fpr_key)
 from ekd.eval.protocols import read_lfw_pairs, read_pair_list
@@ -52,6 +52,19 @@ def _evaluate_set(model: nn.Module, kind: str, target: str, root: str | None, op
     if kind == "ijb":
         return evaluate_ijb(model, target, **opts, **common)
     raise ConfigError(f"unknown evaluation set kind {kind!r}; valid: {', '.join(KINDS)}")
+
+
+def check_inputs(models: list[str], sets: dict[str, tuple]) -> None:
+    """Fail before any embedding work when a model file or a set's file/folder is missing."""
+    for model in models:
+        if not Path(model).is_file():
+            raise CheckpointError(f"model file not found: {model}"
+                                  + (" (it is a folder)" if Path(model).is_dir() else ""))
+    for name, spec in sets.items():
+        kind, target, root = spec[:3]
+        for what, path in (("", target), (" images folder", root)):
+            if path and not Path(path).exists():
+                raise DataError(f"set {name!r} ({kind}){what} not found: {path}")
 
 
 def evaluate_checkpoint(path: str | Path, sets: dict[str, tuple],

@@ -2,8 +2,9 @@
 
 ``checkpoints/last.pt`` holds the student, head, optimiser, scheduler, grad scaler, distiller
 buffers, the epoch, the batch within the epoch (after Ctrl-C), the step, the skipped-step
-count and every RNG state. Writes are atomic (see :mod:`ekd.engine.checkpoint`); only rank 0
-writes under DDP. ``model.pt`` holds the model and head only.
+count, every RNG state and the best validation value so far (``val.keep_best``). Writes are
+atomic (see :mod:`ekd.engine.checkpoint`); only rank 0 writes under DDP. ``model.pt`` holds the
+model and head only.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,13 +34,19 @@ class TrainState:
     step: int = 0
     skipped: int = 0
     bad_in_a_row: int = 0
+    # val.keep_best: the metric, its best value so far and the step of checkpoints/best.pt
+    best_metric: str | None = None
+    best_value: float | None = None
+    best_step: int | None = None
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only)."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only); every row also goes
+    to ``scalars`` (TensorBoard, :mod:`ekd.engine.tensorboard_log`) when given."""
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
+    def __init__(self, path: Path, enabled: bool = True, scalars: Any = None) -> None:
         self.path, self.enabled, self._fh = path, enabled, None
+        self.scalars = scalars if enabled else None
 
     def __enter__(self) -> "MetricsLog":
         if self.enabled:
@@ -49,11 +56,15 @@ class MetricsLog:
     def __exit__(self, *exc) -> None:
         if self._fh:
             self._fh.close()
+        if self.scalars is not None:
+            self.scalars.close()
 
     def write(self, row: dict) -> None:
         if self._fh:
             self._fh.write(json.dumps(row) + "\n")
             self._fh.flush()
+        if self.scalars is not None:
+            self.scalars.write_row(row)
 
 
 def rng_state() -> dict:
@@ -73,8 +84,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_checkpoint(trainer: "Trainer", path: Path, training_state: bool = True) -> Path:
-    """Write model + head (+ the full training state) atomically; rank 0 only under DDP."""
+def save_training_checkpoint(trainer: "Trainer", path: Path, training_state: bool = True,
+                             extra: dict | None = None) -> Path:
+    """Write model + head (+ the full training state, + ``extra`` entries) atomically; rank 0
+    only under DDP."""
     head_state = _full_head_state(trainer)  # a collective under DDP: every rank takes part
     if trainer.dist.is_main:
         cfg = trainer.cfg
@@ -96,6 +109,7 @@ def save_training_checkpoint(trainer: "Trainer", path: Path, training_state: boo
                         "rng": rng_state(),
                         # kept at the top level for readers of older checkpoints
                         "epoch": trainer.state.epoch, "step": trainer.state.step})
+        obj.update(extra or {})
         save_atomic(obj, path)
     D.barrier(trainer.dist)
     return path

@@ -5,6 +5,9 @@ Accepted files:
 - an InsightFace arcface_torch ``backbone.pth`` (a bare ``state_dict``); its architecture must be
   given (``teacher.backbone``), and it loads with ``strict=True``.
 
+:class:`ModelTeacher` runs such a model on every batch; the teacher kinds of ``teacher.kind``
+are built in :mod:`ekd.engine.teacher_kinds`.
+
 A missing file, a wrong architecture, or missing/unexpected keys raise
 :class:`~ekd.errors.CheckpointError` naming the file and the keys. No path returns a randomly
 initialised teacher.
@@ -19,8 +22,11 @@ import torch
 from torch import nn
 
 from ekd.engine.checkpoint import FORMAT, load_file, load_state_strict
+from ekd.engine.teacher_base import Teacher
 from ekd.errors import CheckpointError, ConfigError
 from ekd.models import build_backbone
+
+__all__ = ["LoadedModel", "ModelTeacher", "Teacher", "freeze", "load_model", "load_teacher"]
 
 
 @dataclass
@@ -94,22 +100,6 @@ def load_teacher(path: str | Path, backbone: str | None = None, embedding_size: 
     return loaded
 
 
-class Teacher:
-    """What the trainer needs from a teacher: embeddings of the batch it is given.
-
-    ``embed`` receives the (normalised, possibly mirrored) images, their dataset indices and
-    their mirror flags, so that a cache can look embeddings up instead of running a network.
-    """
-
-    embedding_size: int
-    input_size: int | None
-    head_state: dict | None = None
-    source: str = ""
-
-    def embed(self, images: torch.Tensor, indices: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
 class ModelTeacher(Teacher):
     """A frozen PyTorch backbone run on every batch."""
 
@@ -123,50 +113,3 @@ class ModelTeacher(Teacher):
     @torch.no_grad()
     def embed(self, images: torch.Tensor, indices: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
         return self.model(images)
-
-
-class CachedTeacher(Teacher):
-    """Embeddings read from a :class:`~ekd.engine.teacher_cache.TeacherCache` by index and flip."""
-
-    def __init__(self, cache, source: str, device: torch.device | str) -> None:
-        self.cache = cache
-        self.embedding_size = cache.embedding_size
-        self.input_size = cache.manifest.get("input_size")
-        self.source = source
-        self.device = torch.device(device)
-
-    def embed(self, images: torch.Tensor, indices: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
-        return self.cache.lookup(indices, flipped).to(self.device, non_blocking=True)
-
-
-def build_teacher(tc, input_size: int, dataset, device: torch.device) -> Teacher | None:
-    """The teacher of config section ``tc`` (:class:`ekd.config.TeacherConfig`), or None."""
-    if tc.kind == "none":
-        return None
-    if tc.centers == "mean_embedding" and tc.kind != "cache":
-        raise ConfigError(f"teacher.centers=mean_embedding needs teacher.kind=cache (class centres are "
-                          f"averaged from cached embeddings), got teacher.kind={tc.kind}")
-    if tc.kind == "checkpoint":
-        loaded = load_teacher(tc.path, tc.backbone, tc.embedding_size, input_size=input_size,
-                              device=device)
-        return ModelTeacher(loaded, tc.path)
-    if tc.kind == "onnx":
-        from ekd.engine.teacher_onnx import OnnxTeacher
-
-        return OnnxTeacher(tc.path, input_size, color=tc.onnx_color, layout=tc.onnx_layout,
-                           mean=tc.onnx_mean, std=tc.onnx_std, device=device)
-    if tc.kind == "cache":
-        from ekd.engine.teacher_cache import TeacherCache, dataset_fingerprint, file_fingerprint
-
-        teacher_fp = file_fingerprint(tc.cache_teacher) if tc.cache_teacher else None
-        cache = TeacherCache(tc.path, dataset_fingerprint(dataset.root, dataset.samples), teacher_fp)
-        if len(cache) != len(dataset):
-            raise CheckpointError(f"teacher cache {tc.path} holds {len(cache)} samples, the dataset "
-                                  f"{len(dataset)}")
-        teacher = CachedTeacher(cache, tc.path, device)
-        if tc.centers == "mean_embedding":
-            from ekd.engine.teacher_cache import mean_embedding_centers
-
-            teacher.head_state = {"weight": mean_embedding_centers(cache, dataset.labels, dataset.num_classes)}
-        return teacher
-    raise ConfigError(f"teacher.kind: unknown {tc.kind!r}; valid: none, checkpoint, onnx, cache")

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ekd.engine.teacher_base import Teacher
 from ekd.errors import CheckpointError, ConfigError
-from ekd.engine.teacher import Teacher
 
 
 class OnnxTeacher(Teacher):

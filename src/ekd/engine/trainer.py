@@ -9,10 +9,14 @@ margin cross-entropy. The total loss is the sum of all named terms, each logged 
 
 Images are mirrored here (per sample, p=0.5, torch RNG seeded per rank) rather than in the
 dataset, so the mirror flags are known: an embedding cache returns the matching teacher
-embedding.
+embedding. Batches come from a DataLoader or, with ``data.preload``, from the whole set held
+on the device (:mod:`ekd.data.resident`); ``data_wait`` in ``metrics.jsonl`` is the share of
+the step time spent waiting for them (rank 0).
 
 A run directory holds ``config.yaml``, ``metrics.jsonl``, ``checkpoints/last.pt`` (written
-atomically every epoch and on Ctrl-C, with everything needed to resume exactly) and ``model.pt``.
+atomically every epoch and on Ctrl-C, with everything needed to resume exactly) and ``model.pt``;
+with a ``val`` section also validation rows and ``checkpoints/best.pt``
+(:mod:`ekd.engine.validation`), with TensorBoard ``tensorboard/`` (:mod:`ekd.engine.tensorboard_log`).
 """
 
 from __future__ import annotations
@@ -28,17 +32,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ekd.config import Config, save_config
 from ekd.data.sampler import BalancedBatchSampler
+from ekd.data.transforms import mirror_batch
 from ekd.engine import distributed as D
-from ekd.engine.build import build_train_set, resolve_device, seed_everything
+from ekd.engine.build import build_train_loader, build_train_set, resolve_device, seed_everything
 from ekd.engine.distill_inputs import build_distillers, distiller_extras, teacher_centers_for
 from ekd.engine.optim import build_optimizer, build_scheduler
 from ekd.engine.state import MetricsLog, TrainState, load_training_state, save_training_checkpoint
-from ekd.engine.teacher import build_teacher
+from ekd.engine.teacher_kinds import build_teacher
+from ekd.engine.tensorboard_log import open_tensorboard
+from ekd.engine.validation import build_validator, format_values
 from ekd.errors import ConfigError, EkdError
 from ekd.heads import PartialFC, build_head
 from ekd.heads.partial_fc import gather_global_batch, init_rows
@@ -70,15 +76,15 @@ class Trainer:
         seed_everything(tc.seed)  # identical initial weights on every rank
         self.run_dir = Path(tc.output_dir)
         self.dataset = build_train_set(cfg)
+        self.validator = build_validator(cfg, self.dist, device)  # every val set checked and read now
         sc = cfg.sampler
         self.sampler = BalancedBatchSampler(self.dataset.labels, sc.random_size, sc.identities_per_batch,
                                             sc.samples_per_identity, seed=tc.seed, rank=self.dist.rank,
                                             world_size=self.dist.world_size)
         if tc.max_steps_per_epoch:
             self.sampler.batches_per_epoch = min(self.sampler.batches_per_epoch, tc.max_steps_per_epoch)
-        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=cfg.data.num_workers,
-                                 pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
-                                 generator=torch.Generator().manual_seed(tc.seed + self.dist.rank))
+        self.loader = build_train_loader(cfg, self.dataset, self.sampler, device, self.dist.rank,
+                                         progress=tc.progress and self.dist.is_main)
         self.use_amp = tc.amp != "none" and device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if tc.amp == "bf16" else torch.float16
         mc = cfg.model
@@ -135,17 +141,16 @@ class Trainer:
             resume = str(candidate) if candidate.is_file() else None
         if resume:
             load_training_state(self, resume)
+            if self.validator is not None:
+                self.validator.restore_best(self.state, self.run_dir)
 
     # -- one step -------------------------------------------------------------------------
     def _mirror(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mirror each sample with p=0.5; the stream depends only on (seed, rank, epoch, batch),
         so a resumed run (any point, any world size) draws the same flips."""
         st = self.state
-        gen = torch.Generator().manual_seed(
-            (self.cfg.train.seed * 1_000_003 + self.dist.rank) * 1_000_003 + st.epoch * 100_003 + st.batch_in_epoch)
-        flipped = torch.rand(images.shape[0], generator=gen) < 0.5
-        images = torch.where(flipped.to(images.device)[:, None, None, None], images.flip(-1), images)
-        return images, flipped
+        return mirror_batch(images, (self.cfg.train.seed * 1_000_003 + self.dist.rank) * 1_000_003
+                            + st.epoch * 100_003 + st.batch_in_epoch)
 
     def compute_terms(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
                       flipped: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -254,7 +259,9 @@ class Trainer:
         previous = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGINT, self._on_sigint)
         try:
-            with MetricsLog(self.run_dir / "metrics.jsonl", enabled=main) as metrics:
+            scalars = open_tensorboard(cfg.train.tensorboard, self.run_dir / "tensorboard", main,
+                                       purge_step=self.state.step + 1 if self.state.step else None)
+            with MetricsLog(self.run_dir / "metrics.jsonl", enabled=main, scalars=scalars) as metrics:
                 while self.state.epoch < cfg.train.epochs and not self._stop_requested:
                     last = self._run_epoch(metrics)
                     if not self._stop_requested:
@@ -271,7 +278,7 @@ class Trainer:
             log.warning("stopped at epoch %d step %d; resume with --set train.resume=auto",
                         self.state.epoch + 1, self.state.step)
         else:
-            log.info("finished %d epochs in %.1f s; student saved to %s", cfg.train.epochs, seconds, model_path)
+            log.info("finished %d epochs in %.1f s; model saved to %s", cfg.train.epochs, seconds, model_path)
         return TrainResult(self.run_dir, model_path, seconds, last, self._stop_requested)
 
     def _run_epoch(self, metrics: MetricsLog) -> dict:
@@ -282,6 +289,9 @@ class Trainer:
         self.sampler.start_batch = st.batch_in_epoch
         sums: dict[str, float] = {}
         steps, seen, t0 = 0, 0, time.perf_counter()
+        # Time waiting for batches and in whole steps (since the last row, over the epoch).
+        waited = spent = epoch_waited = epoch_spent = 0.0
+        tick = t0
         bar = tqdm(self.loader, desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}", leave=False,
                    disable=not (cfg.train.progress and self.dist.is_main), dynamic_ncols=True)
         for images, labels, indices in bar:
@@ -289,11 +299,15 @@ class Trainer:
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             labels = labels.to(self.device, non_blocking=True)
+            got = time.perf_counter()
+            waited, epoch_waited = waited + got - tick, epoch_waited + got - tick
             images, flipped = self._mirror(images)
             terms = self.train_step(images, labels, indices, flipped)
             st.batch_in_epoch += 1
             seen += len(labels) * self.dist.world_size
-            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            now = time.perf_counter()
+            spent, epoch_spent = spent + now - tick, epoch_spent + now - tick
+            rate = seen / max(now - t0, 1e-9)
             if terms is not None:
                 steps += 1
                 for k, v in terms.items():
@@ -302,17 +316,26 @@ class Trainer:
                 bar.set_postfix({**{k: f"{v:.3g}" for k, v in terms.items()}, "lr": f"{lr:.3g}",
                                  "img/s": f"{rate:.0f}"})
                 if st.step % cfg.train.log_every == 0:
-                    metrics.write({"epoch": st.epoch, "step": st.step, "lr": lr, "images_per_s": rate, **terms})
+                    metrics.write({"epoch": st.epoch, "step": st.step, "lr": lr, "images_per_s": rate,
+                                   "data_wait": waited / max(spent, 1e-9), **terms})
+                    waited = spent = 0.0
+                if self.validator is not None and self.validator.due(st.step):
+                    t0 += self.validator.validate(self, metrics).seconds  # not training time (img/s)
+            tick = time.perf_counter()  # logging and validation are left out of both times
             if self._stop_requested:
                 break
         summary = {k: D.all_reduce_mean(v / max(steps, 1), self.dist, self.device) for k, v in sums.items()}
         elapsed = time.perf_counter() - t0
+        data_wait = epoch_waited / max(epoch_spent, 1e-9)
+        val = (self.validator.validate(self, metrics).values
+               if self.validator is not None and not self._stop_requested else {})
         metrics.write({"epoch": st.epoch, "step": st.step, "epoch_end": not self._stop_requested,
                        "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9),
-                       "skipped_steps": st.skipped, **summary})
+                       "data_wait": data_wait, "skipped_steps": st.skipped, **summary})
         if self.dist.is_main:
-            log.info("epoch %d/%d  %s  (%.0f img/s)", st.epoch + 1, cfg.train.epochs,
-                     "  ".join(f"{k}={v:.4f}" for k, v in summary.items()), seen / max(elapsed, 1e-9))
+            log.info("epoch %d/%d  %s  (%.0f img/s, data_wait=%.3f)%s", st.epoch + 1, cfg.train.epochs,
+                     "  ".join(f"{k}={v:.4f}" for k, v in summary.items()), seen / max(elapsed, 1e-9),
+                     data_wait, f"  val: {format_values(val)}" if val else "")
         if not all(math.isfinite(v) for v in summary.values()):
             raise EkdError(f"non-finite epoch mean loss at epoch {st.epoch + 1}: {summary}")
         return summary

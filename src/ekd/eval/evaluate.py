@@ -16,14 +16,18 @@ Embeddings follow InsightFace: ``f(x) + f(flip(x))``, L2-normalised.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from ekd.data import ImageFolderDataset, ListDataset
 from ekd.data.verification_bin import BinDataset
+from ekd.errors import DataError
 from ekd.eval.embed import embed_dataset
 from ekd.eval.metrics import roc_auc, threshold_at_fpr, tpr_at_fpr, verification_accuracy
 from ekd.eval.plots import roc_points
@@ -65,43 +69,87 @@ def embed_paths(model: nn.Module, paths: list[str], input_size: int, batch_size:
     return embed_dataset(model, ListDataset(paths, input_size), batch_size, device, progress=progress)
 
 
+@dataclass
+class VerificationSet:
+    """The images of one verification protocol, listed (or read) once, and how their embeddings
+    are scored: :meth:`evaluate` embeds ``dataset`` in order (sharded over ranks under
+    ``torchrun``, :func:`embed_dataset`) and returns ``score(embeddings)``. ``genuine`` and
+    ``impostors`` count the pairs (TPR at FPR ``f`` needs at least ``1 / f`` impostor pairs)."""
+
+    dataset: Dataset
+    score: Callable[[np.ndarray], dict]
+    genuine: int
+    impostors: int
+    source: str
+
+    def evaluate(self, model: nn.Module, batch_size: int = 128,
+                 device: torch.device | str = "cpu", progress: bool = False) -> dict:
+        return self.score(embed_dataset(model, self.dataset, batch_size, device, progress=progress))
+
+
+def pairs_set(pairs: PairList, input_size: int, nfolds: int = 10, source: str = "") -> VerificationSet:
+    """A pair list: each image embedded once, 10-fold accuracy and score metrics of the pairs."""
+    unique = pairs.unique_paths()
+    index = {p: i for i, p in enumerate(unique)}
+    i1 = np.asarray([index[p] for p in pairs.paths1], dtype=np.int64)
+    i2 = np.asarray([index[p] for p in pairs.paths2], dtype=np.int64)
+    return VerificationSet(ListDataset(unique, input_size),
+                           lambda emb: pair_metrics(emb[i1], emb[i2], pairs.issame, nfolds),
+                           int(pairs.issame.sum()), int((~pairs.issame).sum()), source)
+
+
+def bin_set(path: str | Path, input_size: int, nfolds: int = 10, color: str = "rgb") -> VerificationSet:
+    """An InsightFace ``.bin`` (pair ``i`` = images ``2i``, ``2i+1``), decoded in ``color`` order."""
+    ds = BinDataset(path, input_size=input_size, color=color)
+    protocol = (f"InsightFace .bin ({color.upper()}), {nfolds}-fold accuracy as verification.py, "
+                "cosine AUC and TPR at FPR")
+    return VerificationSet(ds, lambda emb: pair_metrics(emb[0::2], emb[1::2], ds.issame, nfolds, protocol),
+                           int(ds.issame.sum()), int((~ds.issame).sum()), str(path))
+
+
+def folder_set(root: str | Path, input_size: int, max_per_identity: int | None = 10) -> VerificationSet:
+    """All pairs over an identity folder: the first ``max_per_identity`` images (by name) of every
+    identity with >= 2 images; AUC and TPR@FPR (no accuracy: there are no folds)."""
+    ds = ImageFolderDataset(root, input_size=input_size, train=False)
+    paths = [p for p, _ in ds.samples]
+    keep = cap_per_identity(paths, ds.labels, max_per_identity)
+    if keep.size < 2:
+        raise DataError(f"{root}: no identity has 2 or more images, so there is no pair to verify")
+    labels = np.asarray(ds.labels)[keep]
+    counts = np.unique(labels, return_counts=True)[1]
+    genuine = int((counts * (counts - 1) // 2).sum())
+
+    def score(emb: np.ndarray) -> dict:
+        scores, issame = all_pairs_scores(emb, labels)
+        out = {"protocol": f"all pairs, first {max_per_identity} images per identity (>= 2), "
+               "cosine AUC and TPR at FPR (largest FPR <= target)"}
+        out.update(score_metrics(scores, issame))
+        out["images"] = int(keep.size)
+        return out
+
+    return VerificationSet(ListDataset([paths[i] for i in keep], input_size), score, genuine,
+                           keep.size * (keep.size - 1) // 2 - genuine, str(root))
+
+
 def evaluate_pairs(model: nn.Module, pairs: PairList, input_size: int, batch_size: int = 128,
                    device: torch.device | str = "cpu", progress: bool = False,
                    nfolds: int = 10) -> dict:
     """10-fold accuracy (InsightFace protocol), AUC and TPR@FPR of a pair list."""
-    unique = pairs.unique_paths()
-    emb = embed_paths(model, unique, input_size, batch_size, device, progress)
-    index = {p: i for i, p in enumerate(unique)}
-    e1 = emb[[index[p] for p in pairs.paths1]]
-    e2 = emb[[index[p] for p in pairs.paths2]]
-    return pair_metrics(e1, e2, pairs.issame, nfolds)
+    return pairs_set(pairs, input_size, nfolds).evaluate(model, batch_size, device, progress)
 
 
 def evaluate_bin(model: nn.Module, path: str | Path, input_size: int, batch_size: int = 128,
                  device: torch.device | str = "cpu", progress: bool = False, nfolds: int = 10,
                  color: str = "rgb") -> dict:
     """An InsightFace ``.bin`` (pair ``i`` = images ``2i``, ``2i+1``), decoded in ``color`` order."""
-    ds = BinDataset(path, input_size=input_size, color=color)
-    emb = embed_dataset(model, ds, batch_size, device, progress=progress)
-    return pair_metrics(emb[0::2], emb[1::2], ds.issame, nfolds,
-                        f"InsightFace .bin ({color.upper()}), {nfolds}-fold accuracy as "
-                        "verification.py, cosine AUC and TPR at FPR")
+    return bin_set(path, input_size, nfolds, color).evaluate(model, batch_size, device, progress)
 
 
 def evaluate_folder(model: nn.Module, root: str | Path, input_size: int,
                     max_per_identity: int | None = 10, batch_size: int = 128,
                     device: torch.device | str = "cpu", progress: bool = False) -> dict:
     """All-pairs verification over an identity folder with a per-identity cap."""
-    ds = ImageFolderDataset(root, input_size=input_size, train=False)
-    paths = [p for p, _ in ds.samples]
-    keep = cap_per_identity(paths, ds.labels, max_per_identity)
-    emb = embed_paths(model, [paths[i] for i in keep], input_size, batch_size, device, progress)
-    scores, issame = all_pairs_scores(emb, ds.labels[keep])
-    out = {"protocol": f"all pairs, first {max_per_identity} images per identity (>= 2), "
-           "cosine AUC and TPR at FPR (largest FPR <= target)"}
-    out.update(score_metrics(scores, issame))
-    out["images"] = int(len(keep))
-    return out
+    return folder_set(root, input_size, max_per_identity).evaluate(model, batch_size, device, progress)
 
 
 def evaluate_ijb(model: nn.Module, root: str | Path, target: str = "IJBC", input_size: int = 112,
@@ -111,7 +159,6 @@ def evaluate_ijb(model: nn.Module, root: str | Path, target: str = "IJBC", input
     """IJB-B/C: align and embed ``root/loose_crop`` (raw features of each crop and of its mirror,
     :func:`ekd.eval.align.embed_aligned`), then :func:`ekd.eval.ijb.evaluate_ijb_features` with
     InsightFace's switches (defaults N1 D1 F1). ``_scores``/``_labels`` become ``_roc`` points."""
-    from ekd.errors import DataError
     from ekd.eval.align import embed_aligned
     from ekd.eval.ijb import evaluate_ijb_features, read_ijb_meta
 
