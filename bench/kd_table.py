@@ -6,136 +6,67 @@ all-pairs (TPR at FPR 1e-3/1e-4/1e-5) and CFP fold 10 (FF, FP), see ``kd_table_e
 
 Teachers: **T2** is the shared pretrained dlib ResNet (128-d), used through an embedding cache
 imported from ``teacher_dlib_r29/train.npz``; classifier-needing methods (kd, margin_distill,
-proxylesskd) use the normalised mean teacher embedding of each identity as its class centre
+proxylesskd, gkd) use the normalised mean teacher embedding of each identity as its class centre
 (``teacher.centers: mean_embedding``). **T1** (GPU profile only) is an IResNet-50 trained here
 on ``train/`` with ArcFace, as in the paper.
 
-A *cell* is one (teacher, method, seed) training + evaluation. Its config is hashed (paths
-replaced by placeholders) and the finished result is kept in ``<cache>/cells/<name>-<hash>/``,
-so an interrupted table resumes where it stopped (a half-trained cell resumes from its last
-epoch checkpoint) and a table can be completed over several sessions. Cells run as
+A *cell* is one (teacher, student width, method, seed) training + evaluation. Its config is
+hashed (paths replaced by placeholders; loader settings such as workers and preloading left out)
+and a finished cell writes its committed JSON under ``bench/results/kd_table/<profile>/``
+(``kd_cells.py``); the cache ``<cache>/cells/<name>-<hash>/`` holds the run (a half-trained cell
+resumes from its last epoch checkpoint). A rerun skips committed cells. Cells run as
 subprocesses, ``--jobs`` at a time with ``--threads`` torch threads each.
 
-Seeds: 3 for no-KD, EKD (authors), EKD (ours), AdaDistill, EKD + AdaDistill and for the two
-best other distillers of the one-seed sweep (by LFW all-pairs TPR@1e-4, then LFW accuracy);
-1 for the rest. The report (``kd_table_report.py``) writes ``docs/results/``.
+Profiles (``kd_profiles.py``): ``cpu`` (v1, 32 px, 2 epochs; kept reproducible), ``cpu2`` (v2:
+two students, MobileFaceNet and ``model.width: 0.5``, schedule fixed by ``kd_convergence.py``),
+``gpu`` (112 px, T1 + T2). The report (``kd_table_report.py``) writes ``docs/results/``.
 
 Usage::
 
     python bench/kd_table.py                      # CPU profile (default), 2 jobs x 1 thread
-    python bench/kd_table.py --profile gpu        # T1 + T2 at 112 px, paper schedule
-    python bench/kd_table.py --report-only        # rewrite the report from finished cells
+    python bench/kd_table.py --profile cpu2       # v2 table
+    python bench/kd_table.py --profile gpu --budget 540   # one <= 600 s command; rerun resumes
+    python bench/kd_table.py --report-only        # rewrite the report from committed cells
 
 Options: ``--faces`` (default ``../shared/data/faces`` beside the repository), ``--cache``
-(default ``$EKD_KD_TABLE_CACHE`` or ``~/.cache/ekd/kd_table``), ``--out`` (``docs/results``).
+(default ``$EKD_KD_TABLE_CACHE`` or ``~/.cache/ekd/kd_table``), ``--out`` (``docs/results``),
+``--results`` (``bench/results/kd_table``), ``--smoke`` (1 epoch of 2 steps, own results folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
-import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kd_cells import RESULTS, CellStore, run_all, run_cell  # noqa: E402,F401
+from kd_profiles import (CPU, CPU2, EKD_OURS, GPU, NEEDS_CENTERS, OTHERS, PLANS,  # noqa: E402,F401
+                         PROFILES, SEEDED, Cell, Profile, best_of, method_distill, zoo_distill)
 
 REPO = Path(__file__).resolve().parents[1]
 HASH_VERSION = 1  # bump when the evaluation of a cell changes
+LOADER_KEYS = ("num_workers", "preload", "preload_max_gb")  # how data is loaded, not what
 
 
-@dataclass(frozen=True)
-class Profile:
-    """Schedule and scale of one table profile."""
+def preload_supported() -> bool:
+    """Whether this ekd has ``data.preload`` (added on another branch)."""
+    from ekd.config import DataConfig
 
-    name: str
-    teachers: tuple[str, ...]
-    input_size: int
-    epochs: int
-    random_size: int
-    identities_per_batch: int
-    samples_per_identity: int
-    head: dict
-    optim: dict
-    device: str
-    jobs: int
-    threads: int
-    t1: dict = field(default_factory=dict)  # teacher T1 training (GPU profile)
-    steps_per_epoch: int | None = None  # cap (smoke runs); None = whole epochs
-    num_workers: int = 0  # data loader processes (not part of a cell's identity)
-
-
-# CPU: 32 px, 2 epochs of 192 steps x 128 images (64 random + 16 identities x 4), CosFace
-# s=32 m=0.2 on every sample, SGD 0.1 with a 0.3-epoch warm-up and cosine decay. Chosen so
-# that the 30 cells fit in about 2 hours on 2 cores; see docs/benchmark.md.
-CPU = Profile(name="cpu", teachers=("T2",), input_size=32, epochs=2, random_size=64,
-              identities_per_batch=16, samples_per_identity=4,
-              head={"kind": "cosface", "scale": 32.0, "margin": 0.2},
-              optim={"lr": 0.1, "scheduler": "cosine", "warmup_epochs": 0.3, "weight_decay": 5e-4},
-              device="cpu", jobs=2, threads=1)
-# GPU: the paper's scale (112 px, ArcFace s=64 m=0.5, batch 128 random + 128 balanced).
-GPU = Profile(name="gpu", teachers=("T1", "T2"), input_size=112, epochs=24, random_size=128,
-              identities_per_batch=32, samples_per_identity=4,
-              head={"kind": "arcface", "scale": 64.0, "margin": 0.5},
-              optim={"lr": 0.1, "scheduler": "cosine", "warmup_epochs": 1.0, "weight_decay": 5e-4},
-              device="cuda", jobs=1, threads=4, num_workers=8,
-              t1={"backbone": "iresnet50", "embedding_size": 512, "epochs": 24})
-PROFILES = {p.name: p for p in (CPU, GPU)}
-
-# EKD (ours): bias-corrected threshold EMA, thresholds from a 4096-embedding cross-batch memory,
-# and the weights the authors' 8-GPU runs effectively used. Their AllGather backward multiplies
-# the gathered gradient by the world size (a correction meant for their distributed softmax), so
-# with 8 GPUs the EKD gradient is 8x the single-process one: pos/neg weights 0.02/0.01 act as
-# 0.16/0.08. Our trainer's gradient does not depend on the world size, so these weights mean the
-# same on 1 CPU and on 8 GPUs.
-EKD_OURS = {"name": "ekd", "weight": 1.0,
-            "params": {"bias_correction": True, "memory_size": 4096, "pos_weight": 0.16, "neg_weight": 0.08}}
-SEEDED = ("no KD", "EKD (authors)", "EKD (ours)", "AdaDistill", "EKD + AdaDistill")
-OTHERS = ("fitnet", "kd", "darkrank", "sp", "cckd", "rkd", "cosine", "shrinkteanet",
-          "triplet_distill", "margin_distill", "proxylesskd")
-NEEDS_CENTERS = ("kd", "margin_distill", "proxylesskd")
-
-
-def zoo_distill(name: str) -> list[dict]:
-    """The ``distill`` section of ``configs/zoo/<name>.yaml`` (the zoo's recommended settings)."""
-    from ekd.config import read_yaml
-
-    return read_yaml(REPO / "configs" / "zoo" / f"{name}.yaml")["distill"]
-
-
-def method_distill(method: str) -> list[dict]:
-    if method == "no KD":
-        return []
-    if method == "EKD (authors)":
-        return [{"name": "ekd", "weight": 1.0, "params": {}}]
-    if method == "EKD (ours)":
-        return [EKD_OURS]
-    if method == "AdaDistill":
-        return zoo_distill("adadistill")
-    if method == "EKD + AdaDistill":
-        return [EKD_OURS] + zoo_distill("adadistill")
-    return zoo_distill(method)
-
-
-@dataclass(frozen=True)
-class Cell:
-    teacher: str
-    method: str
-    seed: int
-
-    @property
-    def slug(self) -> str:
-        m = "".join(c if c.isalnum() else "_" for c in self.method.lower()).strip("_")
-        return f"{self.teacher}-{m}-s{self.seed}"
+    return "preload" in {f.name for f in dataclasses.fields(DataConfig)}
 
 
 class Table:
-    """Builds cell configs for a profile and runs/collects the cells in ``cache``."""
+    """Builds cell configs for a profile and runs/collects its cells (cache + committed store)."""
 
-    def __init__(self, profile: Profile, faces: Path, cache: Path) -> None:
+    def __init__(self, profile: Profile, faces: Path, cache: Path, results: Path | None = None) -> None:
         self.profile, self.faces, self.cache = profile, faces.resolve(), cache.resolve()
+        self.store = CellStore((results or RESULTS) / profile.name)
 
     # -- configs ------------------------------------------------------------------------
     def teacher_section(self, teacher: str, method: str) -> dict:
@@ -149,30 +80,44 @@ class Table:
     def config_tree(self, cell: Cell) -> dict:
         p = self.profile
         emb = 128 if cell.teacher == "T2" else p.t1.get("embedding_size", 512)
+        model = {"backbone": "mobilefacenet", "embedding_size": emb}
+        if cell.width != 1.0:  # absent at full width, so v1 hashes are unchanged
+            model["width"] = cell.width
+        data = {"kind": "folder", "root": str(self.faces / "train"), "input_size": p.input_size,
+                "num_workers": p.num_workers}
+        if p.preload and preload_supported():
+            data["preload"] = True
         return {
-            "data": {"kind": "folder", "root": str(self.faces / "train"), "input_size": p.input_size,
-                     "num_workers": p.num_workers},
+            "data": data,
             "sampler": {"random_size": p.random_size, "identities_per_batch": p.identities_per_batch,
                         "samples_per_identity": p.samples_per_identity},
-            "model": {"backbone": "mobilefacenet", "embedding_size": emb},
+            "model": model,
             "head": dict(p.head),
             "teacher": self.teacher_section(cell.teacher, cell.method),
-            "distill": method_distill(cell.method),
+            "distill": method_distill(cell.method, cell.teacher),
             "optim": dict(p.optim),
             "train": {"epochs": p.epochs, "device": p.device, "seed": cell.seed, "ce_on": "all",
                       "progress": False, "log_every": 20, "amp": "bf16" if p.device == "cuda" else "none",
                       "max_steps_per_epoch": p.steps_per_epoch},
         }
 
+    def portable(self, tree: dict) -> dict:
+        """``tree`` with the faces and cache folders replaced by ``<faces>`` / ``<cache>``."""
+        text = json.dumps(tree, sort_keys=True)
+        return json.loads(text.replace(str(self.faces), "<faces>").replace(str(self.cache), "<cache>"))
+
     def digest(self, tree: dict) -> str:
-        """Hash of everything that changes a cell's result (not paths, not loader workers)."""
-        tree = {**tree, "data": {k: v for k, v in tree["data"].items() if k != "num_workers"}}
+        """Hash of everything that changes a cell's result (not paths, not loader settings)."""
+        tree = {**tree, "data": {k: v for k, v in tree["data"].items() if k not in LOADER_KEYS}}
         text = json.dumps({"v": HASH_VERSION, "cfg": tree}, sort_keys=True)
         text = text.replace(str(self.faces), "<faces>").replace(str(self.cache), "<cache>")
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
+    def cell_name(self, cell: Cell) -> str:
+        return f"{cell.slug}-{self.digest(self.config_tree(cell))}"
+
     def cell_dir(self, cell: Cell) -> Path:
-        return self.cache / "cells" / f"{cell.slug}-{self.digest(self.config_tree(cell))}"
+        return self.cache / "cells" / self.cell_name(cell)
 
     def t1_tree(self) -> dict:
         tree = self.config_tree(Cell("T1", "no KD", 0))
@@ -181,38 +126,41 @@ class Table:
         tree["train"]["epochs"] = self.profile.t1["epochs"]
         return tree
 
+    def t1_name(self) -> str:
+        return f"T1-teacher-{self.digest(self.t1_tree())}"
+
     def t1_dir(self) -> Path:
-        return self.cache / "cells" / f"T1-teacher-{self.digest(self.t1_tree())}"
+        return self.cache / "cells" / self.t1_name()
 
     # -- results ------------------------------------------------------------------------
     def result(self, cell: Cell) -> dict | None:
+        """The committed record of ``cell``, else a finished run in the cache, else None."""
+        committed = self.store.load(self.cell_name(cell))
+        if committed is not None:
+            return committed
         file = self.cell_dir(cell) / "result.json"
         return json.loads(file.read_text()) if file.is_file() else None
 
     def plan(self) -> list[Cell]:
-        """Every cell of the table whose seeds are known now (phase 2 needs phase-1 results)."""
-        cells = []
-        for t in self.profile.teachers:
-            cells += [Cell(t, m, s) for s in range(3) for m in SEEDED]
-            cells += [Cell(t, m, 0) for m in OTHERS]
-            best = self.best_others(t)
-            if best:
-                cells += [Cell(t, m, s) for m in best for s in (1, 2)]
-        return sorted(cells, key=lambda c: (c.seed > 0 and c.method in OTHERS, c.seed, c.teacher))
+        """Every cell of the table whose seeds are known now (later phases need earlier results)."""
+        return PLANS[self.profile.plan](self.profile, self.result)
 
     def best_others(self, teacher: str) -> list[str] | None:
         """The two best other distillers of the one-seed sweep (None until it is complete)."""
-        scores = {}
-        for m in OTHERS:
-            r = self.result(Cell(teacher, m, 0))
-            if r is None:
-                return None
-            scores[m] = (r["metrics"]["lfw_tpr@1e-4"] or 0.0, r["metrics"]["lfw_acc"])
-        return sorted(OTHERS, key=lambda m: scores[m], reverse=True)[:2]
+        return best_of(OTHERS, teacher, self.result, 2)
+
+    def teachers(self) -> dict[str, dict]:
+        """Committed teacher records by teacher name (T2 written by :meth:`prepare`)."""
+        out = {}
+        for t in self.profile.teachers:
+            r = self.store.load(self.t1_name() if t == "T1" else "T2-teacher")
+            if r is not None:
+                out[t] = r
+        return out
 
     # -- preparation ----------------------------------------------------------------------
     def prepare(self) -> None:
-        """The T2 embedding cache and the decoded evaluation images (once)."""
+        """The T2 embedding cache and committed T2 record, the decoded evaluation images (once)."""
         from ekd.data import ImageFolderDataset
         from ekd.engine.teacher_cache import import_npz
 
@@ -222,99 +170,82 @@ class Table:
             import_npz(self.faces / "teacher_dlib_r29" / "train.npz", dataset, self.cache / "teacher_t2")
         from kd_table_eval import load_eval_images, load_protocols
 
-        load_eval_images(load_protocols(self.faces), self.profile.input_size, self.cache)
+        protocols = load_protocols(self.faces)
+        load_eval_images(protocols, self.profile.input_size, self.cache)
+        if "T2" in self.profile.teachers and self.store.load("T2-teacher") is None:
+            self.write_t2_record(protocols)
 
-    def pending(self) -> list[tuple[str, Path, dict, dict]]:
-        """Cells still to run, as (name, folder, config tree, meta); T1 first when needed."""
-        if self.profile.t1 and not (self.t1_dir() / "result.json").is_file():
-            return [("T1-teacher", self.t1_dir(), self.t1_tree(), {"teacher": "T1", "method": "teacher", "seed": 0})]
+    def write_t2_record(self, protocols) -> None:  # noqa: ANN001
+        from kd_cells import all_pairs_tail, bootstrap_record, environment, git
+        from kd_table_eval import metrics_from_embeddings, teacher_lookup
+
+        lookup = teacher_lookup(self.faces)
+        boot, seconds = bootstrap_record(all_pairs_tail(protocols, lookup))
+        record = {"teacher": "T2", "method": "teacher", "seed": None, "name": "T2-teacher",
+                  "metrics": metrics_from_embeddings(protocols, lookup),
+                  "source": "teacher_dlib_r29/{lfw,cfp}.npz (emb + emb_flip)", "bootstrap_seconds": seconds,
+                  "git_commit": git("rev-parse", "HEAD"), "environment": environment()}
+        self.store.write("T2-teacher", record, boot)
+
+    def spec(self, name: str, tree: dict, meta: dict) -> dict:
+        p = self.profile
+        return {"config": tree, "portable_config": self.portable(tree), "meta": meta, "name": name,
+                "hash": name.rsplit("-", 1)[1], "profile": p.name, "faces": str(self.faces),
+                "cache": str(self.cache), "results": str(self.store.root), "input_size": p.input_size,
+                "threads": p.threads, "eval_device": "cuda" if p.device == "cuda" else "cpu"}
+
+    def pending(self) -> list[tuple[str, Path, dict]]:
+        """Cells still to run, as (name, cache folder, spec); T1 first when needed."""
+        if self.needs_t1():
+            meta = {"teacher": "T1", "method": "teacher", "seed": 0, "width": 1.0}
+            return [(self.t1_name(), self.t1_dir(), self.spec(self.t1_name(), self.t1_tree(), meta))]
         jobs = []
         for cell in self.plan():
-            d = self.cell_dir(cell)
-            if not (d / "result.json").is_file():
-                jobs.append((cell.slug, d, self.config_tree(cell),
-                             {"teacher": cell.teacher, "method": cell.method, "seed": cell.seed}))
+            if self.store.load(self.cell_name(cell)) is None:
+                meta = {"teacher": cell.teacher, "method": cell.method, "seed": cell.seed, "width": cell.width}
+                name = self.cell_name(cell)
+                jobs.append((name, self.cell_dir(cell), self.spec(name, self.config_tree(cell), meta)))
         return jobs
 
-    def write_cell(self, cell_dir: Path, tree: dict, meta: dict) -> None:
+    def needs_t1(self) -> bool:
+        """T1 must (re)train: no committed record, or T1 cells pending and its model not in the
+        cache (models are not committed)."""
+        if not self.profile.t1:
+            return False
+        if self.store.load(self.t1_name()) is None:
+            return True
+        if (self.t1_dir() / "run" / "model.pt").is_file():
+            return False
+        return any(c.teacher == "T1" and c.method != "no KD" and self.store.load(self.cell_name(c)) is None
+                   for c in self.plan())
+
+    def commit_cached(self) -> list[str]:
+        """Commit cells finished in the cache before the store existed (v1 ``result.json``): the
+        record gets the cell's hash and portable config, no bootstrap samples (no tail was kept)
+        and ``migrated_from_cache``. Returns the names written."""
+        written = []
+        for cell in self.plan():
+            name, file = self.cell_name(cell), self.cell_dir(cell) / "result.json"
+            if self.store.load(name) is None and file.is_file():
+                r = json.loads(file.read_text())
+                record = {"width": cell.width, **r, "name": name, "hash": name.rsplit("-", 1)[1],
+                          "profile": self.profile.name, "config": self.portable(self.config_tree(cell)),
+                          "git_commit": r.get("git_commit", "unknown"), "migrated_from_cache": True}
+                self.store.write(name, record, None)
+                written.append(name)
+        return written
+
+    def write_cell(self, cell_dir: Path, spec: dict) -> None:
         cell_dir.mkdir(parents=True, exist_ok=True)
-        (cell_dir / "cell.json").write_text(json.dumps(
-            {"config": tree, "meta": meta, "faces": str(self.faces), "cache": str(self.cache),
-             "input_size": self.profile.input_size, "threads": self.profile.threads}, indent=1))
+        (cell_dir / "cell.json").write_text(json.dumps(spec, indent=1))
 
 
-def run_cell(cell_dir: Path) -> None:
-    """Train (resuming a half-done run) and evaluate one cell; writes ``result.json``."""
-    import torch
-
-    from ekd.config import from_dict, validate, Config
-    from ekd.engine.teacher import load_model
-    from ekd.engine.trainer import train
-    from kd_table_eval import evaluate_student, load_eval_images, load_protocols
-
-    spec = json.loads((cell_dir / "cell.json").read_text())
-    torch.set_num_threads(int(spec["threads"]))
-    tree = json.loads(json.dumps(spec["config"]))
-    tree["train"].update({"output_dir": str(cell_dir / "run"), "resume": "auto"})
-    cfg = from_dict(Config, tree)
-    validate(cfg)
-    start = time.perf_counter()
-    trained = train(cfg)
-    if trained.interrupted:
-        raise SystemExit(f"{cell_dir}: interrupted; rerun to resume")
-    train_s = time.perf_counter() - start
-    faces, cache = Path(spec["faces"]), Path(spec["cache"])
-    protocols = load_protocols(faces)
-    paths, images = load_eval_images(protocols, spec["input_size"], cache)
-    model = load_model(trained.model_path).model.eval()
-    t0 = time.perf_counter()
-    metrics = evaluate_student(model, protocols, paths, images)
-    result = {**spec["meta"], "metrics": metrics, "train_seconds": train_s,
-              "eval_seconds": time.perf_counter() - t0, "final_terms": trained.final_terms}
-    tmp = cell_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, cell_dir / "result.json")
-
-
-def run_all(table: Table, jobs: int) -> float:
-    """Run every missing cell, ``jobs`` at a time, re-planning as results arrive."""
-    from tqdm import tqdm
-
-    running: dict[str, tuple[subprocess.Popen, str, float]] = {}
-    failed: set[str] = set()
-    bar = tqdm(desc=f"KD table ({table.profile.name})", unit="cell", dynamic_ncols=True)
-    start = time.perf_counter()
-    while True:
-        pending = [job for job in table.pending() if str(job[1]) not in running and str(job[1]) not in failed]
-        plan = table.plan()
-        done = sum(1 for c in plan if table.result(c))
-        if (bar.total, bar.n) != (len(plan), done):
-            bar.total, bar.n = len(plan), done
-            bar.refresh()
-        while pending and len(running) < jobs:
-            slug, d, tree, meta = pending.pop(0)
-            table.write_cell(d, tree, meta)
-            env = {**os.environ, "OMP_NUM_THREADS": str(table.profile.threads)}
-            with open(d / "log.txt", "a") as log:  # the child keeps its own handle
-                proc = subprocess.Popen([sys.executable, __file__, "--run-cell", str(d)], stdout=log,
-                                        stderr=subprocess.STDOUT, env=env, cwd=REPO)
-            running[str(d)] = (proc, slug, time.perf_counter())
-            bar.set_postfix_str(", ".join(v[1] for v in running.values()))
-        if not running:
-            break
-        time.sleep(5)
-        for key, (proc, slug, t0) in list(running.items()):
-            if proc.poll() is not None:
-                del running[key]
-                if proc.returncode != 0:
-                    failed.add(key)
-                    tqdm.write(f"cell {slug} failed (exit {proc.returncode}); see {key}/log.txt")
-                else:
-                    tqdm.write(f"cell {slug} done in {(time.perf_counter() - t0) / 60:.1f} min")
-    bar.close()
-    if failed:
-        raise SystemExit(f"{len(failed)} cell(s) failed: " + ", ".join(sorted(failed)))
-    return time.perf_counter() - start
+def smoke(profile: Profile) -> Profile:
+    """A tiny version of ``profile`` that runs every code path (1 epoch of 2 steps, 32 px, CPU)."""
+    t1 = {**profile.t1, "epochs": 1} if profile.t1 else {}
+    return dataclasses.replace(profile, name=f"{profile.name}-smoke", input_size=32, epochs=1,
+                               steps_per_epoch=2, device="cpu", num_workers=0, jobs=1, threads=2,
+                               t1=t1, random_size=16, identities_per_batch=4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,28 +255,59 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get(
         "EKD_KD_TABLE_CACHE", Path.home() / ".cache" / "ekd" / "kd_table")))
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="committed per-cell results")
     ap.add_argument("--jobs", type=int, default=None, help="cells at a time (profile default)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds: start no cell after it, interrupt running ones at it (they resume)")
+    ap.add_argument("--smoke", action="store_true", help="tiny steps on CPU, own results folder")
+    ap.add_argument("--only", type=int, default=None, help="run at most this many pending cells")
+    ap.add_argument("--match", default="", help="run only pending cells whose name contains this")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report")
     ap.add_argument("--run-cell", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     if args.run_cell:
         run_cell(args.run_cell)
         return 0
-    if not (args.faces / "teacher_dlib_r29").is_dir():
-        print(f"real faces not found at {args.faces} (see --faces): nothing to do")
-        return 0
-    profile = PROFILES[args.profile]
-    table = Table(profile, args.faces, args.cache)
+    profile = smoke(PROFILES[args.profile]) if args.smoke else PROFILES[args.profile]
+    if args.smoke:  # never next to the committed results
+        args.results, args.out = args.cache / "smoke-results", args.cache / "smoke-report"
+    table = Table(profile, args.faces, args.cache, args.results)
     wall = 0.0
     if not args.report_only:
+        if not (args.faces / "teacher_dlib_r29").is_dir():
+            print(f"real faces not found at {args.faces} (see --faces): nothing to run")
+            return 0
         table.prepare()
-        wall = run_all(table, args.jobs or profile.jobs)
+        for name in table.commit_cached():
+            print(f"committed {name} from the cache (no bootstrap samples)")
+        if args.only is not None or args.match:
+            table = LimitedTable(table, args.only, args.match)
+        wall = run_all(table, args.jobs or profile.jobs, args.budget)
     from kd_table_report import write_report
 
     out = write_report(table, args.out, wall, ["python", *sys.argv])
     print(f"report written to {out}")
     return 0
+
+
+class LimitedTable:
+    """A :class:`Table` whose ``pending`` hands out only cells whose name contains ``match`` (and
+    T1, which they may need), at most ``n`` of them."""
+
+    def __init__(self, table: Table, n: int | None, match: str = "") -> None:
+        self._table, self._n, self._match = table, n if n is not None else 1 << 30, match
+        self._given: set[str] = set()
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._table, name)
+
+    def pending(self) -> list[tuple[str, Path, dict]]:
+        jobs = [j for j in self._table.pending() if self._match in j[0] or j[0].startswith("T1-teacher")]
+        if len(self._given) >= self._n:
+            return [j for j in jobs if j[0] in self._given]
+        for j in jobs[: self._n - len(self._given)]:
+            self._given.add(j[0])
+        return [j for j in jobs if j[0] in self._given]
 
 
 if __name__ == "__main__":

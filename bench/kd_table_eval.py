@@ -120,19 +120,30 @@ def load_eval_images(protocols: Protocols, input_size: int, cache: Path) -> tupl
     return paths, images
 
 
+def embed_student(model: torch.nn.Module, paths: list[str], images: torch.Tensor,
+                  device: str = "cpu") -> dict[str, np.ndarray]:
+    """Unit embedding (with the mirror image) of every protocol image, by path."""
+    batches = (images[i:i + 256].float() for i in range(0, len(images), 256))
+    emb = extract_embeddings(model, batches, device=device, flip=True)
+    return dict(zip(paths, emb))
+
+
 def evaluate_student(model: torch.nn.Module, protocols: Protocols, paths: list[str],
                      images: torch.Tensor) -> dict:
     """Embed every protocol image with ``model`` (with its mirror image) and score."""
-    batches = (images[i:i + 256].float() for i in range(0, len(images), 256))
-    emb = extract_embeddings(model, batches, device="cpu", flip=True)
-    return metrics_from_embeddings(protocols, dict(zip(paths, emb)))
+    return metrics_from_embeddings(protocols, embed_student(model, paths, images))
 
 
-def evaluate_teacher_npz(protocols: Protocols, faces: Path) -> dict:
-    """The shared teacher's metrics from its stored embeddings (``emb + emb_flip``)."""
+def teacher_lookup(faces: Path) -> dict[str, np.ndarray]:
+    """The shared teacher's unit embeddings (``emb + emb_flip``) by normalised image path."""
     lookup: dict[str, np.ndarray] = {}
     for name in ("lfw", "cfp"):
         emb, paths = teacher_npz(faces, name)
         for p, e in zip(paths, emb):
             lookup[os.path.normpath(faces / name / p)] = e
-    return metrics_from_embeddings(protocols, lookup)
+    return lookup
+
+
+def evaluate_teacher_npz(protocols: Protocols, faces: Path) -> dict:
+    """The shared teacher's metrics from its stored embeddings (``emb + emb_flip``)."""
+    return metrics_from_embeddings(protocols, teacher_lookup(faces))

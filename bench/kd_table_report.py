@@ -1,7 +1,11 @@
-"""Report of the KD table: CSV (one row per run), Markdown (mean ± std over seeds and the share
-of the teacher-student gap closed), LFW all-pairs ROC plots and how the numbers were made.
+"""Report of the KD table, built only from the committed per-cell files (``kd_cells.py``): CSV
+(one row per run), Markdown per student (mean ± std over seeds, the share of the teacher-student
+gap closed, identity-bootstrap intervals and paired differences, ``kd_significance.py``), LFW
+all-pairs ROC plots, a capacity plot (gap closed at TPR@1e-4 vs student parameters) and how the
+numbers were made.
 
-Gap closed for metric m = (student_m - noKD_m) / (teacher_m - noKD_m), on seed means.
+Gap closed for metric m = (student_m - noKD_m) / (teacher_m - noKD_m), on seed means, with the
+no-KD row of the same student.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_table_eval import METRICS, evaluate_teacher_npz, load_protocols
+from kd_cells import environment
+from kd_significance import REFERENCES, significance
+from kd_table_eval import METRICS
 
 LABELS = {"lfw_acc": "LFW acc", "lfw_tpr@1e-3": "TPR@1e-3", "lfw_tpr@1e-4": "TPR@1e-4",
           "lfw_tpr@1e-5": "TPR@1e-5", "cfp_ff_acc": "CFP-FF", "cfp_fp_acc": "CFP-FP"}
@@ -25,46 +31,36 @@ TEACHER_NAMES = {"T1": "T1: IResNet-50 trained here (ArcFace)",
 
 
 def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    from kd_cells import git
 
-
-def environment() -> dict:
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return git(*args)
 
 
 def collect(table) -> tuple[list[dict], dict[str, dict], list[str]]:  # noqa: ANN001
-    """Finished runs, teacher metrics per teacher, and the names of cells still missing."""
+    """Finished runs, committed teacher metrics per teacher, and the cells still missing."""
     runs, missing = [], []
     for cell in table.plan():
         r = table.result(cell)
         if r is None:
             missing.append(cell.slug)
         else:
-            runs.append(r)
-    teachers = {}
-    for t in table.profile.teachers:
-        if t == "T2":
-            teachers[t] = evaluate_teacher_npz(load_protocols(table.faces), table.faces)
-        else:
-            f = table.t1_dir() / "result.json"
-            if f.is_file():
-                teachers[t] = json.loads(f.read_text())["metrics"]
+            runs.append({"width": 1.0, "name": table.cell_name(cell), **r})
+    teachers = {t: r["metrics"] for t, r in table.teachers().items()}
     return runs, teachers, missing
 
 
-def summarise(runs: list[dict], teacher: str) -> dict[str, dict]:
+def student_parameters(width: float, embedding_size: int, input_size: int) -> int:
+    """Parameters of the MobileFaceNet student at ``width``."""
+    from ekd.models import build_backbone, count_parameters
+
+    return count_parameters(build_backbone("mobilefacenet", embedding_size, input_size, width=width))
+
+
+def summarise(runs: list[dict], teacher: str, width: float = 1.0) -> dict[str, dict]:
     """Per method: seeds, mean and std (ddof 1 when >= 2 seeds) of each metric, mean ROC."""
     by_method: dict[str, list[dict]] = {}
     for r in runs:
-        if r["teacher"] == teacher:
+        if r["teacher"] == teacher and r.get("width", 1.0) == width:
             by_method.setdefault(r["method"], []).append(r)
     out = {}
     for method, rs in by_method.items():
@@ -97,61 +93,177 @@ def _cell(mean: float, std: float | None) -> str:
     return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (no machine paths in reports)."""
+    repo = Path(__file__).resolve().parents[1]
+    path = Path(path).resolve()
+    return str(path.relative_to(repo)) if path.is_relative_to(repo) else f"<results>/{path.name}"
+
+
+def _student_label(width: float, params: int) -> str:
+    name = "MobileFaceNet" if width == 1.0 else f"MobileFaceNet ×{width:g} width"
+    return f"{name} ({params / 1e6:.2f} M parameters)"
+
+
+def _interval(iv: list[float]) -> str:
+    return f"[{iv[0]:.4f}, {iv[1]:.4f}]"
+
+
+def significance_lines(sig: dict, order: list[str]) -> list[str]:
+    """Markdown: per method the per-seed 95% intervals of TPR@1e-3/1e-4/1e-5 and of the paired
+    differences to the references; ✓ marks a real difference (every seed, same side)."""
+    labels = ("1e-3", "1e-4", "1e-5")
+    lines = ["95% identity-bootstrap intervals (1,000 resamples of LFW identities), per seed; "
+             "paired difference = method − reference on the same seed and resamples. "
+             "**✓+ / ✓−**: the difference is real (every seed's interval excludes 0 on that side).", "",
+             "| method | seed | " + " | ".join(f"TPR@{x}" for x in labels) + " | "
+             + " | ".join(f"− {ref} @{x}" for ref in REFERENCES for x in labels) + " |",
+             "|---|---|" + "---|" * (3 + 3 * len(REFERENCES))]
+    for method in order:
+        row = sig.get(method)
+        if row is None:
+            continue
+        for seed, tpr in sorted(row["tpr"].items()):
+            diffs = []
+            for ref in REFERENCES:
+                d = row["diff"][ref].get(seed)
+                diffs += ["–"] * 3 if d is None else [_interval(v) for v in d]
+            lines.append(f"| {method} | {seed} | " + " | ".join(_interval(v) for v in tpr) + " | "
+                         + " | ".join(diffs) + " |")
+        marks = [f"{ref}: " + ", ".join(f"@{x} ✓{v}" for x, v in zip(labels, row["real"][ref]) if v)
+                 for ref in REFERENCES if any(row["real"][ref])]
+        if marks:
+            lines.append(f"| {method} | real | " + "; ".join(marks) + " |" + " |" * (2 + 3 * len(REFERENCES)))
+    return lines
+
+
+def capacity(summaries: dict, teachers: dict, params: dict) -> dict[str, list[tuple[int, float]]]:
+    """Per method: (student parameters, gap closed at TPR@1e-4) for every student it ran on."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for (t, width), summary in summaries.items():
+        if t not in teachers:
+            continue
+        for method, g in gap_closed(summary, teachers[t]).items():
+            if method != "no KD" and g["lfw_tpr@1e-4"] is not None:
+                out.setdefault(f"{method} ({t})", []).append((params[width], g["lfw_tpr@1e-4"]))
+    return {m: sorted(v) for m, v in out.items()}
+
+
+def plot_capacity(points: dict[str, list[tuple[int, float]]], title: str, out_png: Path) -> Path | None:
+    """Gap closed at TPR@1e-4 vs student parameters, one line per method (methods on >= 2
+    students)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    lines = {m: v for m, v in points.items() if len(v) >= 2}
+    if not lines:
+        return None
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    for m, v in lines.items():
+        ax.plot([p for p, _ in v], [100 * g for _, g in v], marker="o", label=m)
+    ax.set_xscale("log")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("student parameters")
+    ax.set_ylabel("gap closed at TPR@1e-4 (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", linestyle="--", linewidth=0.5)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    return out_png
+
+
 def markdown(table, runs: list[dict], teachers: dict, missing: list[str], wall: float,  # noqa: ANN001
-             command: list[str]) -> tuple[str, dict]:
+             command: list[str], boots: dict | None = None) -> tuple[str, dict]:
     p = table.profile
+    boots = boots or {}
     lines = [f"# KD table on real faces — {p.name.upper()} profile", ""]
     if missing:
         lines += [f"**Incomplete: {len(missing)} cell(s) not run yet** ({', '.join(missing)}).", ""]
-    lines += [f"Student MobileFaceNet at {p.input_size}×{p.input_size}, {p.epochs} epochs of "
+    lines += [f"Students MobileFaceNet (width {', '.join(f'{w:g}' for w in p.students)}) at "
+              f"{p.input_size}×{p.input_size}, {p.epochs} epochs of "
               f"{p.random_size} random + {p.identities_per_batch}×{p.samples_per_identity} balanced "
               f"images per step, {p.head['kind']} s={p.head['scale']:g} m={p.head['margin']:g} on the whole "
               f"batch, SGD lr {p.optim['lr']:g} (cosine, warm-up {p.optim['warmup_epochs']:g} epoch).",
               "Mean ± std (ddof 1) over seeds; LFW all-pairs TPR at FPR; CFP fold 10.", ""]
-    summaries = {}
+    summaries, params = {}, {}
     for t in p.teachers:
-        summary = summarise(runs, t)
-        summaries[t] = summary
-        if t not in teachers:
-            continue
-        tm = teachers[t]
-        lines += [f"## {TEACHER_NAMES[t]}", "",
-                  "| method | seeds | " + " | ".join(LABELS[m] for m in METRICS) + " |",
-                  "|---|---|" + "---|" * len(METRICS),
-                  "| teacher | – | " + " | ".join(f"{tm[m]:.4f}" for m in METRICS) + " |"]
-        order = sorted(summary, key=lambda k: (k != "no KD", -summary[k]["mean"]["lfw_tpr@1e-4"]))
-        for method in order:
-            s = summary[method]
-            lines.append(f"| {method} | {len(s['seeds'])} | "
-                         + " | ".join(_cell(s["mean"][m], s["std"][m]) for m in METRICS) + " |")
-        gaps = gap_closed(summary, tm)
-        lines += ["", "Share of the teacher − no-KD gap closed ((student − no KD) / (teacher − no KD)):", ""]
-        if not gaps:
-            lines.append("(needs the no-KD row)")
-        else:
-            lines += ["| method | " + " | ".join(LABELS[m] for m in METRICS) + " |",
-                      "|---|" + "---|" * len(METRICS)]
-        for method in order if gaps else ():
-            if method != "no KD":
-                lines.append(f"| {method} | " + " | ".join(
-                    "n/a" if gaps[method][m] is None else f"{100 * gaps[method][m]:+.1f}%" for m in METRICS) + " |")
-        small = [f"{LABELS[m]} ({tm[m] - summary['no KD']['mean'][m]:+.4f})" for m in METRICS
-                 if gaps and abs(tm[m] - summary["no KD"]["mean"][m]) < SMALL_GAP]
-        if small:
-            lines += ["", f"Gap below {SMALL_GAP}: {', '.join(small)}; there the share is dominated by "
-                      "seed noise and means little."]
-        lines += ["", f"![LFW all-pairs ROC](kd_table_{p.name}_{t.lower()}_roc.png)", ""]
-    compute = sum(r["train_seconds"] + r["eval_seconds"] for r in runs)
+        emb = 128 if t == "T2" else p.t1.get("embedding_size", 512)
+        for width in p.students:
+            params[width] = student_parameters(width, emb, p.input_size)
+            summary = summarise(runs, t, width)
+            summaries[(t, width)] = summary
+            if t not in teachers or not summary:
+                continue
+            lines += student_section(table, t, width, params[width], summary, teachers[t],
+                                     [r for r in runs if r["teacher"] == t and r.get("width", 1.0) == width],
+                                     boots)
+    points = capacity(summaries, teachers, params)
+    if any(len(v) >= 2 for v in points.values()):
+        lines += ["## Capacity", "", "Gap closed at TPR@1e-4 per student:", "",
+                  "| method | " + " | ".join(f"{params[w] / 1e6:.2f} M" for w in p.students) + " |",
+                  "|---|" + "---|" * len(p.students)]
+        for m, v in points.items():
+            by = dict(v)
+            lines.append(f"| {m} | " + " | ".join(
+                f"{100 * by[params[w]]:+.1f}%" if params[w] in by else "–" for w in p.students) + " |")
+        lines += ["", f"![capacity](kd_table_{p.name}_capacity.png)", ""]
+    compute = sum(r["train_seconds"] + r["eval_seconds"] + r.get("bootstrap_seconds", 0.0) for r in runs)
+    dirty = _git("status", "--porcelain", "--", "src", "bench", "configs")
     lines += ["## How these numbers were made", "",
               f"- Command: `{' '.join(c for c in command if c != '--report-only')}`"
               + (" (this report rewritten with `--report-only`)" if "--report-only" in command else ""),
+              f"- Built from the committed cell files in `{_shown(table.store.root)}/`.",
               f"- Git commit: `{_git('rev-parse', 'HEAD')}`"
-              + (" (with uncommitted changes)" if _git("status", "--porcelain", "--", "src", "bench", "configs") else ""),
+              + (" (with uncommitted changes)" if dirty else ""),
               f"- Environment: `{json.dumps(environment())}`",
-              f"- Compute: {compute / 3600:.2f} h of cell time (training + evaluation, summed over "
-              f"{len(runs)} runs, {p.jobs} at a time × {p.threads} thread(s)); this invocation's wall "
-              f"time {wall / 3600:.2f} h (cells already cached are not rerun).", ""]
+              f"- Compute: {compute / 3600:.2f} h of cell time (training + evaluation + bootstrap, summed "
+              f"over {len(runs)} runs, {p.jobs} at a time × {p.threads} thread(s)); this invocation's wall "
+              f"time {wall / 3600:.2f} h (committed cells are not rerun).", ""]
     return "\n".join(lines), summaries
+
+
+def student_section(table, t: str, width: float, params: int, summary: dict, tm: dict,  # noqa: ANN001
+                    runs: list[dict], boots: dict) -> list[str]:
+    """Tables of one (teacher, student): metrics, gap closed, bootstrap intervals, ROC plot."""
+    lines = [f"## {TEACHER_NAMES[t]} → {_student_label(width, params)}", "",
+             "| method | seeds | " + " | ".join(LABELS[m] for m in METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS),
+             "| teacher | – | " + " | ".join(f"{tm[m]:.4f}" for m in METRICS) + " |"]
+    order = sorted(summary, key=lambda k: (k != "no KD", -summary[k]["mean"]["lfw_tpr@1e-4"]))
+    for method in order:
+        s = summary[method]
+        lines.append(f"| {method} | {len(s['seeds'])} | "
+                     + " | ".join(_cell(s["mean"][m], s["std"][m]) for m in METRICS) + " |")
+    gaps = gap_closed(summary, tm)
+    lines += ["", "Share of the teacher − no-KD gap closed ((student − no KD) / (teacher − no KD)):", ""]
+    if not gaps:
+        lines.append("(needs the no-KD row)")
+    else:
+        lines += ["| method | " + " | ".join(LABELS[m] for m in METRICS) + " |",
+                  "|---|" + "---|" * len(METRICS)]
+    for method in order if gaps else ():
+        if method != "no KD":
+            lines.append(f"| {method} | " + " | ".join(
+                "n/a" if gaps[method][m] is None else f"{100 * gaps[method][m]:+.1f}%" for m in METRICS) + " |")
+    small = [f"{LABELS[m]} ({tm[m] - summary['no KD']['mean'][m]:+.4f})" for m in METRICS
+             if gaps and abs(tm[m] - summary["no KD"]["mean"][m]) < SMALL_GAP]
+    if small:
+        lines += ["", f"Gap below {SMALL_GAP}: {', '.join(small)}; there the share is dominated by "
+                  "seed noise and means little."]
+    sig = significance(runs, boots)
+    if sig:
+        lines += [""] + significance_lines(sig, order)
+    lines += ["", f"![LFW all-pairs ROC]({_roc_name(table.profile.name, t, width)})", ""]
+    return lines
+
+
+def _roc_name(profile: str, teacher: str, width: float) -> str:
+    w = "" if width == 1.0 else f"_w{width:g}"
+    return f"kd_table_{profile}_{teacher.lower()}{w}_roc.png"
 
 
 def write_report(table, out: Path, wall: float, command: list[str]) -> Path:  # noqa: ANN001
@@ -159,26 +271,34 @@ def write_report(table, out: Path, wall: float, command: list[str]) -> Path:  # 
 
     out.mkdir(parents=True, exist_ok=True)
     runs, teachers, missing = collect(table)
+    boots = {r["name"]: b for r in runs if (b := table.store.load_boot(r["name"])) is not None}
     name = f"kd_table_{table.profile.name}"
     with open(out / f"{name}.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["teacher", "method", "seed", *METRICS, "train_seconds"])
+        w.writerow(["teacher", "width", "method", "seed", *METRICS, "train_seconds"])
         for t, tm in teachers.items():
-            w.writerow([t, "teacher", "", *(tm[m] for m in METRICS), ""])
-        for r in sorted(runs, key=lambda r: (r["teacher"], r["method"], r["seed"])):
-            w.writerow([r["teacher"], r["method"], r["seed"], *(r["metrics"][m] for m in METRICS),
+            w.writerow([t, "", "teacher", "", *(tm[m] for m in METRICS), ""])
+        for r in sorted(runs, key=lambda r: (r["teacher"], -r["width"], r["method"], r["seed"])):
+            w.writerow([r["teacher"], r["width"], r["method"], r["seed"], *(r["metrics"][m] for m in METRICS),
                         round(r["train_seconds"], 1)])
-    text, summaries = markdown(table, runs, teachers, missing, wall, command)
+    text, summaries = markdown(table, runs, teachers, missing, wall, command, boots)
     (out / f"{name}.md").write_text(text)
-    for t, summary in summaries.items():
+    params = {}
+    for (t, width), summary in summaries.items():
+        params[width] = student_parameters(width, 128 if t == "T2" else table.profile.t1.get("embedding_size", 512),
+                                           table.profile.input_size)
         if not summary or t not in teachers:
             continue
         curves = {"teacher": {"fpr": teachers[t]["roc_fpr"], "tpr": teachers[t]["roc_tpr"]}}
         for method, s in sorted(summary.items(), key=lambda kv: -kv[1]["mean"]["lfw_tpr@1e-4"]):
             curves[f"{method} ({len(s['seeds'])} seed{'s' if len(s['seeds']) > 1 else ''})"] = \
                 {"fpr": s["roc_fpr"], "tpr": s["roc_tpr"]}
-        plot_roc(curves, f"LFW all-pairs, teacher {t}, {table.profile.name.upper()} profile",
-                 out / f"{name}_{t.lower()}_roc.png", xlim=(1e-6, 1.0), ylog=True)
-    (out / f"{name}.json").write_text(json.dumps({"teachers": teachers, "summaries": summaries,
-                                                  "missing": missing}, indent=1, default=float))
+        plot_roc(curves, f"LFW all-pairs, teacher {t}, width {width:g}, {table.profile.name.upper()} profile",
+                 out / _roc_name(table.profile.name, t, width), xlim=(1e-6, 1.0), ylog=True)
+    plot_capacity(capacity(summaries, teachers, params), f"{table.profile.name.upper()}: gap closed vs capacity",
+                  out / f"{name}_capacity.png")
+    (out / f"{name}.json").write_text(json.dumps(
+        {"teachers": teachers, "missing": missing,
+         "summaries": {f"{t}/w{w:g}" if w != 1.0 else t: s for (t, w), s in summaries.items()}},
+        indent=1, default=float))
     return out / f"{name}.md"

@@ -45,7 +45,7 @@ def _no_work(monkeypatch):
     monkeypatch.setattr("ekd.engine.evaluation.evaluate_checkpoint", started)
     monkeypatch.setattr("ekd.engine.evaluation.load_model", started)
     monkeypatch.setattr("ekd.engine.demo.run_demo", started)
-    monkeypatch.setattr("ekd.engine.teacher_cache.cache_for_folder", started)
+    monkeypatch.setattr("ekd.engine.make_teacher_cache.cache_for_data", started)
 
 
 def _one_line_error(capsys, command: str, needle: str) -> str:

@@ -247,7 +247,7 @@ ANY = st.recursive(SCALARS, lambda c: st.one_of(st.lists(c, max_size=3),
                    max_leaves=10)
 FIELDS = {"data": ["kind", "root", "input_size", "num_workers", "on_corrupt", "synthetic"],
           "sampler": ["random_size", "identities_per_batch", "samples_per_identity"],
-          "model": ["backbone", "embedding_size", "dropout"], "head": ["kind", "scale", "margin"],
+          "model": ["backbone", "embedding_size", "dropout", "width"], "head": ["kind", "scale", "margin"],
           "teacher": ["kind", "path", "backbone", "embedding_size"],
           "optim": ["lr", "momentum", "milestones", "warmup_epochs", "scheduler", "gamma"],
           "train": ["epochs", "device", "ce_on", "log_every", "max_steps_per_epoch"],

@@ -22,6 +22,7 @@ from ekd.config import Config, from_dict, validate  # noqa: E402
 
 
 def _fake_result(table, cell, tpr4, acc=0.7):
+    """A finished run in the cache (not committed)."""
     d = table.cell_dir(cell)
     d.mkdir(parents=True, exist_ok=True)
     metrics = {m: acc for m in METRICS}
@@ -32,7 +33,7 @@ def _fake_result(table, cell, tpr4, acc=0.7):
 
 
 def test_plan_seeds_and_the_two_best_others(tmp_path):
-    table = K.Table(K.CPU, tmp_path / "faces", tmp_path / "cache")
+    table = K.Table(K.CPU, tmp_path / "faces", tmp_path / "cache", tmp_path / "results")
     plan = table.plan()
     assert len(plan) == 5 * 3 + len(K.OTHERS)  # phase 2 waits for the one-seed sweep
     assert {c.method for c in plan if c.seed == 2} == set(K.SEEDED)
@@ -43,8 +44,8 @@ def test_plan_seeds_and_the_two_best_others(tmp_path):
     assert len(plan) == 30
     assert [(c.method, c.seed) for c in plan[-4:]] == [("sp", 1), ("cosine", 1), ("sp", 2), ("cosine", 2)]
     assert {c.slug for c in plan} == {c.slug for c in set(plan)}  # no duplicates
-    pending = [p[0] for p in table.pending()]
-    assert len(pending) == 30 - len(K.OTHERS) and "T2-sp-s1" in pending
+    pending = [p[0] for p in table.pending()]  # the cache's finished runs are not committed
+    assert len(pending) == 30 and any(p.startswith("T2-sp-s1-") for p in pending)
 
 
 def test_hash_ignores_locations_but_not_settings(tmp_path):
@@ -57,23 +58,32 @@ def test_hash_ignores_locations_but_not_settings(tmp_path):
     assert longer.cell_dir(cell).name != a.cell_dir(cell).name
 
 
-def test_every_cell_config_is_valid_and_as_described(tmp_path):
-    table = K.Table(K.GPU, tmp_path / "faces", tmp_path / "cache")
-    cells = {(c.teacher, c.method): c for c in table.plan()}
-    for cell in cells.values():
+@pytest.mark.parametrize("profile", [K.CPU, K.CPU2, K.GPU])
+def test_every_cell_config_is_valid(tmp_path, profile):
+    table = K.Table(profile, tmp_path / "faces", tmp_path / "cache", tmp_path / "results")
+    for cell in table.plan():
         cfg = from_dict(Config, table.config_tree(cell))
         validate(cfg)
         assert cfg.teacher.kind == ("none" if cell.method == "no KD" else
                                     "cache" if cell.teacher == "T2" else "checkpoint")
-    ours = from_dict(Config, table.config_tree(cells[("T2", "EKD (ours)")]))
-    assert ours.distill[0].params == {"bias_correction": True, "memory_size": 4096,
-                                      "pos_weight": 0.16, "neg_weight": 0.08}
-    assert from_dict(Config, table.config_tree(cells[("T2", "EKD (authors)")])).distill[0].params == {}
-    both = from_dict(Config, table.config_tree(cells[("T2", "EKD + AdaDistill")]))
-    assert [d.name for d in both.distill] == ["ekd", "adadistill"]
-    assert from_dict(Config, table.config_tree(cells[("T2", "kd")])).teacher.centers == "mean_embedding"
-    assert from_dict(Config, table.config_tree(cells[("T1", "kd")])).teacher.centers == "classifier"
-    assert from_dict(Config, table.config_tree(cells[("T2", "sp")])).model.embedding_size == 128
+        assert cfg.model.width == cell.width
+
+
+def test_cell_configs_are_as_described(tmp_path):
+    table = K.Table(K.GPU, tmp_path / "faces", tmp_path / "cache")
+
+    def cfg(teacher, method):
+        return from_dict(Config, table.config_tree(K.Cell(teacher, method, 0)))
+
+    assert cfg("T2", "EKD (ours)").distill[0].params == {"bias_correction": True, "memory_size": 4096,
+                                                         "pos_weight": 0.16, "neg_weight": 0.08}
+    assert cfg("T2", "EKD (authors)").distill[0].params == {}
+    assert [d.name for d in cfg("T2", "EKD + AdaDistill").distill] == ["ekd", "adadistill"]
+    assert cfg("T2", "kd").teacher.centers == "mean_embedding"
+    assert cfg("T1", "kd").teacher.centers == "classifier"
+    assert cfg("T2", "gkd").distill[0].params["logits"] == "teacher_centers"
+    assert cfg("T1", "gkd").distill[0].params["logits"] == "heads"
+    assert cfg("T2", "sp").model.embedding_size == 128
     assert from_dict(Config, table.t1_tree()).model.backbone == "iresnet50"
 
 
@@ -106,12 +116,21 @@ def test_teacher_reference_values(shared_faces):
 def test_one_real_cell_end_to_end(shared_faces, tmp_path):
     faces = shared_faces
     profile = dataclasses.replace(K.CPU, epochs=1, steps_per_epoch=2, threads=2)
-    table = K.Table(profile, faces, tmp_path / "cache")
+    table = K.Table(profile, faces, tmp_path / "cache", tmp_path / "results")
     table.prepare()
+    assert table.teachers()["T2"]["metrics"]["lfw_acc"] == pytest.approx(0.989167, abs=1e-6)
     cell = K.Cell("T2", "kd", 0)
     d = table.cell_dir(cell)
-    table.write_cell(d, table.config_tree(cell), {"teacher": "T2", "method": "kd", "seed": 0})
+    name = table.cell_name(cell)
+    table.write_cell(d, table.spec(name, table.config_tree(cell),
+                                   {"teacher": "T2", "method": "kd", "seed": 0, "width": 1.0}))
     K.run_cell(d)
+    record = json.loads((tmp_path / "results" / "cpu" / f"{name}.json").read_text())
+    assert record["hash"] == name.rsplit("-", 1)[1] and record["git_commit"] and record["environment"]
+    assert "<faces>" in json.dumps(record["config"]) and str(faces) not in json.dumps(record["config"])
+    boot = table.store.load_boot(name)
+    assert boot["samples"].shape == (1000, 3) and 0 <= boot["samples"][:, 0].mean() <= 1
+    assert [p[0] for p in table.pending()].count(name) == 0  # committed: skipped
     result = table.result(cell)
     assert set(METRICS) <= set(result["metrics"]) and 0.3 < result["metrics"]["lfw_acc"] < 1.0
     assert {"ce", "kd"} <= set(result["final_terms"])
@@ -120,4 +139,4 @@ def test_one_real_cell_end_to_end(shared_faces, tmp_path):
     assert "Incomplete" in text and "| kd | 1 |" in text and "| teacher | – | 0.9892" in text
     assert (tmp_path / "out" / "kd_table_cpu_t2_roc.png").stat().st_size > 1000
     rows = (tmp_path / "out" / "kd_table_cpu.csv").read_text().splitlines()
-    assert rows[0].startswith("teacher,method,seed,lfw_acc") and len(rows) == 3
+    assert rows[0].startswith("teacher,width,method,seed,lfw_acc") and len(rows) == 3

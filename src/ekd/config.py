@@ -65,6 +65,8 @@ class ModelConfig:
     backbone: str = "mobilefacenet"
     embedding_size: int = 512
     dropout: float = 0.0
+    # Channel multiplier of the MobileFaceNet family (0.5: half-width student); 1.0 otherwise.
+    width: float = 1.0
 
 
 @dataclass

@@ -50,12 +50,13 @@ def check_more(cfg: Config) -> None:
 
 
 def _check_model(cfg: Config) -> None:
-    from ekd.models import BACKBONES, MIN_INPUT_SIZE, feature_map_side
+    from ekd.models import BACKBONES, MIN_INPUT_SIZE, check_width, feature_map_side
 
     valid = ", ".join(sorted(BACKBONES))
     for key, name in (("model.backbone", cfg.model.backbone), ("teacher.backbone", cfg.teacher.backbone)):
         if name is not None and name.strip().lower() not in BACKBONES:
             raise ConfigError(f"{key}: {name!r} is not one of {valid}")
+    check_width(cfg.model.backbone, cfg.model.width, "model.width")
     size = cfg.data.input_size
     if size < MIN_INPUT_SIZE or feature_map_side(size) < 1:
         raise ConfigError(f"data.input_size={size} is too small for the backbones: the minimum is "

@@ -94,6 +94,7 @@ def save_training_checkpoint(trainer: "Trainer", path: Path, training_state: boo
         obj = {
             "format": FORMAT, "version": VERSION,
             "model_meta": {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size,
+                           "width": cfg.model.width,
                            "input_size": cfg.data.input_size, "num_classes": trainer.dataset.num_classes},
             "model": trainer.student.state_dict(),
             "head": head_state,

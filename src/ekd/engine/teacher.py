@@ -38,6 +38,7 @@ class LoadedModel:
     embedding_size: int
     input_size: int
     head_state: dict | None = None
+    width: float = 1.0
 
 
 def load_model(path: str | Path, backbone: str | None = None, embedding_size: int | None = None,
@@ -53,6 +54,7 @@ def load_model(path: str | Path, backbone: str | None = None, embedding_size: in
         try:
             meta = obj["model_meta"]
             name, emb, size = meta["backbone"], meta["embedding_size"], meta["input_size"]
+            width = meta.get("width", 1.0)  # checkpoints before model.width are full width
             obj["model"]
         except (KeyError, TypeError, IndexError) as exc:
             raise CheckpointError(f"{path}: an ekd checkpoint without its model or model_meta "
@@ -66,15 +68,16 @@ def load_model(path: str | Path, backbone: str | None = None, embedding_size: in
         if backbone is None:
             raise ConfigError(f"{path}: a bare state_dict (e.g. arcface_torch backbone.pth) does not "
                               f"record its architecture; set {backbone_hint} (e.g. iresnet50)")
-        name, state, head = backbone, obj, None
+        name, state, head, width = backbone, obj, None, 1.0
         emb = embedding_size or _infer_embedding_size(obj, path)
         size = input_size or 112
     else:
         raise CheckpointError(f"{path}: neither an ekd checkpoint nor a state_dict of tensors "
                               f"(top level: {type(obj).__name__})")
-    model = build_backbone(name, embedding_size=emb, input_size=size)
-    load_state_strict(model, state, str(path), what=f"{name} backbone")
-    return LoadedModel(model, name, emb, size, head)
+    model = build_backbone(name, embedding_size=emb, input_size=size, width=width)
+    what = f"{name} backbone" if width == 1.0 else f"{name} backbone (width {width:g})"
+    load_state_strict(model, state, str(path), what=what)
+    return LoadedModel(model, name, emb, size, head, width)
 
 
 def _infer_embedding_size(state: dict, path: Path) -> int:

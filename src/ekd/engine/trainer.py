@@ -89,7 +89,8 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if tc.amp == "bf16" else torch.float16
         mc = cfg.model
         student = build_backbone(mc.backbone, embedding_size=mc.embedding_size,
-                                 input_size=cfg.data.input_size, dropout=mc.dropout).to(device)
+                                 input_size=cfg.data.input_size, dropout=mc.dropout,
+                                 width=mc.width).to(device)
         self.channels_last = tc.channels_last and device.type == "cuda"
         if self.channels_last:
             student = student.to(memory_format=torch.channels_last)

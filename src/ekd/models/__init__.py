@@ -21,8 +21,10 @@ __all__ = [
     "BACKBONES",
     "IResNet",
     "MIN_INPUT_SIZE",
+    "WIDTH_BACKBONES",
     "MobileFaceNet",
     "build_backbone",
+    "check_width",
     "count_parameters",
     "feature_map_side",
 ]
@@ -41,12 +43,23 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+#: Backbones that accept a channel ``width`` multiplier (``model.width``).
+WIDTH_BACKBONES = ("mobilefacenet", "mbf")
+#: Largest accepted ``model.width`` (4x is already a 16x larger body).
+MAX_WIDTH = 4.0
+
+
 def build_backbone(
-    name: str, embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0
+    name: str,
+    embedding_size: int = 512,
+    input_size: int = 112,
+    dropout: float = 0.0,
+    width: float = 1.0,
 ) -> nn.Module:
     """Build backbone ``name`` for square ``input_size`` crops, emitting ``embedding_size`` dims.
 
-    Raises :class:`ConfigError` for an unknown name or an unusable size / dropout.
+    ``width`` thins the MobileFaceNet family (see :mod:`ekd.models.mobilefacenet`).
+    Raises :class:`ConfigError` for an unknown name or an unusable size / dropout / width.
     """
     key = str(name).strip().lower()
     if key not in BACKBONES:
@@ -63,8 +76,23 @@ def build_backbone(
         raise ConfigError(f"embedding_size must be a positive integer, got {embedding_size!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ConfigError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    check_width(key, width)
     build = BACKBONES[key]
+    if key in WIDTH_BACKBONES:
+        return build(embedding_size=embedding_size, input_size=input_size, dropout=float(dropout),
+                     width=float(width))
     return build(embedding_size=embedding_size, input_size=input_size, dropout=float(dropout))
+
+
+def check_width(backbone: str, width: object, key: str = "model.width") -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``width`` is a number in (0, MAX_WIDTH],
+    and 1.0 for backbones outside :data:`WIDTH_BACKBONES`."""
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= MAX_WIDTH:
+        raise ConfigError(f"{key} must be a number in (0, {MAX_WIDTH:g}], got {width!r}")
+    name = str(backbone).strip().lower()
+    if float(width) != 1.0 and name not in WIDTH_BACKBONES:
+        raise ConfigError(f"{key} {width!r} applies only to the {', '.join(WIDTH_BACKBONES)} "
+                          f"backbones, not {name}; leave it at 1.0")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

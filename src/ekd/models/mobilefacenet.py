@@ -4,6 +4,11 @@ Module names and nesting follow InsightFace arcface_torch's ``mobilefacenet`` ba
 ``mbf`` variant (width scale 2) has the very ``state_dict`` of its published checkpoints, while
 ``mobilefacenet`` (scale 1) is the original, narrower network (64/128 channels) used by the EKD
 authors.  The GDC kernel follows the input size (``ceil(size / 16)``), so small crops work too.
+
+``width`` (``model.width``) thins the network: the 64-channel unit, and with it every channel
+count and every bottleneck expansion width (128/256/512), is multiplied by ``width`` and rounded
+to a multiple of 8; the 512-channel ``conv_sep`` / GDC and the embedding are kept, as arcface_torch
+keeps them for ``mbf``.  Module names, and so ``state_dict`` keys, do not depend on ``width``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ __all__ = [
     "Residual",
     "mbf",
     "mobilefacenet",
+    "width_unit",
 ]
 
 _Pair = int | tuple[int, int]
@@ -143,7 +149,8 @@ class GDC(nn.Module):
 
 
 class MobileFaceNet(nn.Module):
-    """MobileFaceNet; ``scale`` multiplies the 64/128 channel widths (1: original, 2: mbf)."""
+    """MobileFaceNet; ``scale`` multiplies the 64/128 channel widths (1: original, 2: mbf) and
+    ``width`` thins channels and expansion widths alike (0.5: half-width; see the module doc)."""
 
     def __init__(
         self,
@@ -152,26 +159,32 @@ class MobileFaceNet(nn.Module):
         scale: int = 1,
         blocks: Sequence[int] = (1, 4, 6, 2),
         dropout: float = 0.0,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
         if len(blocks) != 4:
             raise ValueError(f"MobileFaceNet needs 4 block counts, got {list(blocks)}")
+        if not width > 0:
+            raise ValueError(f"MobileFaceNet width must be > 0, got {width!r}")
         self.embedding_size = int(embedding_size)
         self.input_size = int(input_size)
-        c64, c128 = 64 * scale, 128 * scale
+        self.width = float(width)
+        unit = width_unit(width)  # 64 at width 1
+        c64, c128 = unit * scale, 2 * unit * scale
+        e128, e256, e512 = 2 * unit, 4 * unit, 8 * unit
         self.layers = nn.ModuleList([ConvBlock(3, c64, kernel=3, stride=2, padding=1)])
         if blocks[0] == 1:
-            self.layers.append(ConvBlock(c64, c64, kernel=3, stride=1, padding=1, groups=64))
+            self.layers.append(ConvBlock(c64, c64, kernel=3, stride=1, padding=1, groups=unit))
         else:
-            self.layers.append(Residual(c64, blocks[0], groups=128))
+            self.layers.append(Residual(c64, blocks[0], groups=e128))
         self.layers.extend(
             [
-                DepthWise(c64, c64, stride=2, groups=128),
-                Residual(c64, blocks[1], groups=128),
-                DepthWise(c64, c128, stride=2, groups=256),
-                Residual(c128, blocks[2], groups=256),
-                DepthWise(c128, c128, stride=2, groups=512),
-                Residual(c128, blocks[3], groups=256),
+                DepthWise(c64, c64, stride=2, groups=e128),
+                Residual(c64, blocks[1], groups=e128),
+                DepthWise(c64, c128, stride=2, groups=e256),
+                Residual(c128, blocks[2], groups=e256),
+                DepthWise(c128, c128, stride=2, groups=e512),
+                Residual(c128, blocks[3], groups=e256),
             ]
         )
         self.conv_sep = ConvBlock(c128, 512)
@@ -186,13 +199,20 @@ class MobileFaceNet(nn.Module):
         return self.features(self.conv_sep(x))
 
 
+def width_unit(width: float) -> int:
+    """The base channel count at ``width``: ``64 * width`` rounded to a multiple of 8 (>= 8)."""
+    return max(8, int(round(64 * float(width) / 8)) * 8)
+
+
 def mobilefacenet(
-    embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0
+    embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0, width: float = 1.0
 ) -> MobileFaceNet:
     """Original-width MobileFaceNet (scale 1), as used by the EKD authors."""
-    return MobileFaceNet(embedding_size, input_size, scale=1, dropout=dropout)
+    return MobileFaceNet(embedding_size, input_size, scale=1, dropout=dropout, width=width)
 
 
-def mbf(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> MobileFaceNet:
+def mbf(
+    embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0, width: float = 1.0
+) -> MobileFaceNet:
     """arcface_torch's ``mbf``: MobileFaceNet at width scale 2."""
-    return MobileFaceNet(embedding_size, input_size, scale=2, dropout=dropout)
+    return MobileFaceNet(embedding_size, input_size, scale=2, dropout=dropout, width=width)

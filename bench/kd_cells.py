@@ -1,0 +1,232 @@
+"""Cells of the KD table and the convergence sweep: run one, run many, keep the results.
+
+A finished cell leaves two committed files in ``bench/results/kd_table/<profile>/`` (the report is
+built from these alone, on any machine; a rerun skips a cell whose files are there):
+
+- ``<slug>-<hash>.json``: the cell (teacher, method, seed, width), its config hash and config
+  (paths replaced by ``<faces>``/``<cache>``), metrics, seconds, git commit, environment;
+- ``<slug>-<hash>.boot.json``: its LFW all-pairs TPR at 1e-3/1e-4/1e-5 on 1,000 resamples of the
+  *identities* (:mod:`ekd.eval.bootstrap`), in millionths. Every cell uses the same resamples
+  (seed ``BOOT_SEED`` over the protocol's identities), so the report takes paired differences of
+  two cells resample by resample without the models or their 20M scores.
+
+The per-pair scores are not committed; the cache keeps each cell's bootstrap tail
+(``tail.npz``: every genuine score and the top impostor scores with their identities) so other
+resamplings can be drawn later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "kd_table"
+BOOT_SEED = 0
+BOOT_RESAMPLES = 1000
+BOOT_FPRS = (1e-3, 1e-4, 1e-5)
+SCHEMA = 1
+
+
+def git(*args: str) -> str:
+    """Output of a git command in the repository ('unknown' without git)."""
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+class CellStore:
+    """The committed per-cell files of one profile."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, name: str) -> Path:
+        return self.root / f"{name}.json"
+
+    def load(self, name: str) -> dict | None:
+        file = self.path(name)
+        return json.loads(file.read_text()) if file.is_file() else None
+
+    def load_boot(self, name: str) -> dict | None:
+        """``{"protocol", "fprs", "samples": [R, F] array}`` or None."""
+        file = self.root / f"{name}.boot.json"
+        if not file.is_file():
+            return None
+        data = json.loads(file.read_text())
+        data["samples"] = np.asarray(data["tpr_millionths"], dtype=np.float64).T / 1e6
+        return data
+
+    def write(self, name: str, record: dict, boot: dict | None) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if boot is not None:
+            _atomic(self.root / f"{name}.boot.json", json.dumps(boot, separators=(",", ":")))
+        _atomic(self.path(name), json.dumps(record, indent=1, default=float))
+        return self.path(name)
+
+
+def _atomic(file: Path, text: str) -> None:
+    tmp = file.with_suffix(file.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, file)
+
+
+def protocol_digest(tail) -> str:  # noqa: ANN001 - ekd.eval.bootstrap.PairTail
+    """Identifies the pair set (identity sizes, impostor count): equal digests, equal resamples."""
+    h = hashlib.sha256(np.asarray(tail.identity_sizes, dtype=np.int64).tobytes())
+    h.update(str(tail.n_neg).encode())
+    return h.hexdigest()[:12]
+
+
+def bootstrap_record(tail) -> tuple[dict, float]:  # noqa: ANN001
+    """The ``.boot.json`` content of one model's pair tail, and the seconds it took."""
+    from ekd.eval.bootstrap import bootstrap_tpr
+
+    t0 = time.perf_counter()
+    samples = bootstrap_tpr(tail, BOOT_FPRS, BOOT_RESAMPLES, BOOT_SEED)
+    samples = np.nan_to_num(samples, nan=-1.0)  # -1: FPR not measurable in that resample
+    boot = {"protocol": protocol_digest(tail), "seed": BOOT_SEED, "resamples": BOOT_RESAMPLES,
+            "fprs": list(BOOT_FPRS), "scheme": "identities with replacement (ekd.eval.bootstrap)",
+            "tpr_millionths": np.round(samples.T * 1e6).astype(int).tolist()}
+    return boot, time.perf_counter() - t0
+
+
+def all_pairs_tail(protocols, lookup: dict):  # noqa: ANN001
+    """The bootstrap tail of LFW all-pairs from unit embeddings by path; the tail grows until
+    every resample's threshold lies inside it."""
+    from ekd.errors import DataError
+    from ekd.eval.bootstrap import PairTail, bootstrap_tpr
+    from ekd.eval.protocols import all_pairs_scores
+
+    emb = np.stack([lookup[os.path.normpath(p)] for p in protocols.all_pairs_paths])
+    scores, same = all_pairs_scores(emb, protocols.all_pairs_labels)
+    for factor in (4.0, 8.0, 16.0, 64.0):
+        tail = PairTail.from_all_pairs(scores, same, protocols.all_pairs_labels, max(BOOT_FPRS), factor)
+        try:
+            bootstrap_tpr(tail, BOOT_FPRS[:1], BOOT_RESAMPLES, BOOT_SEED)
+            return tail
+        except DataError:
+            continue
+    raise DataError("LFW all-pairs: even a 64x tail does not hold every resample's threshold")
+
+
+def cell_record(spec: dict, metrics: dict, seconds: dict, tail_n: int, extra: dict) -> dict:
+    """The committed JSON of one finished cell."""
+    return {"schema": SCHEMA, **spec["meta"], "name": spec["name"], "hash": spec["hash"],
+            "profile": spec["profile"], "config": spec["portable_config"], "metrics": metrics,
+            "train_seconds": seconds["train"], "eval_seconds": seconds["eval"],
+            "bootstrap_seconds": seconds["bootstrap"], "bootstrap_tail_impostors": tail_n,
+            "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain", "--", "src", "bench", "configs")),
+            "environment": environment(), **extra}
+
+
+def run_cell(cell_dir: Path) -> None:
+    """Train (resuming a half-done run), evaluate, bootstrap one cell; writes the committed files
+    and ``result.json`` in the cache."""
+    import torch
+
+    from ekd.config import Config, from_dict, validate
+    from ekd.engine.teacher import load_model
+    from ekd.engine.trainer import train
+    from kd_table_eval import embed_student, load_eval_images, load_protocols, metrics_from_embeddings
+
+    spec = json.loads((cell_dir / "cell.json").read_text())
+    torch.set_num_threads(int(spec["threads"]))
+    tree = json.loads(json.dumps(spec["config"]))
+    tree["train"].update({"output_dir": str(cell_dir / "run"), "resume": "auto"})
+    cfg = from_dict(Config, tree)
+    validate(cfg)
+    start = time.perf_counter()
+    trained = train(cfg)
+    if trained.interrupted:
+        raise SystemExit(f"{cell_dir}: interrupted; rerun to resume")
+    train_s = time.perf_counter() - start
+    faces, cache = Path(spec["faces"]), Path(spec["cache"])
+    protocols = load_protocols(faces)
+    paths, images = load_eval_images(protocols, spec["input_size"], cache)
+    model = load_model(trained.model_path).model.eval()
+    t0 = time.perf_counter()
+    lookup = embed_student(model, paths, images, spec.get("eval_device", "cpu"))
+    metrics = metrics_from_embeddings(protocols, lookup)
+    eval_s = time.perf_counter() - t0
+    tail = all_pairs_tail(protocols, lookup)
+    np.savez_compressed(cell_dir / "tail.npz", **tail.to_arrays())
+    boot, boot_s = bootstrap_record(tail)
+    seconds = {"train": train_s, "eval": eval_s, "bootstrap": boot_s}
+    record = cell_record(spec, metrics, seconds, int(tail.neg_scores.size),
+                         {"final_terms": trained.final_terms})
+    CellStore(Path(spec["results"])).write(spec["name"], record, boot)
+    _atomic(cell_dir / "result.json", json.dumps(record, indent=1, default=float))
+
+
+def run_all(table, jobs: int, budget_s: float | None = None) -> float:  # noqa: ANN001
+    """Run every missing cell of ``table``, ``jobs`` at a time, re-planning as results arrive.
+
+    With ``budget_s``, no cell starts after the budget and running ones are interrupted at it
+    (SIGINT: they keep their last epoch checkpoint and resume on the next invocation).
+    """
+    from tqdm import tqdm
+
+    running: dict[str, tuple[subprocess.Popen, str, float]] = {}
+    failed: set[str] = set()
+    bar = tqdm(desc=f"KD cells ({table.profile.name})", unit="cell", dynamic_ncols=True)
+    start = time.perf_counter()
+    while True:
+        over = budget_s is not None and time.perf_counter() - start > budget_s
+        pending = [] if over else [job for job in table.pending()
+                                   if str(job[1]) not in running and str(job[1]) not in failed]
+        plan = table.plan()
+        done = sum(1 for c in plan if table.result(c))
+        if (bar.total, bar.n) != (len(plan), done):
+            bar.total, bar.n = len(plan), done
+            bar.refresh()
+        while pending and len(running) < jobs:
+            name, d, spec = pending.pop(0)
+            table.write_cell(d, spec)
+            env = {**os.environ, "OMP_NUM_THREADS": str(table.profile.threads)}
+            with open(d / "log.txt", "a") as log:  # the child keeps its own handle
+                proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("kd_table.py")),
+                                         "--run-cell", str(d)], stdout=log, stderr=subprocess.STDOUT,
+                                        env=env, cwd=REPO)
+            running[str(d)] = (proc, name, time.perf_counter())
+            bar.set_postfix_str(", ".join(v[1] for v in running.values()))
+        if not running:
+            break
+        time.sleep(2)
+        if over:
+            for proc, _, _ in running.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+        for key, (proc, name, t0) in list(running.items()):
+            if proc.poll() is not None:
+                del running[key]
+                if over and proc.returncode != 0:
+                    tqdm.write(f"cell {name} stopped at the time budget; rerun to resume")
+                elif proc.returncode != 0:
+                    failed.add(key)
+                    tqdm.write(f"cell {name} failed (exit {proc.returncode}); see {key}/log.txt")
+                else:
+                    tqdm.write(f"cell {name} done in {(time.perf_counter() - t0) / 60:.1f} min")
+    bar.close()
+    if failed:
+        raise SystemExit(f"{len(failed)} cell(s) failed: " + ", ".join(sorted(failed)))
+    return time.perf_counter() - start

@@ -1,0 +1,193 @@
+"""Profiles of the KD table (schedule, scale, students, rows and seeds) and the method settings.
+
+- ``cpu``: the v1 table (32 px, 2 epochs, one student). Kept byte-for-byte so its cell hashes,
+  and so its cached cells, stay valid.
+- ``cpu2``: the v2 table. Two students, MobileFaceNet and a half-width MobileFaceNet
+  (``model.width: 0.5``); rows and seeds as in :func:`plan_v2`. Its input size and epochs are
+  :data:`CPU2_INPUT_SIZE` / :data:`CPU2_EPOCHS`, to be set from the convergence sweep
+  (``bench/kd_convergence.py``) before the first cpu2 cell is committed.
+- ``gpu``: 112 px, ArcFace, the paper's batch, T1 (IResNet-50 trained on ``train/``) and T2;
+  bf16 autocast and channels_last (trainer defaults on CUDA), the key rows at one seed
+  (:func:`plan_key`), run in ``--budget``-limited commands that resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Schedule and scale of one table profile."""
+
+    name: str
+    teachers: tuple[str, ...]
+    input_size: int
+    epochs: int
+    random_size: int
+    identities_per_batch: int
+    samples_per_identity: int
+    head: dict
+    optim: dict
+    device: str
+    jobs: int
+    threads: int
+    t1: dict = field(default_factory=dict)  # teacher T1 training (GPU profile)
+    steps_per_epoch: int | None = None  # cap (smoke runs); None = whole epochs
+    num_workers: int = 0  # data loader processes (not part of a cell's identity)
+    plan: str = "v1"  # "v1" | "v2" | "key": which rows and seeds (plan_* below)
+    students: tuple[float, ...] = (1.0,)  # MobileFaceNet widths (model.width)
+    # data.preload (images decoded once into memory); a loading setting, not in the cell hash.
+    # Emitted only when True and when this ekd has the key.
+    preload: bool = False
+    drop: tuple[str, ...] = ()  # one-seed rows left out to hold the compute budget
+
+
+HEAD_COSFACE = {"kind": "cosface", "scale": 32.0, "margin": 0.2}
+OPTIM_CPU = {"lr": 0.1, "scheduler": "cosine", "warmup_epochs": 0.3, "weight_decay": 5e-4}
+
+# CPU: 32 px, 2 epochs of 192 steps x 128 images (64 random + 16 identities x 4), CosFace
+# s=32 m=0.2 on every sample, SGD 0.1 with a 0.3-epoch warm-up and cosine decay. Chosen so
+# that the 30 cells fit in about 2 hours on 2 cores; see docs/benchmark.md.
+CPU = Profile(name="cpu", teachers=("T2",), input_size=32, epochs=2, random_size=64,
+              identities_per_batch=16, samples_per_identity=4, head=dict(HEAD_COSFACE),
+              optim=dict(OPTIM_CPU), device="cpu", jobs=2, threads=1)
+
+# PROVISIONAL until the convergence sweep (bench/kd_convergence.py) has run: the input size and
+# epoch count at which the no-KD MobileFaceNet is converged by the stated criterion. Changing
+# them changes every cpu2 cell's hash, so fix them before committing cpu2 cells.
+CPU2_INPUT_SIZE = 40
+CPU2_EPOCHS = 12
+CPU2 = Profile(name="cpu2", teachers=("T2",), input_size=CPU2_INPUT_SIZE, epochs=CPU2_EPOCHS,
+               random_size=64, identities_per_batch=16, samples_per_identity=4,
+               head=dict(HEAD_COSFACE), optim=dict(OPTIM_CPU), device="cpu", jobs=2, threads=1,
+               plan="v2", students=(1.0, 0.5), preload=True)
+
+# GPU: the paper's scale (112 px, ArcFace s=64 m=0.5, batch 128 random + 128 balanced), 24
+# epochs of train/ (12,316 images, ~0.3M images per run). Target: T1 + the T1 key rows in 9 min
+# on one H200-class GPU. NOT MEASURED (no GPU in the sessions that wrote it); a rough estimate
+# (IResNet-50 training ~2,500 img/s, a MobileFaceNet step with a frozen IResNet-50 teacher
+# ~5,000 img/s, data preloaded on the GPU) gives ~2 min for T1 and ~1 min per T1 key row, so
+# ~7-8 min with evaluation. The first GPU session must time one cell and, if needed, lower
+# GPU_EPOCHS. T2 rows run after the T1 rows (plan_key), in further --budget commands.
+GPU_EPOCHS = 24
+GPU = Profile(name="gpu", teachers=("T1", "T2"), input_size=112, epochs=GPU_EPOCHS, random_size=128,
+              identities_per_batch=32, samples_per_identity=4,
+              head={"kind": "arcface", "scale": 64.0, "margin": 0.5},
+              optim={"lr": 0.1, "scheduler": "cosine", "warmup_epochs": 1.0, "weight_decay": 5e-4},
+              device="cuda", jobs=1, threads=4, num_workers=8, plan="key", preload=True,
+              t1={"backbone": "iresnet50", "embedding_size": 512, "epochs": GPU_EPOCHS})
+PROFILES = {p.name: p for p in (CPU, CPU2, GPU)}
+
+# EKD (ours): bias-corrected threshold EMA, thresholds from a 4096-embedding cross-batch memory,
+# and the weights the authors' 8-GPU runs effectively used. Their AllGather backward multiplies
+# the gathered gradient by the world size (a correction meant for their distributed softmax), so
+# with 8 GPUs the EKD gradient is 8x the single-process one: pos/neg weights 0.02/0.01 act as
+# 0.16/0.08. Our trainer's gradient does not depend on the world size, so these weights mean the
+# same on 1 CPU and on 8 GPUs.
+EKD_OURS = {"name": "ekd", "weight": 1.0,
+            "params": {"bias_correction": True, "memory_size": 4096, "pos_weight": 0.16, "neg_weight": 0.08}}
+SEEDED = ("no KD", "EKD (authors)", "EKD (ours)", "AdaDistill", "EKD + AdaDistill")
+OTHERS = ("fitnet", "kd", "darkrank", "sp", "cckd", "rkd", "cosine", "shrinkteanet",
+          "triplet_distill", "margin_distill", "proxylesskd")
+NEEDS_CENTERS = ("kd", "margin_distill", "proxylesskd", "gkd")
+# v2 rows. Full-width student: V2_SEEDED + the best of ZOO_V2 at 3 seeds, the rest at 1 seed.
+V2_SEEDED = ("no KD", "EKD (authors)", "EKD (ours)", "AdaDistill", "proxylesskd")
+ZOO_V2 = ("coupleface", "gkd", "icd_face", "unified_kd")
+V2_ONE_SEED = ("EKD + AdaDistill",) + tuple(m for m in OTHERS if m != "proxylesskd")
+V2_HALF = ("no KD", "EKD (authors)", "EKD (ours)", "proxylesskd")  # half width, 3 seeds
+KEY = ("no KD", "EKD (authors)", "EKD (ours)", "AdaDistill", "proxylesskd")  # gpu, 1 seed
+# Dropped first (in this order) if the v2 table does not fit its compute budget.
+WEAKEST_V1 = ("kd", "margin_distill", "fitnet")
+
+
+@dataclass(frozen=True)
+class Cell:
+    teacher: str
+    method: str
+    seed: int
+    width: float = 1.0  # student model.width
+
+    @property
+    def slug(self) -> str:
+        m = "".join(c if c.isalnum() else "_" for c in self.method.lower()).strip("_")
+        w = "" if self.width == 1.0 else f"w{self.width:g}-"
+        return f"{self.teacher}-{w}{m}-s{self.seed}"
+
+
+def zoo_distill(name: str) -> list[dict]:
+    """The ``distill`` section of ``configs/zoo/<name>.yaml`` (the zoo's recommended settings)."""
+    from ekd.config import read_yaml
+
+    return read_yaml(REPO / "configs" / "zoo" / f"{name}.yaml")["distill"]
+
+
+def method_distill(method: str, teacher: str = "T2") -> list[dict]:
+    if method == "no KD":
+        return []
+    if method == "EKD (authors)":
+        return [{"name": "ekd", "weight": 1.0, "params": {}}]
+    if method == "EKD (ours)":
+        return [EKD_OURS]
+    if method == "AdaDistill":
+        return zoo_distill("adadistill")
+    if method == "EKD + AdaDistill":
+        return [EKD_OURS] + zoo_distill("adadistill")
+    terms = zoo_distill(method)
+    if method == "gkd" and teacher == "T2":  # an embedding cache has no classifier
+        terms = [{**t, "params": {**t["params"], "logits": "teacher_centers"}} for t in terms]
+    return terms
+
+
+Result = Callable[[Cell], "dict | None"]
+
+
+def best_of(methods: tuple[str, ...], teacher: str, result: Result, n: int, width: float = 1.0) -> list[str] | None:
+    """The ``n`` best of ``methods`` at seed 0 (LFW all-pairs TPR@1e-4, then LFW accuracy);
+    None until all of them have a result."""
+    scores = {}
+    for m in methods:
+        r = result(Cell(teacher, m, 0, width))
+        if r is None:
+            return None
+        scores[m] = (r["metrics"]["lfw_tpr@1e-4"] or 0.0, r["metrics"]["lfw_acc"])
+    return sorted(methods, key=lambda m: scores[m], reverse=True)[:n]
+
+
+def plan_v1(profile: Profile, result: Result) -> list[Cell]:
+    """v1: SEEDED at 3 seeds, OTHERS at 1, then the two best OTHERS at seeds 1-2."""
+    cells = []
+    for t in profile.teachers:
+        cells += [Cell(t, m, s) for s in range(3) for m in SEEDED]
+        cells += [Cell(t, m, 0) for m in OTHERS]
+        best = best_of(OTHERS, t, result, 2)
+        if best:
+            cells += [Cell(t, m, s) for m in best for s in (1, 2)]
+    return sorted(cells, key=lambda c: (c.seed > 0 and c.method in OTHERS, c.seed, c.teacher))
+
+
+def plan_v2(profile: Profile, result: Result) -> list[Cell]:
+    """v2: full width V2_SEEDED at 3 seeds, V2_ONE_SEED and ZOO_V2 at 1 (minus ``drop``), then the
+    best ZOO_V2 method at seeds 1-2; half width (if a student) V2_HALF at 3 seeds."""
+    cells = []
+    for t in profile.teachers:
+        cells += [Cell(t, m, s) for s in range(3) for m in V2_SEEDED]
+        if 0.5 in profile.students:
+            cells += [Cell(t, m, s, 0.5) for s in range(3) for m in V2_HALF]
+        cells += [Cell(t, m, 0) for m in V2_ONE_SEED + ZOO_V2 if m not in profile.drop]
+        best = best_of(ZOO_V2, t, result, 1)
+        if best:
+            cells += [Cell(t, best[0], s) for s in (1, 2)]
+    return sorted(cells, key=lambda c: (c.method in ZOO_V2 and c.seed > 0, c.seed, c.width != 1.0))
+
+
+def plan_key(profile: Profile, result: Result) -> list[Cell]:  # noqa: ARG001
+    """gpu: the KEY rows at seed 0 for every teacher (T1 first)."""
+    return [Cell(t, m, 0) for t in profile.teachers for m in KEY]
+
+
+PLANS = {"v1": plan_v1, "v2": plan_v2, "key": plan_key}

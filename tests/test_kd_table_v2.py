@@ -1,0 +1,174 @@
+"""KD table v2 machinery without real faces: pinned v1 hashes, the cpu2 plan (two students),
+committed cells, significance rule, the convergence criterion and report arithmetic from
+synthetic per-cell JSONs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import kd_convergence as C  # noqa: E402
+import kd_significance as S  # noqa: E402
+import kd_table as K  # noqa: E402
+import kd_table_report as R  # noqa: E402
+from kd_table_eval import METRICS  # noqa: E402
+
+
+def _table(tmp_path, profile=K.CPU2):
+    return K.Table(profile, tmp_path / "faces", tmp_path / "cache", tmp_path / "results")
+
+
+def test_cpu_profile_cell_hashes_are_those_of_v1(tmp_path):
+    # names computed with the v1 bench/kd_table.py (before profiles, widths and the store)
+    table = _table(tmp_path, K.CPU)
+    assert table.cell_name(K.Cell("T2", "no KD", 0)) == "T2-no_kd-s0-29a490af92ed"
+    assert table.cell_name(K.Cell("T2", "EKD (ours)", 1)) == "T2-ekd__ours-s1-ffca02577dc9"
+    assert table.cell_name(K.Cell("T2", "sp", 0)) == "T2-sp-s0-04d43649856a"
+
+
+def test_cpu2_plan_two_students_rows_and_seeds(tmp_path):
+    table = _table(tmp_path)
+    plan = table.plan()
+    full = {(c.method, c.seed) for c in plan if c.width == 1.0}
+    half = {(c.method, c.seed) for c in plan if c.width == 0.5}
+    assert half == {(m, s) for m in ("no KD", "EKD (authors)", "EKD (ours)", "proxylesskd") for s in range(3)}
+    for m in ("no KD", "EKD (authors)", "EKD (ours)", "AdaDistill", "proxylesskd"):
+        assert {s for mm, s in full if mm == m} == {0, 1, 2}
+    for m in ("EKD + AdaDistill", "rkd", "kd", "coupleface", "gkd", "icd_face", "unified_kd"):
+        assert {s for mm, s in full if mm == m} == {0}
+    assert len(plan) == 15 + 12 + 11 + 4
+    for i, m in enumerate(("coupleface", "gkd", "icd_face", "unified_kd")):
+        _commit(table, K.Cell("T2", m, 0), tpr={"icd_face": 0.3}.get(m, 0.1 + 0.01 * i))
+    plan = table.plan()
+    assert len(plan) == 44 and {c.seed for c in plan if c.method == "icd_face"} == {0, 1, 2}
+    dropped = _table(tmp_path, dataclasses.replace(K.CPU2, drop=("kd", "fitnet"))).plan()
+    assert not {c.method for c in dropped} & {"kd", "fitnet"} and len(dropped) == 42
+
+
+def test_half_width_config_and_loader_settings_outside_the_hash(tmp_path):
+    table = _table(tmp_path)
+    half, full = K.Cell("T2", "EKD (ours)", 0, 0.5), K.Cell("T2", "EKD (ours)", 0)
+    assert table.config_tree(half)["model"]["width"] == 0.5 and "width" not in table.config_tree(full)["model"]
+    assert table.cell_name(half).startswith("T2-w0.5-ekd__ours-s0-") and table.cell_name(half) != table.cell_name(full)
+    tree = table.config_tree(full)
+    loaded = {**tree, "data": {**tree["data"], "preload": True, "num_workers": 8}}
+    assert table.digest(loaded) == table.digest(tree)
+
+
+def _commit(table, cell, tpr, acc=0.8, boot_shift=None, seconds=100.0):
+    """A committed cell (record + bootstrap samples) as kd_cells writes it."""
+    name = table.cell_name(cell)
+    metrics = {m: acc for m in METRICS}
+    metrics.update({"lfw_tpr@1e-3": tpr + 0.1, "lfw_tpr@1e-4": tpr, "lfw_tpr@1e-5": tpr / 2,
+                    "roc_fpr": [1e-4, 1.0], "roc_tpr": [tpr, 1.0]})
+    record = {"teacher": cell.teacher, "method": cell.method, "seed": cell.seed, "width": cell.width,
+              "name": name, "metrics": metrics, "train_seconds": seconds, "eval_seconds": 10.0,
+              "bootstrap_seconds": 5.0}
+    rng = np.random.default_rng(cell.seed)  # same "resamples" noise for every cell of a seed
+    base = np.clip(tpr + 0.02 * rng.standard_normal((1000, 3)), 0, 1)
+    samples = base + (0.0 if boot_shift is None else boot_shift)
+    boot = {"protocol": "p", "seed": 0, "resamples": 1000, "fprs": [1e-3, 1e-4, 1e-5],
+            "tpr_millionths": np.round(samples.T * 1e6).astype(int).tolist()}
+    table.store.write(name, record, boot)
+    return name
+
+
+def test_committed_cells_are_results_and_are_skipped(tmp_path):
+    table = _table(tmp_path)
+    cell = K.Cell("T2", "no KD", 1, 0.5)
+    before = [p[0] for p in table.pending()]
+    name = _commit(table, cell, 0.2)
+    assert name in before and name not in [p[0] for p in table.pending()]
+    assert table.result(cell)["metrics"]["lfw_tpr@1e-4"] == 0.2
+    np.testing.assert_allclose(table.store.load_boot(name)["samples"].shape, (1000, 3))
+
+
+def test_cache_results_of_v1_are_committed_with_hash_and_portable_config(tmp_path):
+    table = _table(tmp_path, K.CPU)
+    cell = K.Cell("T2", "sp", 0)
+    d = table.cell_dir(cell)
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps({"teacher": "T2", "method": "sp", "seed": 0, "metrics": {},
+                                               "train_seconds": 1.0, "eval_seconds": 1.0}))
+    assert table.commit_cached() == [table.cell_name(cell)]
+    record = table.store.load(table.cell_name(cell))
+    assert record["migrated_from_cache"] and record["hash"] == "04d43649856a"
+    assert record["config"]["data"]["root"] == "<faces>/train"
+    assert table.commit_cached() == []
+
+
+def test_real_difference_needs_every_seed_on_one_side():
+    up, zero, down = np.array([[0.01, 0.03]]), np.array([[-0.01, 0.02]]), np.array([[-0.03, -0.01]])
+    assert S.verdict([up, up, up]) == ["+"]
+    assert S.verdict([up, zero, up]) == [""]
+    assert S.verdict([down, down]) == ["-"]
+    assert S.verdict([up, down]) == [""]
+    a = {"protocol": "p", "seed": 0, "fprs": [1e-3], "samples": np.full((10, 1), 0.5)}
+    np.testing.assert_array_equal(S.paired_interval(a, a), [[0.0, 0.0]])
+    with pytest.raises(ValueError, match="different resamples"):
+        S.paired_interval(a, {**a, "protocol": "q"})
+
+
+def test_report_from_synthetic_committed_cells(tmp_path):
+    table = _table(tmp_path)
+    teacher = {m: 0.9 for m in METRICS} | {"lfw_tpr@1e-4": 0.6, "roc_fpr": [1e-4, 1.0], "roc_tpr": [0.6, 1.0]}
+    table.store.write("T2-teacher", {"teacher": "T2", "method": "teacher", "metrics": teacher}, None)
+    for seed in range(3):
+        for width, base in ((1.0, 0.2), (0.5, 0.1)):
+            _commit(table, K.Cell("T2", "no KD", seed, width), base)
+            # EKD (ours) is better on every resample of every seed; EKD (authors) only equal
+            _commit(table, K.Cell("T2", "EKD (ours)", seed, width), base + 0.1, boot_shift=0.1)
+            _commit(table, K.Cell("T2", "EKD (authors)", seed, width), base)
+    out = R.write_report(table, tmp_path / "out", 0.0, ["python", "bench/kd_table.py", "--profile", "cpu2"])
+    text = out.read_text()
+    # gap closed at TPR@1e-4 per student: full (0.3-0.2)/(0.6-0.2) = 25%, half (0.2-0.1)/(0.6-0.1) = 20%
+    assert "| EKD (ours) (T2) | +25.0% | +20.0% |" in text
+    assert "Incomplete" in text and "MobileFaceNet ×0.5 width" in text
+    real = [line for line in text.splitlines() if line.startswith("| EKD (ours) | real |")]
+    assert len(real) == 2 and all("no KD: @1e-3 ✓+, @1e-4 ✓+, @1e-5 ✓+" in line for line in real)
+    assert not any(line.startswith("| EKD (authors) | real |") for line in text.splitlines())
+    assert (tmp_path / "out" / "kd_table_cpu2_capacity.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "kd_table_cpu2_t2_w0.5_roc.png").is_file()
+    # compute: 18 cells x (100 + 10 + 5) s
+    assert f"{18 * 115 / 3600:.2f} h of cell time" in text
+
+
+def test_convergence_criterion_and_report(tmp_path):
+    def runs(accs, tprs):
+        return [{"metrics": {"lfw_acc": a, "lfw_tpr@1e-3": t}} for a, t in zip(accs, tprs)]
+
+    ok = C.verdict(runs([0.83, 0.832], [0.20, 0.21]), runs([0.835, 0.836], [0.205, 0.215]))
+    assert ok["converged"] and ok["d_acc"] == pytest.approx(0.0045)
+    by_spread = C.verdict(runs([0.83, 0.83], [0.20, 0.26]), runs([0.83, 0.83], [0.25, 0.27]))
+    assert by_spread["rel_tpr3"] > 0.05 and by_spread["converged"]  # 0.03 < spread 0.06
+    assert not C.verdict(runs([0.80, 0.80], [0.2, 0.2]), runs([0.82, 0.82], [0.2, 0.2]))["converged"]
+    sweep = C.Sweep(tmp_path / "faces", tmp_path / "cache", tmp_path / "results", (32,), 2, 2)
+    assert len(sweep.plan()) == 4 and len(sweep.pending()) == 4
+    # at cpu2's own size and epochs a sweep cell is the cpu2 no-KD cell
+    same = C.Sweep(tmp_path / "faces", tmp_path / "cache", tmp_path / "results",
+                   (K.CPU2.input_size,), K.CPU2.epochs, 1)
+    assert same.name((K.CPU2.input_size, K.CPU2.epochs, 0)).endswith(
+        _table(tmp_path).cell_name(K.Cell("T2", "no KD", 0)))
+    text = C.report(sweep, tmp_path / "out").read_text()
+    assert "0 of 4 cells committed" in text and "(incomplete)" in text
+
+
+def test_smoke_profile_and_limited_table(tmp_path):
+    tiny = K.smoke(K.GPU)
+    assert (tiny.device, tiny.input_size, tiny.epochs, tiny.steps_per_epoch, tiny.t1["epochs"]) == ("cpu", 32, 1, 2, 1)
+    table = _table(tmp_path, tiny)
+    assert [p[0] for p in table.pending()] == [table.t1_name()]  # T1 trains first
+    limited = K.LimitedTable(table, 1, match="ekd__ours")
+    assert [p[0] for p in limited.pending()] == [table.t1_name()]  # T1 passes any match
+    half = K.LimitedTable(_table(tmp_path, K.CPU2), 2, match="w0.5-")
+    names = [p[0] for p in half.pending()]
+    assert len(names) == 2 and all("-w0.5-" in n for n in names)
+    assert [p[0] for p in half.pending()] == names  # the same two, not the next ones
