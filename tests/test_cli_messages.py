@@ -198,8 +198,8 @@ def test_demo_log_names_the_teacher(tmp_path, monkeypatch, caplog):
         return TrainResult(run, run / "model.pt", 0.0, {})
 
     monkeypatch.setattr(demo, "train", fake_train)
-    monkeypatch.setattr(demo, "evaluate_checkpoint", lambda *a, **k: {})
-    monkeypatch.setattr(demo, "write_report", lambda *a, **k: "")
+    monkeypatch.setattr(demo, "cache_for_data", lambda *a, **k: tmp_path / "demo" / "teacher_cache")
+    monkeypatch.setattr(demo, "evaluate_and_compare", lambda *a, **k: ({}, "", ""))
     caplog.set_level(logging.INFO, logger="ekd.demo")
     demo.run_demo(tmp_path / "demo", quick=True, device="cpu")
     assert f"teacher saved to {tmp_path / 'demo' / 'teacher' / 'model.pt'}" in caplog.text

@@ -1,4 +1,5 @@
-"""End to end: ``ekd demo --quick`` trains a teacher and two students and writes the table."""
+"""End to end: ``ekd demo --quick`` trains a teacher and two students x two seeds and writes the
+per-run table and the EKD vs no-KD comparison."""
 
 from __future__ import annotations
 
@@ -6,16 +7,22 @@ import json
 import math
 
 from ekd.cli import main
+from ekd.engine.demo_report import BETTER, NOISE, WORSE
+
+RUNS = {"teacher IResNet-18", "student no KD (seed 0)", "student no KD (seed 1)",
+        "student EKD (seed 0)", "student EKD (seed 1)"}
 
 
 def test_demo_quick_writes_finite_results(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "student EKD" in printed and "teacher" in printed
-    assert (out / "results.md").is_file()
+    assert "student EKD (seed 1)" in printed and "teacher" in printed
+    assert "gap closed" in printed and "seed spread" in printed
+    report = (out / "results.md").read_text()
+    assert "## EKD vs no KD" in report and "mean of 2" in report
     results = json.loads((out / "metrics.json").read_text())
-    assert set(results) == {"teacher IResNet-18", "student no KD", "student EKD"}
+    assert set(results) == RUNS
     for res in results.values():
         assert res["parameters"] > 0
         for metrics in res["sets"].values():
@@ -24,9 +31,24 @@ def test_demo_quick_writes_finite_results(tmp_path, capsys):
                 assert 0.0 <= metrics["accuracy"] <= 1.0
             tprs = [v for k, v in metrics.items() if k.startswith("tpr@") and v is not None]
             assert tprs and all(0.0 <= v <= 1.0 for v in tprs)
-    for run in ("teacher", "student_nokd", "student_ekd"):
+    rows = json.loads((out / "comparison.json").read_text())
+    # the quick set is too small for TPR at 1e-4 and below: those metrics are named as skipped
+    assert rows and rows[0]["metric"] == "pairs accuracy"
+    skipped = [line for line in report.splitlines() if line.startswith("Not compared")]
+    assert len(skipped) == 1 and "all-pairs TPR@FPR=1e-5" in skipped[0]
+    assert len(rows) + skipped[0].count(",") + 1 == 5  # every metric is compared or named
+    for row in rows:
+        assert len(row["nokd"]) == len(row["ekd"]) == 2
+        assert row["verdict"] in (BETTER, WORSE, NOISE)
+        # the printed verdict follows the rule on the printed numbers
+        diff = sum(row["ekd"]) / 2 - sum(row["nokd"]) / 2
+        spread = max(abs(row["nokd"][0] - row["nokd"][1]), abs(row["ekd"][0] - row["ekd"][1]))
+        assert (row["verdict"] == NOISE) == (abs(diff) <= spread)
+    for run in ("teacher", "student_nokd_s0", "student_nokd_s1", "student_ekd_s0", "student_ekd_s1"):
         assert (out / run / "model.pt").is_file()
         assert (out / run / "checkpoints" / "last.pt").is_file()
         assert (out / run / "config.yaml").is_file()
-    ekd_rows = [json.loads(line) for line in (out / "student_ekd" / "metrics.jsonl").read_text().splitlines()]
+    ekd_cfg = (out / "student_ekd_s0" / "config.yaml").read_text()
+    assert "kind: cache" in ekd_cfg and "bias_correction: true" in ekd_cfg
+    ekd_rows = [json.loads(line) for line in (out / "student_ekd_s1" / "metrics.jsonl").read_text().splitlines()]
     assert any("ekd_neg" in row for row in ekd_rows)

@@ -1,0 +1,133 @@
+"""The demo's comparison: EKD student vs no-KD student over seeds, against the teacher.
+
+Per metric: the mean over seeds of each student, the seed spread (the larger of the two
+students' ranges, max - min over seeds), the share of the teacher - no-KD gap that EKD closes,
+``(EKD - no KD) / (teacher - no KD)``, and a verdict: the difference of the means counts only
+when it is larger than the seed spread, otherwise the table says "within noise".
+Pure functions on numbers, so that the logic is tested on known values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from statistics import fmean
+from typing import Sequence
+
+from ekd.errors import EkdError
+
+#: (label, evaluation set, metric key) of the comparison, in table order.
+DEMO_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("pairs accuracy", "synthetic pairs", "accuracy"),
+    ("pairs TPR@FPR=1e-3", "synthetic pairs", "tpr@1e-3"),
+    ("all-pairs TPR@FPR=1e-3", "synthetic all-pairs", "tpr@1e-3"),
+    ("all-pairs TPR@FPR=1e-4", "synthetic all-pairs", "tpr@1e-4"),
+    ("all-pairs TPR@FPR=1e-5", "synthetic all-pairs", "tpr@1e-5"),
+)
+
+BETTER, WORSE, NOISE = "EKD better", "EKD worse", "within noise"
+
+
+@dataclass(frozen=True)
+class MetricComparison:
+    """One metric: the teacher's value and each student's value per seed."""
+
+    metric: str
+    teacher: float
+    nokd: tuple[float, ...]
+    ekd: tuple[float, ...]
+
+    @property
+    def nokd_mean(self) -> float:
+        return fmean(self.nokd)
+
+    @property
+    def ekd_mean(self) -> float:
+        return fmean(self.ekd)
+
+    @property
+    def difference(self) -> float:
+        """Mean EKD minus mean no-KD."""
+        return self.ekd_mean - self.nokd_mean
+
+    @property
+    def spread(self) -> float | None:
+        """The larger seed range (max - min) of the two students; None with a single seed."""
+        if len(self.nokd) < 2 or len(self.ekd) < 2:
+            return None
+        return max(max(self.nokd) - min(self.nokd), max(self.ekd) - min(self.ekd))
+
+    @property
+    def gap_closed(self) -> float | None:
+        """``(EKD - no KD) / (teacher - no KD)``; None when the teacher is not above no-KD."""
+        gap = self.teacher - self.nokd_mean
+        return None if gap <= 0 else self.difference / gap
+
+    @property
+    def verdict(self) -> str:
+        """``EKD better`` / ``EKD worse`` when the difference exceeds the seed spread, else
+        ``within noise`` (also with one seed, where the noise is unknown)."""
+        spread = self.spread
+        if spread is None or abs(self.difference) <= spread:
+            return NOISE
+        return BETTER if self.difference > 0 else WORSE
+
+
+def compare(metric: str, teacher: float, nokd: Sequence[float], ekd: Sequence[float]) -> MetricComparison:
+    """Build one :class:`MetricComparison`; every value must be a number and each student
+    needs at least one seed."""
+    if not nokd or not ekd:
+        raise EkdError(f"demo comparison of {metric}: each student needs at least one seed")
+    values = [teacher, *nokd, *ekd]
+    if any(v is None for v in values):
+        raise EkdError(f"demo comparison of {metric}: a value is missing (n/a) in {values}")
+    return MetricComparison(metric, float(teacher), tuple(map(float, nokd)), tuple(map(float, ekd)))
+
+
+def comparisons_from_results(teacher: dict, nokd: Sequence[dict], ekd: Sequence[dict],
+                             metrics: Sequence[tuple[str, str, str]] = DEMO_METRICS
+                             ) -> tuple[list[MetricComparison], list[str]]:
+    """Comparisons from :func:`ekd.engine.evaluation.evaluate_checkpoint` results (one per
+    seed), and the labels of the metrics left out because some model has no value for them
+    (a set with too few negative pairs for that FPR)."""
+    rows, skipped = [], []
+    for label, set_name, key in metrics:
+        values = [r["sets"][set_name].get(key) for r in (teacher, *nokd, *ekd)]
+        if any(v is None for v in values):
+            skipped.append(label)
+            continue
+        rows.append(compare(label, values[0], values[1:1 + len(nokd)], values[1 + len(nokd):]))
+    return rows, skipped
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:+.0f}%"
+
+
+def comparison_table(rows: Sequence[MetricComparison]) -> str:
+    """Markdown: teacher, mean of each student, seed spread, gap closed and the verdict."""
+    seeds = min(min(len(r.nokd), len(r.ekd)) for r in rows)
+    lines = [f"| metric | teacher | no KD (mean of {seeds}) | EKD (mean of {seeds}) | EKD − no KD | "
+             "seed spread | gap closed | verdict |", "|" + "---|" * 8]
+    for r in rows:
+        spread = "n/a" if r.spread is None else f"{r.spread:.4f}"
+        lines.append(f"| {r.metric} | {r.teacher:.4f} | {r.nokd_mean:.4f} | {r.ekd_mean:.4f} | "
+                     f"{r.difference:+.4f} | {spread} | {_pct(r.gap_closed)} | {r.verdict} |")
+    return "\n".join(lines)
+
+
+def summary(rows: Sequence[MetricComparison]) -> str:
+    """One plain sentence on what the comparison shows."""
+    better = [r.metric for r in rows if r.verdict == BETTER]
+    worse = [r.metric for r in rows if r.verdict == WORSE]
+    parts = []
+    if better:
+        parts.append("EKD beats no KD by more than the seed spread on " + ", ".join(better))
+    if worse:
+        parts.append("EKD is worse than no KD by more than the seed spread on " + ", ".join(worse))
+    noise = [r.metric for r in rows if r.verdict == NOISE]
+    if noise:
+        parts.append(("the difference is within seed noise on " if parts else
+                      "The difference between EKD and no KD is within seed noise on every metric: ")
+                     + ", ".join(noise))
+    text = "; ".join(parts) + "."
+    return text[0].upper() + text[1:]
