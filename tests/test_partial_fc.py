@@ -20,9 +20,12 @@ D, C, B = 8, 11, 8  # 11 classes: uneven shards (6 + 5) over 2 ranks
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
-    """atol 1e-6; rtol 1e-5 (a few float32 ulps) for the weight gradients, which are O(100)
-    because normalising 0.01-std centres multiplies their gradient by 1 / ||w||."""
-    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    """rtol 1e-5, and atol 1e-6 relative to the largest entry: the weight gradients are O(100)
+    (normalising 0.01-std centres multiplies their gradient by 1 / ||w||), so a small entry of
+    such a tensor carries the float32 rounding of the sums that make the large ones (seen:
+    2.8e-5 on an entry of 2.4 in a gradient whose largest entry is 85, summed over 2 shards)."""
+    scale = max(1.0, float(b.detach().abs().max())) if b.numel() else 1.0
+    torch.testing.assert_close(a, b, atol=1e-6 * scale, rtol=1e-5)
 
 
 def _reference(kind: str, weight: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor,
