@@ -83,3 +83,15 @@ def cfp_faces() -> Path:
 def train_faces() -> Path:
     """Faces folder with the training identities and the teacher's training embeddings."""
     return need_faces(*FACES_NEEDS["train"])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a small machine: one intra-op thread avoids oversubscription (modules use
+    it with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

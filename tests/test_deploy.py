@@ -27,13 +27,7 @@ CONFIGS = [("iresnet18", 48, 128), ("mobilefacenet", 48, 128), ("mbf", 48, 128),
            ("mobilefacenet", 112, 512)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One CPU thread (torch and onnxruntime): far faster on a small, shared CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def _trained_like(name: str, size: int, emb: int, seed: int = 0) -> nn.Module:

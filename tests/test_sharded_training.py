@@ -22,12 +22,7 @@ from test_zoo_training import EMB, IDS, SIZE, _teacher, _tiny
 ZOO = Path(__file__).resolve().parents[1] / "configs" / "zoo"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
 
 
 @pytest.fixture(scope="module")

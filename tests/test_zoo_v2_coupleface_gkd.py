@@ -23,13 +23,7 @@ from test_degenerate import CASES, _batch  # noqa: E402
 N, IDS, D = 8, 4, 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one intra-op thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
 
 

@@ -20,13 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_teacher_centers import cached  # noqa: E402,F401  (fixture: a 6-identity embedding cache)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one intra-op thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
 
 
 # --------------------------------------------------------------------------- through the trainer

@@ -45,6 +45,26 @@ def check_dims(name: str, student_dim: int | None, teacher_dim: int | None,
                           f"teacher {teacher_dim} (set model.embedding_size={teacher_dim})")
 
 
+def check_instance_dims(name: str, term: str, key: str, weight: float, student_dim: int | None,
+                        teacher_dim: int | None) -> None:
+    """An instance term (student vs teacher embedding of the same sample) needs equal widths."""
+    if weight and student_dim and teacher_dim and student_dim != teacher_dim:
+        raise ConfigError(f"distiller '{name}': its {term} term compares student and teacher "
+                          f"embeddings, so the widths must match: student {student_dim}, teacher "
+                          f"{teacher_dim} (set model.embedding_size={teacher_dim}, or {key}: 0 for "
+                          "the relation term alone)")
+
+
+def unit_sq_distance(name: str, term: str, key: str, student: torch.Tensor,
+                     teacher: torch.Tensor) -> torch.Tensor:
+    """``||s_i/||s_i|| - t_i/||t_i||||^2`` per sample (the feature-consistency distance of
+    CoupleFace, ICD-Face and ILED); a width mismatch is a ConfigError naming ``key``."""
+    if student.shape[1] != teacher.shape[1]:
+        raise ConfigError(f"{name}: {term} needs equal widths, got student {student.shape[1]} and "
+                          f"teacher {teacher.shape[1]} (set {key}: 0 for the relation term alone)")
+    return (unit(student, dim=1) - unit(teacher, dim=1)).pow(2).sum(1)
+
+
 def check_positive(name: str, **values: float) -> None:
     for key, value in values.items():
         if not value > 0:

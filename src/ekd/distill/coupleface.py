@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from ekd.functional import unit
-from ekd.distill._utils import check_dims, pair, zero
+from ekd.distill._utils import check_dims, check_instance_dims, pair, unit_sq_distance, zero
 from ekd.distill.base import Distiller, register_distiller
 from ekd.errors import ConfigError
 
@@ -78,10 +78,7 @@ class CoupleFaceLoss(Distiller):
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ConfigError(f"distiller 'coupleface': top_k must be a positive integer, got {top_k!r}")
         check_dims("coupleface", student_dim, teacher_dim, must_match=False)
-        if fcd_weight > 0 and student_dim and teacher_dim and student_dim != teacher_dim:
-            raise ConfigError(f"distiller 'coupleface': fcd_weight > 0 compares student and teacher "
-                              f"embeddings, so the widths must match: student {student_dim}, teacher "
-                              f"{teacher_dim} (set fcd_weight: 0 for the relation term alone)")
+        check_instance_dims("coupleface", "FCD", "fcd_weight", fcd_weight, student_dim, teacher_dim)
         self.fcd_weight, self.rad_weight = float(fcd_weight), float(rad_weight)
         self.top_k = int(top_k)
 
@@ -90,10 +87,8 @@ class CoupleFaceLoss(Distiller):
         s, t = pair(student_emb, teacher_emb)
         terms: dict[str, torch.Tensor] = {}
         if self.fcd_weight > 0:
-            if s.shape[1] != t.shape[1]:
-                raise ConfigError(f"coupleface: FCD needs equal widths, got student {s.shape[1]} and "
-                                  f"teacher {t.shape[1]} (set fcd_weight: 0)")
-            fcd = (unit(s) - unit(t)).pow(2).sum(1).mean() if s.shape[0] else zero(s)
+            d = unit_sq_distance("coupleface", "FCD", "fcd_weight", s, t)
+            fcd = d.mean() if s.shape[0] else zero(s)
             terms["coupleface_fcd"] = self.fcd_weight * fcd
         with torch.no_grad():
             rel_t = mutual_relations(t)

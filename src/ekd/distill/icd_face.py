@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ekd.distill._memory import EmbeddingMemory
-from ekd.distill._utils import check_dims, pair, zero
+from ekd.distill._utils import check_dims, check_instance_dims, pair, unit_sq_distance, zero
 from ekd.distill.base import Distiller, register_distiller
 from ekd.errors import ConfigError
 from ekd.functional import unit
@@ -79,10 +79,7 @@ class ICDFaceLoss(Distiller):
                               f"got {fcd_weight}, {sdc_weight}, {eps}")
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
             raise ConfigError(f"distiller 'icd_face': bins must be an integer >= 2, got {bins!r}")
-        if fcd_weight and student_dim and teacher_dim and student_dim != teacher_dim:
-            raise ConfigError(f"distiller 'icd_face': its FCD term compares student and teacher "
-                              f"embeddings, so the widths must match: student {student_dim}, teacher "
-                              f"{teacher_dim} (set model.embedding_size={teacher_dim}, or fcd_weight: 0)")
+        check_instance_dims("icd_face", "FCD", "fcd_weight", fcd_weight, student_dim, teacher_dim)
         self.fcd_weight, self.sdc_weight = float(fcd_weight), float(sdc_weight)
         self.bins, self.eps = int(bins), float(eps)
         self.memory = EmbeddingMemory("icd_face", memory_size, student_dim, teacher_dim)
@@ -92,10 +89,7 @@ class ICDFaceLoss(Distiller):
         s, t = pair(student_emb, teacher_emb)
         terms: dict[str, torch.Tensor] = {}
         if self.fcd_weight:
-            if s.shape[1] != t.shape[1]:
-                raise ConfigError(f"icd_face: FCD needs equal widths, got student {s.shape[1]} and "
-                                  f"teacher {t.shape[1]} (set fcd_weight: 0 to use SDC alone)")
-            fcd = (unit(s, dim=1) - unit(t, dim=1)).pow(2).sum(1).mean()
+            fcd = unit_sq_distance("icd_face", "FCD", "fcd_weight", s, t).mean()
             terms["icd_face_fcd"] = self.fcd_weight * fcd
         bank_s, bank_t, bank_y = self.memory.contents(s.dtype)
         sim_s = positive_similarities(s, labels, bank_s, bank_y)

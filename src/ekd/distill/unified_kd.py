@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ekd.distill._memory import EmbeddingMemory
-from ekd.distill._utils import check_dims, pair, zero
+from ekd.distill._utils import check_dims, check_instance_dims, pair, unit_sq_distance, zero
 from ekd.distill.base import Distiller, register_distiller
 from ekd.errors import ConfigError
 from ekd.functional import unit
@@ -71,10 +71,7 @@ class UnifiedKDLoss(Distiller):
         if iled_weight < 0 or rpsd_weight < 0 or hard_weight < 0:
             raise ConfigError(f"distiller 'unified_kd': iled_weight, rpsd_weight and hard_weight must "
                               f"be >= 0, got {iled_weight}, {rpsd_weight}, {hard_weight}")
-        if iled_weight and student_dim and teacher_dim and student_dim != teacher_dim:
-            raise ConfigError(f"distiller 'unified_kd': its ILED term compares student and teacher "
-                              f"embeddings, so the widths must match: student {student_dim}, teacher "
-                              f"{teacher_dim} (set model.embedding_size={teacher_dim}, or iled_weight: 0)")
+        check_instance_dims("unified_kd", "ILED", "iled_weight", iled_weight, student_dim, teacher_dim)
         self.iled_weight, self.rpsd_weight = float(iled_weight), float(rpsd_weight)
         self.hard_weight = float(hard_weight)
         self.memory = EmbeddingMemory("unified_kd", memory_size, student_dim, teacher_dim)
@@ -84,10 +81,7 @@ class UnifiedKDLoss(Distiller):
         s, t = pair(student_emb, teacher_emb)
         terms: dict[str, torch.Tensor] = {}
         if self.iled_weight:
-            if s.shape[1] != t.shape[1]:
-                raise ConfigError(f"unified_kd: ILED needs equal widths, got student {s.shape[1]} and "
-                                  f"teacher {t.shape[1]} (set iled_weight: 0 to use RPSD alone)")
-            d = (unit(s, dim=1) - unit(t, dim=1)).pow(2).sum(1)
+            d = unit_sq_distance("unified_kd", "ILED", "iled_weight", s, t)
             terms["unified_kd_iled"] = self.iled_weight * hard_weighted_mean(d, self.hard_weight)
         bank_s, bank_t, _ = self.memory.contents(s.dtype)
         sim_s = relation_similarities(s, bank_s)
