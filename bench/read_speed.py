@@ -144,7 +144,7 @@ def write_results(result: dict, out: Path) -> None:
     lines = ["# Data speed: image folder, RecordIO, preloaded set", "",
              f"Data: {result['source']}; {result['images']} images, {result['identities']} identities, "
              f".rec {result['rec_size_mb']} MB (packed in {result['pack_seconds']} s).", "",
-             f"**Noisy numbers.** {result['note']}", "",
+             f"**How measured.** {result['note']}", "",
              "## Training loader: images/s (sampler + collate + mirror)", "",
              "Batches of 128 (64 random + 16 identities x 4) through `build_train_loader`, as the trainer "
              f"reads them, then mirrored; {result['batches']} batches after one untimed batch. "
@@ -183,10 +183,11 @@ def main() -> None:
                     help="real faces folder holding train/ (default ../shared/data/faces)")
     ap.add_argument("--identities", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--batches", type=int, default=6, help="timed loader batches per setting")
+    ap.add_argument("--batches", type=int, default=12, help="timed loader batches per setting")
     ap.add_argument("--steps", type=int, default=20, help="training steps per data-wait run")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -210,11 +211,11 @@ def main() -> None:
               "train": train_rows, "dataset": dataset_rows, "torch_threads": 1,
               "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
               "machine": platform.machine(),
-              "note": ("Measured in one short run on a 2-core machine shared with other jobs (load "
-                       "average above the core count), page cache warm: relative numbers within a "
-                       "table are meaningful, absolute ones are low and vary by tens of percent "
-                       "between runs; with 2 cores, 1-2 workers compete with the main process. "
-                       "Rerun on an idle machine for final figures.")}
+              "load_average_before": round(load_before, 2),
+              "note": (f"One short run ({args.batches} batches a cell), page cache warm, load average "
+                       f"{load_before:.2f} on {os.cpu_count()} CPUs when it started: cells vary by "
+                       "tens of percent between runs; with 2 cores, 1-2 workers compete with the "
+                       "main process.")}
     write_results(result, Path(args.out))
 
 
