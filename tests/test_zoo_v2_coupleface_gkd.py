@@ -85,7 +85,7 @@ def test_coupleface_mines_the_teachers_nearest_other_identities():
 
 
 def test_coupleface_refuses_fcd_across_widths_and_bad_params():
-    with pytest.raises(ConfigError, match="fcd_weight > 0 .* widths must match"):
+    with pytest.raises(ConfigError, match="FCD term .* widths must match.*fcd_weight: 0"):
         build_distiller("coupleface", student_dim=8, teacher_dim=16)
     rad_only = build_distiller("coupleface", fcd_weight=0.0, student_dim=8, teacher_dim=16)
     terms = rad_only(torch.randn(N, 8), torch.randn(N, 16), LABELS)
