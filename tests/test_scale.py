@@ -180,18 +180,22 @@ def _ddp_overrides(folder, out):
                       "{name: sp, weight: 10.0}, {name: cosine}]", "optim.lr=0.01")
 
 
-def _fixed_batch(trainer, rank, world):
-    g = torch.Generator().manual_seed(7)
-    images = torch.randn(8, 3, 32, 32, generator=g)
-    # calibrate BatchNorm on the whole batch (same on every rank), then freeze it
-    for m in trainer.student.modules():
+def calibrate_and_freeze_bn(student: torch.nn.Module, images: torch.Tensor) -> None:
+    """BatchNorm statistics of the whole batch (the same on every rank), then frozen (eval)."""
+    for m in student.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
             m.momentum = None
-    trainer.student.train()
+    student.train()
     with torch.no_grad():
-        trainer.student(images)
-    trainer.student.eval()
+        student(images)
+    student.eval()
+
+
+def _fixed_batch(trainer, rank, world):
+    g = torch.Generator().manual_seed(7)
+    images = torch.randn(8, 3, 32, 32, generator=g)
+    calibrate_and_freeze_bn(trainer.student, images)
     labels = torch.arange(8) // 2
     per = 8 // world
     sl = slice(rank * per, (rank + 1) * per)

@@ -17,6 +17,7 @@ from ekd.engine.checkpoint import load_file
 from ekd.engine.distill_inputs import check_sharding
 from ekd.engine.trainer import Trainer
 from ekd.errors import ConfigError
+from test_scale import calibrate_and_freeze_bn
 from test_zoo_training import EMB, IDS, SIZE, _teacher, _tiny
 
 ZOO = Path(__file__).resolve().parents[1] / "configs" / "zoo"
@@ -160,14 +161,7 @@ def _fixed_batch(trainer: Trainer, rank: int, world: int) -> tuple:
     """8 images of 4 identities; BatchNorm calibrated on all 8 and frozen (as in test_scale)."""
     g = torch.Generator().manual_seed(7)
     images = torch.randn(8, 3, SIZE, SIZE, generator=g)
-    for m in trainer.student.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    trainer.student.train()
-    with torch.no_grad():
-        trainer.student(images)
-    trainer.student.eval()
+    calibrate_and_freeze_bn(trainer.student, images)
     labels = torch.tensor([0, 0, 5, 5, 7, 7, 11, 11])  # classes on both ranks' shards
     per = 8 // world
     sl = slice(rank * per, (rank + 1) * per)
