@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import warnings
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 import yaml
 from PIL import Image
 
+from test_scale import _free_port, torchrun_env
 from ekd.cli import main
 from ekd.config import load_config, save_config
 from ekd.data import ImageFolderDataset, generate_identity_folder
@@ -166,8 +166,7 @@ def test_preload_max_gb_must_be_positive(folder, tmp_path):
 
 
 def _two_process_worker(rank, world, port, folder, out):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", CorruptSampleWarning)
     try:
@@ -182,9 +181,7 @@ def _two_process_worker(rank, world, port, folder, out):
 def test_preload_under_two_processes_trains_as_the_dataloader(folder, tmp_path):
     """Each rank preloads the whole set and draws its own sampler's batches from it: the same
     per-rank batches, hence the same DDP training, as with DataLoaders."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     mp.spawn(_two_process_worker, args=(2, port, folder, tmp_path), nprocs=2, join=True)
     for rank in (0, 1):
         plain = torch.load(tmp_path / f"plain{rank}.pt", weights_only=True)

@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import struct
 import warnings
 
@@ -19,6 +18,7 @@ import torch.multiprocessing as mp  # (registers the tensor reductions with Fork
 from multiprocessing.reduction import ForkingPickler
 from torch.utils.data import DataLoader
 
+from test_scale import _free_port, torchrun_env
 from ekd.cli import main
 from ekd.config import _CHOICES, load_config
 from ekd.data import generate_identity_folder
@@ -236,15 +236,8 @@ def test_teacher_cache_over_rec_trains_and_is_refused_for_another_file(rec, teac
         Trainer(load_config(None, other))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cache_worker(rank, world, port, rec, teacher_file, out):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     try:
         assert _cache_cli(rec, out, teacher_file) == 0
@@ -298,8 +291,7 @@ def test_two_process_cache_equals_one_process_and_resume_equals_straight_run(rec
 # --------------------------------------------------------------------------- torchrun training
 
 def _train_worker(rank, world, port, rec, out):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     try:

@@ -153,6 +153,12 @@ def test_shared_embedding_format_imports(train_faces, tmp_path):
 
 # --------------------------------------------------------------------------- DDP (gloo)
 
+def torchrun_env(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives process ``rank`` of ``world`` (rendezvous on loopback)."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -160,8 +166,7 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank, world, port, folder, out):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     try:
         trainer = Trainer(load_config(None, _ddp_overrides(folder, out / f"r{rank}")))
@@ -265,8 +270,7 @@ def test_onnx_teacher_matches_the_pytorch_teacher(folder, tmp_path):
 
 
 def _resume_worker(rank, world, port, folder, out):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     try:
         result = train(load_config(None, _overrides(folder, out, "train.resume=auto")))
@@ -285,8 +289,7 @@ def test_resume_with_another_world_size(folder, tmp_path):
 
 
 def _eval_worker(rank, world, port, folder, out):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     from ekd.eval.embed import embed_dataset
     from ekd.data import ListDataset

@@ -11,14 +11,13 @@ import torch
 from torch import nn
 
 from ekd.config import load_config
-from ekd.data import generate_identity_folder
 from ekd.distill import Distiller
 from ekd.engine.checkpoint import load_file
 from ekd.engine.distill_inputs import check_sharding
 from ekd.engine.trainer import Trainer
 from ekd.errors import ConfigError
-from test_scale import calibrate_and_freeze_bn
-from test_zoo_training import EMB, IDS, SIZE, _teacher, _tiny
+from test_scale import _free_port, calibrate_and_freeze_bn, torchrun_env
+from test_zoo_training import EMB, IDS, SIZE, _teacher, _tiny, folder  # noqa: F401 (fixture)
 
 ZOO = Path(__file__).resolve().parents[1] / "configs" / "zoo"
 
@@ -26,11 +25,6 @@ ZOO = Path(__file__).resolve().parents[1] / "configs" / "zoo"
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shard_faces") / "train"
-    generate_identity_folder(root, num_identities=IDS, images_per_identity=6, image_size=SIZE, seed=3)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +167,7 @@ def _trainer_worker(rank: int, world: int, port: int, folder: Path, teacher: Pat
 
     from ekd.engine import distributed as D
 
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     try:
         trainer = Trainer(load_config(None, _overrides(folder, teacher, out / f"r{rank}")))
@@ -195,9 +188,7 @@ def test_trainer_step_with_sharded_distillers_on_2_processes_equals_one_process(
     assert single.class_shard is None  # one process, sample rate 1: the unsharded path
     want = single.train_step(*_fixed_batch(single, 0, 1))
     expected = {k: v.detach() for k, v in single.student.named_parameters()}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     mp.spawn(_trainer_worker, args=(2, port, folder, teacher, tmp_path), nprocs=2, join=True)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

@@ -23,7 +23,7 @@ from ekd.engine.tensorboard_log import open_tensorboard
 from ekd.engine.trainer import Trainer, train
 from ekd.engine.validation import Validator
 from ekd.errors import ConfigError, DataError
-from test_scale import _die_after_first_epoch, _free_port
+from test_scale import _die_after_first_epoch, _free_port, torchrun_env
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
@@ -181,8 +181,7 @@ def test_resumed_run_replaces_the_killed_runs_later_tensorboard_events(data, tmp
 
 
 def _ddp_val_worker(rank, world, port, data, out):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     try:
         trainer = Trainer(load_config(None, _ddp_val_overrides(data, out / "ddp")))

@@ -21,17 +21,22 @@ def _probe(folder: Path, message: str) -> None:
         raise EkdError(f"{message} ({exc.strerror or exc})") from None
 
 
+def _make_writable_folder(folder: Path, cannot_create: str, not_writable: str) -> None:
+    """Create ``folder`` (with parents) and check that a file can be written into it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EkdError(f"{cannot_create} ({exc.strerror or exc})") from None
+    _probe(folder, not_writable)
+
+
 def prepare_output_dir(path: str | os.PathLike[str], option: str = "--out") -> Path:
     """Create the folder ``path`` (with parents) and check that files can be written into it."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise EkdError(f"{option} {out}: exists and is not a folder; give a folder for the outputs")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise EkdError(f"{option} {out}: cannot create the output folder "
-                       f"({exc.strerror or exc})") from None
-    _probe(out, f"{option} {out}: the output folder is not writable")
+    _make_writable_folder(out, f"{option} {out}: cannot create the output folder",
+                          f"{option} {out}: the output folder is not writable")
     return out
 
 
@@ -44,12 +49,8 @@ def prepare_output_file(path: str | os.PathLike[str], option: str) -> Path:
     parent = out.parent
     if parent.exists() and not parent.is_dir():
         raise EkdError(f"{option} {out}: {parent} is not a folder")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise EkdError(f"{option} {out}: cannot create the folder {parent} "
-                       f"({exc.strerror or exc})") from None
-    _probe(parent, f"{option} {out}: the folder {parent} is not writable")
+    _make_writable_folder(parent, f"{option} {out}: cannot create the folder {parent}",
+                          f"{option} {out}: the folder {parent} is not writable")
     if out.exists() and not os.access(out, os.W_OK):
         raise EkdError(f"{option} {out}: the file exists and is not writable")
     return out
