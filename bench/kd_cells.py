@@ -139,9 +139,22 @@ def cell_record(spec: dict, metrics: dict, seconds: dict, tail_n: int, extra: di
             "environment": environment(), **extra}
 
 
+def timed(clock: Path, work):  # noqa: ANN001, ANN201
+    """``(work(), seconds)`` where seconds include every earlier invocation recorded in ``clock``
+    (JSON ``{"seconds": s}``), which is updated even when ``work`` is interrupted."""
+    prior = json.loads(clock.read_text())["seconds"] if clock.is_file() else 0.0
+    start = time.perf_counter()
+    try:
+        result = work()
+    finally:
+        _atomic(clock, json.dumps({"seconds": prior + time.perf_counter() - start}))
+    return result, prior + time.perf_counter() - start
+
+
 def run_cell(cell_dir: Path) -> None:
     """Train (resuming a half-done run), evaluate, bootstrap one cell; writes the committed files
-    and ``result.json`` in the cache."""
+    and ``result.json`` in the cache. ``train_seconds`` sums every invocation of the cell (the
+    cache's ``train_clock.json`` carries the time of interrupted ones)."""
     import torch
 
     from ekd.config import Config, from_dict, validate
@@ -155,11 +168,9 @@ def run_cell(cell_dir: Path) -> None:
     tree["train"].update({"output_dir": str(cell_dir / "run"), "resume": "auto"})
     cfg = from_dict(Config, tree)
     validate(cfg)
-    start = time.perf_counter()
-    trained = train(cfg)
+    trained, train_s = timed(cell_dir / "train_clock.json", lambda: train(cfg))
     if trained.interrupted:
         raise SystemExit(f"{cell_dir}: interrupted; rerun to resume")
-    train_s = time.perf_counter() - start
     faces, cache = Path(spec["faces"]), Path(spec["cache"])
     protocols = load_protocols(faces)
     paths, images = load_eval_images(protocols, spec["input_size"], cache)

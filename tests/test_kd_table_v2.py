@@ -172,3 +172,23 @@ def test_smoke_profile_and_limited_table(tmp_path):
     names = [p[0] for p in half.pending()]
     assert len(names) == 2 and all("-w0.5-" in n for n in names)
     assert [p[0] for p in half.pending()] == names  # the same two, not the next ones
+
+
+def test_cell_training_time_adds_up_over_interrupted_invocations(tmp_path):
+    import time
+
+    import kd_cells
+
+    clock = tmp_path / "train_clock.json"
+
+    def interrupted():
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        kd_cells.timed(clock, interrupted)
+    first = json.loads(clock.read_text())["seconds"]
+    assert first >= 0.2
+    result, total = kd_cells.timed(clock, lambda: time.sleep(0.1) or "trained")
+    assert result == "trained"
+    assert total >= first + 0.1 and json.loads(clock.read_text())["seconds"] == pytest.approx(total, abs=0.01)
