@@ -172,6 +172,7 @@ def _ddp_worker(rank, world, port, folder, out):
         trainer = Trainer(load_config(None, _ddp_overrides(folder, out / f"r{rank}")))
         trainer.train_step(*_fixed_batch(trainer, rank, world))
         torch.save({k: v.detach() for k, v in trainer.student.named_parameters()}, out / f"rank{rank}.pt")
+        torch.save(trainer.diagnostics, out / f"diagnostics{rank}.pt")
     finally:
         D.shutdown()
 
@@ -182,7 +183,8 @@ def _ddp_overrides(folder, out):
     return _overrides(folder, out, "train.ce_on=all", "sampler.random_size=0",
                       "teacher.kind=checkpoint", f"teacher.path={out.parent / 't' / 'model.pt'}",
                       "distill=[{name: ekd, weight: 10.0, params: {top_k: 20, temperature: 0.1}}, "
-                      "{name: sp, weight: 10.0}, {name: cosine}]", "optim.lr=0.01")
+                      "{name: sp, weight: 10.0}, {name: cosine}]", "optim.lr=0.01",
+                      "train.log_every=1")  # step 1 is logged: diagnostics on the global batch
 
 
 def calibrate_and_freeze_bn(student: torch.nn.Module, images: torch.Tensor) -> None:
@@ -219,6 +221,12 @@ def test_two_process_step_equals_one_process_on_concatenated_batch(folder, tmp_p
         diff = max(float((got[k].float() - expected[k].float()).abs().max()) for k in expected)
         worst = max(expected, key=lambda k: float((got[k].float() - expected[k].float()).abs().max()))
         assert diff < 1e-5, (rank, diff, worst)
+        # gradient norms per term and EKD's recorded internals: those of the concatenated batch
+        diagnostics = torch.load(tmp_path / f"diagnostics{rank}.pt", weights_only=True)
+        assert {"grad/ce", "grad/ekd_pos", "grad/sp", "ekd/active_neg"} <= set(single.diagnostics)
+        assert diagnostics.keys() == single.diagnostics.keys()
+        for k, v in single.diagnostics.items():
+            assert diagnostics[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (rank, k)
 
 
 def test_teacher_cache_cli_and_training_from_it(folder, tmp_path):

@@ -1,4 +1,4 @@
-"""Command line: ``ekd train``, ``eval``, ``teacher-cache``, ``demo`` here; ``data`` in
+"""Command line: ``ekd train``, ``eval``, ``teacher-cache``, ``demo``, ``diagnose`` here; ``data`` in
 :mod:`ekd.cli_data`; ``export``, ``stats``, ``embed``, ``verify`` in :mod:`ekd.cli_deploy`.
 Only argument wiring lives here."""
 
@@ -82,6 +82,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ekd.engine.demo import run_demo
 
     run_demo(prepare_output_dir(args.out), quick=args.quick, device=args.device)
+    return 0
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from ekd.engine.diagnose import diagnose
+
+    out = prepare_output_dir(args.out) if args.out else None
+    print(diagnose(args.run_dir, out, plots=not args.no_plots).text())
     return 0
 
 
@@ -191,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a 2-minute version")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("diagnose", help="what a run's loss terms did: gradient shares, EKD anchors, plots")
+    p.add_argument("run_dir", help="a training run directory (holds metrics.jsonl)")
+    p.add_argument("--out", help="folder for the plots (default: RUN_DIR/diagnose)")
+    p.add_argument("--no-plots", action="store_true", help="print the summary only")
+    p.set_defaults(func=_cmd_diagnose)
 
     from ekd.cli_data import add_data_commands
 

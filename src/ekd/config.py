@@ -146,6 +146,8 @@ class TrainConfig:
     resume: str | None = None
     # Scalars under output_dir/tensorboard/ (null = when the tensorboard package is installed).
     tensorboard: bool | None = None
+    # Per-term gradient shares and distiller internals on logged steps (ekd.engine.diagnostics).
+    diagnostics: bool = True
 
 
 @dataclass

@@ -39,6 +39,15 @@ class Distiller(nn.Module):
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
         self.weight = float(weight)
+        #: Set by the trainer on the steps it logs: a distiller may then record what its terms
+        #: are doing (plain floats, see :meth:`diagnostics`). Off on every other step.
+        self.record_diagnostics = False
+        self._diagnostics: dict[str, float] = {}
+
+    def diagnostics(self) -> dict[str, float]:
+        """What the last step recorded while :attr:`record_diagnostics` was on (``{}`` for
+        methods that record nothing); keys are short names, the trainer prefixes them."""
+        return dict(self._diagnostics)
 
     def losses(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor, labels: torch.Tensor,
                **extras: torch.Tensor) -> dict[str, torch.Tensor]:

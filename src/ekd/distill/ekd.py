@@ -72,6 +72,7 @@ class EKDLoss(Distiller):
         if temperature <= 0 or not 0 < momentum <= 1 or top_k < 0:
             raise ConfigError(f"distill ekd: need temperature > 0, 0 < momentum <= 1 and top_k >= 0, got "
                               f"{temperature}, {momentum}, {top_k}")
+        self.fprs = tuple(float(f) for f in fprs)
         self.divisors = [int(round(1.0 / f)) for f in fprs]
         self.temperature = float(temperature)
         self.momentum = float(momentum)
@@ -177,4 +178,38 @@ class EKDLoss(Distiller):
         hard = order[: self.top_k]
         pos = self._rank_mse(s_pos, t_pos, s_anchor, t_anchor)
         neg = self._rank_mse(s_neg[hard], t_neg[hard], s_anchor, t_anchor)
+        if self.record_diagnostics:
+            self._diagnostics = self._record(s_pos, t_pos, s_neg[hard], t_neg[hard], s_anchor, t_anchor)
+            pool = s_neg.numel() + (int((self.memory_labels >= 0).sum()) * n if self.memory_size else 0)
+            self._diagnostics["threshold_negatives"] = float(pool)  # (an upper bound with a memory)
         return {"ekd_pos": self.pos_weight * pos, "ekd_neg": self.neg_weight * neg}
+
+    # -- diagnostics (docs/diagnostics.md) -----------------------------------------------
+    @torch.no_grad()
+    def _record(self, s_pos: torch.Tensor, t_pos: torch.Tensor, s_neg: torch.Tensor, t_neg: torch.Tensor,
+                s_anchor: torch.Tensor, t_anchor: torch.Tensor) -> dict[str, float]:
+        """Anchors per FPR, the share of the distilled pairs whose student similarity lies in a
+        sigmoid's active band (``|sim - anchor| < 5T``, where its slope is > 1% of the peak), and
+        the per-anchor squared difference of the student's and teacher's sigmoid steps."""
+        out: dict[str, float] = {}
+        band = 5.0 * self.temperature
+        for name, s, t in (("pos", s_pos, t_pos), ("neg", s_neg, t_neg)):
+            s, t = s.detach(), t.to(s.dtype)
+            out[f"pairs_{name}"] = float(s.numel())
+            if s.numel() == 0:
+                continue
+            near = (s[:, None] - s_anchor[None, :]).abs() < band  # [pairs, anchors]
+            out[f"active_{name}"] = float(near.any(1).float().mean())
+            step_s = clamped_sigmoid(s[:, None] - s_anchor[None, :], self.temperature, self.clamp)
+            step_t = clamped_sigmoid(t[:, None] - t_anchor[None, :], self.temperature, self.clamp)
+            for k, f in enumerate(self.fprs):
+                out[f"mse_{name}@{_fpr(f)}"] = float(((step_s[:, k] - step_t[:, k]) ** 2).mean())
+        for k, f in enumerate(self.fprs):
+            out[f"anchor_student@{_fpr(f)}"] = float(s_anchor[k])
+            out[f"anchor_teacher@{_fpr(f)}"] = float(t_anchor[k])
+        return out
+
+
+def _fpr(f: float) -> str:
+    """``1e-3`` for 0.001: the FPR spelling of every ekd log key."""
+    return f"{f:.0e}".replace("e-0", "e-")

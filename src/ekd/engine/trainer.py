@@ -43,6 +43,7 @@ from ekd.data.transforms import mirror_batch
 from ekd.distill import CLASS_EXTRAS
 from ekd.engine import distributed as D
 from ekd.engine.build import build_train_loader, build_train_set, resolve_device, seed_everything
+from ekd.engine.diagnostics import anchor_fprs, distiller_diagnostics, set_recording, term_gradient_norms
 from ekd.engine.distill_inputs import (build_distillers, check_sharding, distiller_extras, sharded,
                                       teacher_centers_for)
 from ekd.engine.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -130,6 +131,10 @@ class Trainer:
                 self.teacher.head_state = None  # type: ignore[union-attr]  # frees the full matrix
         self.teacher_centers = centers.to(device) if centers is not None else None
         self.ce_replaced = any(getattr(d, "replaces_ce", False) for d in self.distillers)
+        if self.validator is not None and tc.diagnostics:
+            self.validator.threshold_fprs = anchor_fprs(self.distillers)
+            self.validator.teacher_model = getattr(self.teacher, "model", None)
+        self.diagnostics: dict[str, float] = {}  # the last logged step's (ekd.engine.diagnostics)
         steps_per_epoch = len(self.sampler)
         self.total_steps = steps_per_epoch * tc.epochs
         oc = cfg.optim
@@ -164,7 +169,7 @@ class Trainer:
         """All named loss terms of one batch (margin CE + every distiller on the global batch)."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             emb = self.student_ddp(images)
-        emb = emb.float()
+        emb = self._embedding = emb.float()
         n_ce = self.cfg.sampler.random_size if self.cfg.train.ce_on == "random" else len(labels)
         terms: dict[str, torch.Tensor] = {}
         if not self.ce_replaced:
@@ -211,14 +216,22 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
                    flipped: torch.Tensor) -> dict[str, float] | None:
-        """One optimisation step; returns the terms, or None when the step was skipped."""
+        """One optimisation step; returns the terms, or None when the step was skipped. On the
+        steps that will be logged, :attr:`diagnostics` gets each term's gradient share and what
+        the distillers recorded."""
+        diagnose = self.cfg.train.diagnostics and (self.state.step + 1) % self.cfg.train.log_every == 0
+        set_recording(self.distillers, diagnose)
         terms = self.compute_terms(images, labels, indices, flipped)
+        set_recording(self.distillers, False)
         total = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         bad = [k for k, v in terms.items() if not torch.isfinite(v)]
         if bad:
             self._skip_step(bad, terms)
             return None
+        if diagnose:
+            self.diagnostics = {**term_gradient_norms(terms, self._embedding, self.dist),
+                                **distiller_diagnostics(self.distillers)}
         self.scaler.scale(total).backward()
         self._sync_small_grads()
         self.scaler.unscale_(self.optimizer)
@@ -330,8 +343,9 @@ class Trainer:
                                  "img/s": f"{rate:.0f}"})
                 if st.step % cfg.train.log_every == 0:
                     metrics.write({"epoch": st.epoch, "step": st.step, "lr": lr, "images_per_s": rate,
-                                   "data_wait": waited / max(spent, 1e-9), **terms})
+                                   "data_wait": waited / max(spent, 1e-9), **terms, **self.diagnostics})
                     waited = spent = 0.0
+                    self.diagnostics = {}
                 if self.validator is not None and self.validator.due(st.step):
                     t0 += self.validator.validate(self, metrics).seconds  # not training time (img/s)
             tick = time.perf_counter()  # logging and validation are left out of both times

@@ -33,7 +33,7 @@ from ekd.engine.checkpoint import load_file
 from ekd.engine.distributed import DistInfo
 from ekd.engine.state import save_training_checkpoint
 from ekd.errors import ConfigError, DataError
-from ekd.eval.evaluate import VerificationSet, bin_set, folder_set, fpr_key, pairs_set
+from ekd.eval.evaluate import THRESHOLD_FPRS, VerificationSet, bin_set, folder_set, fpr_key, pairs_set
 from ekd.eval.metrics import max_false_positives
 from ekd.eval.protocols import read_pair_list
 
@@ -121,6 +121,11 @@ class Validator:
             self.sets[vs.name] = (kind, data)
         self._check_keep_best()
         self._last = (-1, ValResult())
+        # Diagnostics (ekd.engine.diagnostics): thresholds at EKD's anchor FPRs, the teacher's
+        # once (it is frozen) when it is a network that can embed the sets.
+        self.threshold_fprs: tuple[float, ...] = ()
+        self.teacher_model: nn.Module | None = None
+        self._teacher_thresholds: dict[str, float | None] | None = None
 
     def _check_keep_best(self) -> None:
         if not self.keep_best:
@@ -155,14 +160,26 @@ class Validator:
                     dist.broadcast(buf, 0)
         out: dict[str, float | None] = {}
         for name, (kind, data) in self.sets.items():
-            with torch.random.fork_rng(devices=[]):  # the loader's seed draw must not move training's RNG
-                res = data.evaluate(model, self.cfg.val.batch_size, self.device)
+            res = self._evaluate(data, model)
             if kind != "folder":
                 out[f"{name}/acc"] = res["accuracy"]
             out[f"{name}/auc"] = res["auc"]
             for f in self.cfg.val.fprs:
                 out[f"{name}/{fpr_key(f)}"] = res[fpr_key(f)]
+            out.update(_thresholds(name, "thr", res, self.threshold_fprs))
+        if self.threshold_fprs and self.teacher_model is not None:
+            if self._teacher_thresholds is None:
+                self._teacher_thresholds = {}
+                for name, (_, data) in self.sets.items():
+                    res = self._evaluate(data, self.teacher_model)
+                    self._teacher_thresholds.update(_thresholds(name, "teacher_thr", res, self.threshold_fprs))
+            out.update(self._teacher_thresholds)
         return out
+
+    def _evaluate(self, data: VerificationSet, model: nn.Module) -> dict:
+        with torch.random.fork_rng(devices=[]):  # the loader's seed draw must not move training's RNG
+            return data.evaluate(model, self.cfg.val.batch_size, self.device,
+                                 threshold_fprs=self.threshold_fprs or THRESHOLD_FPRS)
 
     def validate(self, trainer: "Trainer", metrics: "MetricsLog") -> ValResult:
         """Run once per step (a second call at the same step returns the first result): metrics
@@ -183,7 +200,8 @@ class Validator:
         if trainer.dist.is_main:
             best = (f"; best {st.best_metric}={st.best_value:.4f} at step {st.best_step}"
                     f"{' (saved best.pt)' if improved else ''}" if st.best_value is not None else "")
-            log.info("validation at step %d: %s (%.1f s)%s", st.step, format_values(values), seconds, best)
+            shown = {k: v for k, v in values.items() if "thr@" not in k}  # thresholds: metrics.jsonl only
+            log.info("validation at step %d: %s (%.1f s)%s", st.step, format_values(shown), seconds, best)
         self._last = (st.step, ValResult(values, seconds))
         return self._last[1]
 
@@ -210,6 +228,17 @@ class Validator:
         if best.get("metric") == self.keep_best and best.get("value") is not None and (
                 st.best_metric != self.keep_best or st.best_value is None or best["value"] > st.best_value):
             st.best_metric, st.best_value, st.best_step = self.keep_best, float(best["value"]), best["step"]
+
+
+def _thresholds(name: str, label: str, res: dict, fprs: tuple[float, ...]) -> dict[str, float | None]:
+    """``<set>/<label>@F`` for F in ``fprs`` (``None`` where F cannot be measured; +inf, when
+    only rejecting everything meets F, is reported as ``None`` too)."""
+    out: dict[str, float | None] = {}
+    for f in fprs:
+        key = f"{f:.0e}".replace("e-0", "e-")
+        v = res["thresholds"].get(key)
+        out[f"{name}/{label}@{key}"] = None if v is None or not math.isfinite(v) else float(v)
+    return out
 
 
 def format_values(values: dict) -> str:

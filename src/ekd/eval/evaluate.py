@@ -41,25 +41,27 @@ def fpr_key(f: float) -> str:
     return f"tpr@{f:.0e}".replace("e-0", "e-")
 
 
-def score_metrics(scores: np.ndarray, issame: np.ndarray) -> dict:
-    """AUC, TPR at each report FPR (``None`` = too few negatives) and thresholds for deployment."""
+def score_metrics(scores: np.ndarray, issame: np.ndarray,
+                  threshold_fprs: tuple[float, ...] = THRESHOLD_FPRS) -> dict:
+    """AUC, TPR at each report FPR (``None`` = too few negatives) and the score thresholds at
+    ``threshold_fprs`` (deployment; validation adds the FPRs of EKD's anchors)."""
     out: dict = {"pairs": int(scores.size), "genuine": int(issame.sum()), "auc": roc_auc(scores, issame)}
     for f, tpr in tpr_at_fpr(scores, issame, REPORT_FPRS).items():
         out[fpr_key(f)] = tpr
     out["thresholds"] = {f"{f:.0e}".replace("e-0", "e-"): threshold_at_fpr(scores, issame, f)
-                         for f in THRESHOLD_FPRS}
+                         for f in threshold_fprs}
     out["_roc"] = roc_points(scores, issame)
     return out
 
 
 def pair_metrics(e1: np.ndarray, e2: np.ndarray, issame: np.ndarray, nfolds: int = 10,
-                 protocol: str = "") -> dict:
+                 protocol: str = "", threshold_fprs: tuple[float, ...] = THRESHOLD_FPRS) -> dict:
     """Accuracy (InsightFace's 10-fold protocol) and score metrics of embedded pairs."""
     acc = verification_accuracy(e1, e2, issame, nfolds=nfolds)
     out = {"protocol": protocol or f"{nfolds}-fold accuracy (InsightFace verification.py), "
            "cosine AUC and TPR at FPR (largest FPR <= target)",
            "accuracy": acc["accuracy"], "accuracy_std": acc["accuracy_std"]}
-    out.update(score_metrics(np.sum(e1 * e2, axis=1), issame))
+    out.update(score_metrics(np.sum(e1 * e2, axis=1), issame, threshold_fprs))
     return out
 
 
@@ -77,14 +79,15 @@ class VerificationSet:
     ``impostors`` count the pairs (TPR at FPR ``f`` needs at least ``1 / f`` impostor pairs)."""
 
     dataset: Dataset
-    score: Callable[[np.ndarray], dict]
+    score: Callable[..., dict]  # (embeddings, threshold_fprs) -> metrics
     genuine: int
     impostors: int
     source: str
 
-    def evaluate(self, model: nn.Module, batch_size: int = 128,
-                 device: torch.device | str = "cpu", progress: bool = False) -> dict:
-        return self.score(embed_dataset(model, self.dataset, batch_size, device, progress=progress))
+    def evaluate(self, model: nn.Module, batch_size: int = 128, device: torch.device | str = "cpu",
+                 progress: bool = False, threshold_fprs: tuple[float, ...] = THRESHOLD_FPRS) -> dict:
+        emb = embed_dataset(model, self.dataset, batch_size, device, progress=progress)
+        return self.score(emb, threshold_fprs)
 
 
 def pairs_set(pairs: PairList, input_size: int, nfolds: int = 10, source: str = "") -> VerificationSet:
@@ -94,7 +97,8 @@ def pairs_set(pairs: PairList, input_size: int, nfolds: int = 10, source: str = 
     i1 = np.asarray([index[p] for p in pairs.paths1], dtype=np.int64)
     i2 = np.asarray([index[p] for p in pairs.paths2], dtype=np.int64)
     return VerificationSet(ListDataset(unique, input_size),
-                           lambda emb: pair_metrics(emb[i1], emb[i2], pairs.issame, nfolds),
+                           lambda emb, thr=THRESHOLD_FPRS: pair_metrics(emb[i1], emb[i2], pairs.issame,
+                                                                       nfolds, threshold_fprs=thr),
                            int(pairs.issame.sum()), int((~pairs.issame).sum()), source)
 
 
@@ -103,7 +107,8 @@ def bin_set(path: str | Path, input_size: int, nfolds: int = 10, color: str = "r
     ds = BinDataset(path, input_size=input_size, color=color)
     protocol = (f"InsightFace .bin ({color.upper()}), {nfolds}-fold accuracy as verification.py, "
                 "cosine AUC and TPR at FPR")
-    return VerificationSet(ds, lambda emb: pair_metrics(emb[0::2], emb[1::2], ds.issame, nfolds, protocol),
+    return VerificationSet(ds, lambda emb, thr=THRESHOLD_FPRS: pair_metrics(emb[0::2], emb[1::2], ds.issame,
+                                                                         nfolds, protocol, thr),
                            int(ds.issame.sum()), int((~ds.issame).sum()), str(path))
 
 
@@ -119,11 +124,11 @@ def folder_set(root: str | Path, input_size: int, max_per_identity: int | None =
     counts = np.unique(labels, return_counts=True)[1]
     genuine = int((counts * (counts - 1) // 2).sum())
 
-    def score(emb: np.ndarray) -> dict:
+    def score(emb: np.ndarray, threshold_fprs: tuple[float, ...] = THRESHOLD_FPRS) -> dict:
         scores, issame = all_pairs_scores(emb, labels)
         out = {"protocol": f"all pairs, first {max_per_identity} images per identity (>= 2), "
                "cosine AUC and TPR at FPR (largest FPR <= target)"}
-        out.update(score_metrics(scores, issame))
+        out.update(score_metrics(scores, issame, threshold_fprs))
         out["images"] = int(keep.size)
         return out
 

@@ -1,0 +1,261 @@
+"""``ekd diagnose RUN_DIR``: what the distillation terms of a run did, in words and plots.
+
+Reads the diagnostics rows of ``RUN_DIR/metrics.jsonl`` (:mod:`ekd.engine.diagnostics`) and
+checks, over the last half of the logged steps (the first half is warm-up):
+
+- every term's gradient share of the margin softmax's: a term that sends **no** gradient (weight
+  0, or a loss that does not depend on the student) and one below :data:`WEAK_SHARE` ("its
+  weight is too small for this batch") are named, with the weight that would give it a tenth
+  of the CE gradient;
+- EKD's anchors: still at their initial 0 (the EMA has not moved), collapsed onto one value
+  (the batch holds fewer than ``1/FPR`` negatives, so the deeper anchors are all its hardest
+  negative), or away from the threshold the evaluation uses at that FPR on the validation set
+  (by more than :data:`ANCHOR_TOL`);
+- EKD's active bands: the share of distilled pairs within ``5T`` of an anchor, where the
+  sigmoid step has a slope; below :data:`FLAT_SHARE` that term is nearly flat.
+
+Plots (with ``matplotlib``): ``anchors.png`` (anchor tracks per FPR, student and teacher, with
+the validation thresholds) and ``gradients.png`` (gradient shares over steps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ekd.errors import DataError
+
+WEAK_SHARE = 0.01  # a term below 1% of the CE gradient hardly moves the student
+TARGET_SHARE = 0.10  # the share the suggested weight aims at
+ANCHOR_TOL = 0.10  # cosine units between an anchor and the evaluation threshold
+FLAT_SHARE = 0.05  # share of pairs in an active band below which a term is nearly flat
+_ANCHOR = re.compile(r"^(?P<d>[a-z_0-9]+)/anchor_(?P<who>student|teacher)@(?P<fpr>[0-9e.\-]+)$")
+
+
+@dataclass
+class Diagnosis:
+    """What :func:`diagnose` found: the summary lines, the warnings, the plots written."""
+
+    lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+
+    def text(self) -> str:
+        out = list(self.lines)
+        out += ["", "What looks wrong:" if self.warnings else "Nothing looks wrong."]
+        out += [f"- {w}" for w in self.warnings]
+        out += [f"plot: {p}" for p in self.plots]
+        return "\n".join(out)
+
+
+def read_rows(run_dir: Path) -> tuple[list[dict], list[dict], dict]:
+    """Step rows with diagnostics, validation rows, and the run's config (``config.yaml``)."""
+    file = run_dir / "metrics.jsonl"
+    if not file.is_file():
+        raise DataError(f"{run_dir}: no metrics.jsonl (not an ekd run directory)")
+    steps, vals = [], []
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{file}: line {n} is not JSON") from None
+        if row.get("val"):
+            vals.append(row)
+        elif "epoch_end" not in row and any(k.startswith("grad/") for k in row):
+            steps.append(row)
+    cfg: dict = {}
+    if (run_dir / "config.yaml").is_file():
+        import yaml
+
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    return steps, vals, cfg
+
+
+def _late(rows: list[dict], key: str) -> list[float]:
+    values = [r[key] for r in rows[len(rows) // 2:] if isinstance(r.get(key), (int, float))]
+    return [v for v in values if math.isfinite(v)]
+
+
+def _fmt_share(v: float) -> str:
+    return "0" if v == 0 else f"{v:.2%}" if v >= 1e-4 else f"{v:.1e}"
+
+
+def _term_weights(cfg: dict) -> dict[str, float]:
+    """Configured weight of each distiller's terms by term-name prefix (``ekd`` -> ``ekd_pos``)."""
+    out = {}
+    for d in cfg.get("distill") or []:
+        if isinstance(d, dict) and "name" in d:
+            out[d["name"]] = float(d.get("weight", 1.0))
+    return out
+
+
+def check_gradients(steps: list[dict], cfg: dict, dx: Diagnosis) -> None:
+    terms = sorted({k[len("grad/"):] for r in steps for k in r if k.startswith("grad/")})
+    weights = _term_weights(cfg)
+    dx.lines += ["", "Gradient into the student embedding, median over the last half of the logged steps:",
+                 "| term | gradient norm | share of the CE's |", "|---|---|---|"]
+    for term in terms:
+        norms = _late(steps, f"grad/{term}")
+        if not norms:
+            continue
+        norm = statistics.median(norms)
+        shares = _late(steps, f"grad_share/{term}")
+        share = statistics.median(shares) if shares else None
+        dx.lines.append(f"| {term} | {norm:.4g} | {'—' if share is None else _fmt_share(share)} |")
+        if term == "ce":
+            continue
+        if max(norms) == 0.0:
+            dx.warnings.append(f"{term} sends no gradient to the student (its weight is 0, or the term "
+                               "does not depend on the student's embedding): it has no effect on training")
+        elif share is not None and share < WEAK_SHARE:
+            owner = next((n for n in weights if term == n or term.startswith(n + "_")), None)
+            hint = ""
+            if owner is not None and share > 0:
+                hint = (f"; a distill weight of ~{weights[owner] * TARGET_SHARE / share:.3g} (now "
+                        f"{weights[owner]:g}) would give it {TARGET_SHARE:.0%}")
+            dx.warnings.append(f"{term} sends {_fmt_share(share)} of the CE gradient: its weight is too "
+                               f"small for this batch{hint}")
+
+
+def _anchor_keys(steps: list[dict]) -> dict[str, dict[str, list[str]]]:
+    """``{distiller: {"student"/"teacher": [fpr, ...]}}`` found in the rows."""
+    found: dict[str, dict[str, list[str]]] = {}
+    for k in steps[-1]:
+        m = _ANCHOR.match(k)
+        if m:
+            found.setdefault(m["d"], {}).setdefault(m["who"], []).append(m["fpr"])
+    for d in found.values():
+        for who in d:
+            d[who].sort(key=float, reverse=True)
+    return found
+
+
+def _val_threshold(vals: list[dict], label: str, fpr: str) -> tuple[str, float] | None:
+    """The last validation row's ``<set>/<label>@fpr`` (first set that has it)."""
+    for row in reversed(vals):
+        for k, v in row.items():
+            if k.endswith(f"/{label}@{fpr}") and isinstance(v, (int, float)):
+                return k.split("/")[0], float(v)
+    return None
+
+
+def check_anchors(steps: list[dict], vals: list[dict], dx: Diagnosis) -> None:
+    last = steps[-1]
+    for name, sides in _anchor_keys(steps).items():
+        fprs = sides.get("student", [])
+        negatives = last.get(f"{name}/threshold_negatives")
+        dx.lines += ["", f"{name}: anchors at the last logged step (step {last.get('step')}) and the "
+                     "thresholds the evaluation uses on the validation set:",
+                     "| FPR | student anchor | student val threshold | teacher anchor | teacher val threshold |",
+                     "|---|---|---|---|---|"]
+        for fpr in fprs:
+            cells = []
+            for who, label in (("student", "thr"), ("teacher", "teacher_thr")):
+                a = last.get(f"{name}/anchor_{who}@{fpr}")
+                v = _val_threshold(vals, label, fpr)
+                cells += [f"{a:.4f}" if a is not None else "—", f"{v[1]:.4f} ({v[0]})" if v else "n/a"]
+                if a is None:
+                    continue
+                if abs(a) < 1e-3 and len(steps) > 1:
+                    dx.warnings.append(f"{name}: the {who} anchor at FPR {fpr} is still {a:.4f}, its initial "
+                                       "value: the threshold EMA has not moved (momentum too small?)")
+                elif v and abs(a - v[1]) > ANCHOR_TOL:
+                    dx.warnings.append(f"{name}: the {who} anchor at FPR {fpr} is {a:.3f} but the {who}'s "
+                                       f"evaluation threshold on {v[0]} is {v[1]:.3f}: the soft rank steps "
+                                       "where the evaluation does not")
+            dx.lines.append(f"| {fpr} | " + " | ".join(cells) + " |")
+        too_deep = [f for f in fprs if negatives and 1 / float(f) > negatives]
+        if too_deep:
+            dx.warnings.append(f"{name}: the anchors at FPR {', '.join(too_deep)} need at least "
+                               f"{1 / float(too_deep[0]):.0f} negatives but the thresholds come from "
+                               f"{negatives:.0f}: they sit at the batch's hardest negatives, not at those "
+                               "FPRs (memory_size adds negatives from earlier batches)")
+        for who in ("student", "teacher"):
+            values = [last.get(f"{name}/anchor_{who}@{f}") for f in fprs]
+            same = [f for f, a, b in zip(fprs[1:], values[1:], values[:-1])
+                    if a is not None and b is not None and abs(a - b) < 1e-6 and f not in too_deep]
+            if same:
+                dx.warnings.append(f"{name}: the {who} anchors at FPR {', '.join(same)} equal the one above "
+                                   "them: those anchors are not distinct thresholds")
+        for side in ("pos", "neg"):
+            share = _late(steps, f"{name}/active_{side}")
+            if share:
+                s = statistics.median(share)
+                dx.lines.append(f"{name}: {s:.1%} of the {'positive' if side == 'pos' else 'top-k negative'} "
+                                "pairs lie in a sigmoid's active band (|sim - anchor| < 5T)")
+                if s < FLAT_SHARE:
+                    dx.warnings.append(f"{name}: only {s:.1%} of the {side} pairs are within 5T of an anchor: "
+                                       f"the {name}_{side} term is nearly flat there (a larger temperature "
+                                       "widens the band)")
+
+
+def plot(steps: list[dict], vals: list[dict], out: Path) -> list[Path]:
+    """``anchors.png`` and ``gradients.png`` in ``out`` (nothing without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    x = [r["step"] for r in steps]
+    anchors = _anchor_keys(steps)
+    if anchors:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for name, sides in anchors.items():
+            for i, fpr in enumerate(sides.get("student", [])):
+                color = f"C{i % 10}"
+                for who, style in (("student", "-"), ("teacher", "--")):
+                    ys = [r.get(f"{name}/anchor_{who}@{fpr}") for r in steps]
+                    ax.plot(x, ys, style, color=color, label=f"{who} {fpr}")
+                for label, marker in (("thr", "o"), ("teacher_thr", "x")):
+                    pts = [(r["step"], v) for r in vals for k, v in r.items()
+                           if k.endswith(f"/{label}@{fpr}") and isinstance(v, (int, float))]
+                    if pts:
+                        ax.plot(*zip(*pts), marker, color=color, linestyle="none")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cosine similarity")
+        ax.set_title("EKD anchors (lines; - student, -- teacher) and validation thresholds (o student, x teacher)")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / "anchors.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "anchors.png")
+    shares = sorted({k for r in steps for k in r if k.startswith("grad_share/")})
+    if shares:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for k in shares:
+            ax.plot(x, [max(r.get(k, float("nan")), 1e-8) for r in steps], label=k[len("grad_share/"):])
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("gradient norm / CE gradient norm")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "gradients.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "gradients.png")
+    return written
+
+
+def diagnose(run_dir: str | Path, out: str | Path | None = None, plots: bool = True) -> Diagnosis:
+    """The summary and warnings of ``run_dir``; plots go to ``out`` (default ``run_dir/diagnose``)."""
+    run_dir = Path(run_dir)
+    steps, vals, cfg = read_rows(run_dir)
+    if not steps:
+        raise DataError(f"{run_dir}/metrics.jsonl has no diagnostics rows (train.diagnostics was off, "
+                        "or the run logged no step)")
+    dx = Diagnosis([f"ekd diagnose {run_dir}: {len(steps)} logged steps (up to step {steps[-1]['step']}), "
+                    f"{len(vals)} validation rows"])
+    check_gradients(steps, cfg, dx)
+    check_anchors(steps, vals, dx)
+    if plots:
+        dx.plots = plot(steps, vals, Path(out) if out else run_dir / "diagnose")
+    return dx

@@ -1,0 +1,149 @@
+"""Training diagnostics (per-term gradient shares, EKD's anchors and active bands, validation
+thresholds) and ``ekd diagnose``: values checked against hand computations, a zero-weight term
+reported as sending no gradient, a broken anchor flagged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ekd.cli import main
+from ekd.config import Config, from_dict
+from ekd.distill import build_distiller
+from ekd.distill.ekd import clamped_sigmoid
+from ekd.engine.diagnose import diagnose
+from ekd.engine.diagnostics import term_gradient_norms
+from ekd.engine.distributed import DistInfo
+from ekd.engine.trainer import train
+from ekd.errors import DataError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_gradient_norms_and_shares_are_those_of_the_terms():
+    emb = torch.randn(6, 4, requires_grad=True)
+    rows = emb * 1.0  # a non-leaf, as the trainer's embedding
+    terms = {"ce": (rows ** 2).sum(), "mse": 3.0 * rows[:2].sum(), "off": torch.tensor(1.0),
+             "zero": 0.0 * rows.sum()}
+    got = term_gradient_norms(terms, rows, DistInfo())
+    assert got["grad/ce"] == pytest.approx(float(2 * emb.detach().norm()), rel=1e-6)
+    assert got["grad/mse"] == pytest.approx(3.0 * 8 ** 0.5, rel=1e-6)  # 2 rows x 4 dims of 3
+    assert got["grad/off"] == 0.0 and got["grad/zero"] == 0.0
+    assert got["grad_share/mse"] == pytest.approx(got["grad/mse"] / got["grad/ce"])
+    assert "grad_share/ce" not in got
+
+
+def test_ekd_records_anchors_bands_and_per_anchor_mse():
+    torch.manual_seed(0)
+    s, t = torch.randn(12, 8), torch.randn(12, 8)
+    labels = torch.arange(12) // 3
+    ekd = build_distiller("ekd", weight=1.0, fprs=[0.1, 0.01], temperature=0.05, top_k=10,
+                          bias_correction=True)
+    ekd(s, t, labels)
+    assert ekd.diagnostics() == {}  # recorded only when the trainer asks
+    ekd.record_diagnostics = True
+    ekd(s, t, labels)
+    d = ekd.diagnostics()
+    sa, ta = ekd.anchors()
+    assert d["anchor_student@1e-1"] == pytest.approx(float(sa[0]))
+    assert d["anchor_teacher@1e-2"] == pytest.approx(float(ta[1]))
+    # by hand: unit embeddings, upper-triangle pairs, positives, top-10 student negatives
+    su, tu = torch.nn.functional.normalize(s, dim=1), torch.nn.functional.normalize(t, dim=1)
+    iu = torch.triu_indices(12, 12, 1)
+    ss, ts = (su @ su.t())[iu[0], iu[1]], (tu @ tu.t())[iu[0], iu[1]]
+    same = labels[iu[0]] == labels[iu[1]]
+    hard = torch.argsort(ss[~same], descending=True)[:10]
+    neg_s, neg_t = ss[~same][hard], ts[~same][hard]
+    near = ((neg_s[:, None] - sa[None, :]).abs() < 5 * 0.05).any(1).float().mean()
+    assert d["active_neg"] == pytest.approx(float(near))
+    assert d["pairs_pos"] == int(same.sum()) and d["pairs_neg"] == 10
+    step = (clamped_sigmoid(ss[same] - sa[1], 0.05) - clamped_sigmoid(ts[same] - ta[1], 0.05)) ** 2
+    assert d["mse_pos@1e-2"] == pytest.approx(float(step.mean()), rel=1e-5)
+    assert d["threshold_negatives"] == int((~same).sum())
+
+
+def _config(tmp_path, name, distill, teacher=None, val=True, **train):
+    data = tmp_path / "data"
+    tree = {
+        "data": {"kind": "synthetic", "input_size": 32,
+                 "synthetic": {"train_identities": 16, "train_images": 8, "eval_identities": 8,
+                               "eval_images": 4, "num_pairs": 120, "image_size": 32, "seed": 0,
+                               "cache_dir": str(data)}},
+        "sampler": {"random_size": 16, "identities_per_batch": 4, "samples_per_identity": 4},
+        "model": {"backbone": "mobilefacenet", "embedding_size": 64},
+        "train": {"epochs": 1, "device": "cpu", "output_dir": str(tmp_path / name), "log_every": 2,
+                  "progress": False, "max_steps_per_epoch": 6, "tensorboard": False, **train},
+        "distill": distill,
+    }
+    if teacher:
+        tree["teacher"] = {"kind": "checkpoint", "path": str(teacher)}
+    if val:
+        tree["val"] = {"sets": [{"path": str(data / "pairs.txt"), "root": str(data / "eval"),
+                                 "name": "syn"}], "every_steps": 3}
+    return from_dict(Config, tree)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("diag_teacher")
+    return train(_config(out, "teacher", [], val=False, max_steps_per_epoch=8)).model_path
+
+
+def test_a_zero_weight_term_is_reported_as_sending_no_gradient(tmp_path, teacher):
+    run = train(_config(tmp_path, "zero", [{"name": "ekd", "weight": 0.0}], teacher)).run_dir
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "grad/ce" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6]
+    assert all(r["grad/ekd_pos"] == 0.0 and r["grad/ekd_neg"] == 0.0 and r["grad/ce"] > 0 for r in logged)
+    dx = diagnose(run, plots=False)
+    assert any(w.startswith("ekd_pos sends no gradient") for w in dx.warnings), dx.warnings
+    assert any(w.startswith("ekd_neg sends no gradient") for w in dx.warnings)
+    # validation rows hold the student's and the (network) teacher's thresholds at EKD's FPRs
+    val = [r for r in rows if r.get("val")]
+    assert val and {"syn/thr@1e-1", "syn/thr@1e-2", "syn/teacher_thr@1e-1"} <= set(val[-1])
+    assert -1.0 <= val[-1]["syn/thr@1e-1"] <= 1.0
+
+
+def test_a_broken_anchor_is_flagged_and_a_working_one_is_not(tmp_path, teacher):
+    broken = train(_config(tmp_path, "stuck", [{"name": "ekd", "params": {"momentum": 1e-7}}], teacher)).run_dir
+    dx = diagnose(broken, plots=False)
+    stuck = [w for w in dx.warnings if "its initial value" in w]
+    assert any("student anchor at FPR 1e-1" in w for w in stuck), dx.warnings
+    working = train(_config(tmp_path, "ok", [{"name": "ekd", "params": {"bias_correction": True}}],
+                            teacher)).run_dir
+    assert not [w for w in diagnose(working, plots=False).warnings if "its initial value" in w]
+
+
+def test_collapsed_anchors_name_the_missing_negatives(tmp_path, teacher):
+    run = train(_config(tmp_path, "deep", [{"name": "ekd", "params": {"bias_correction": True}}],
+                        teacher, val=False)).run_dir
+    text = diagnose(run, plots=False).text()
+    # a 32-image batch has < 496 negatives: the anchors at FPR 1e-3 and deeper cannot be real
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    negatives = [r["ekd/threshold_negatives"] for r in rows if "grad/ce" in r][-1]
+    assert 400 < negatives < 496
+    assert (f"anchors at FPR 1e-3, 1e-4, 1e-5, 1e-6 need at least 1000 negatives but the thresholds "
+            f"come from {negatives:.0f}") in text
+    assert "1e-2" not in text.split("need at least")[0].split("What looks wrong:")[1]
+
+
+def test_diagnostics_off_and_not_a_run(tmp_path, teacher, capsys):
+    run = train(_config(tmp_path, "off", [{"name": "ekd"}], teacher, val=False, diagnostics=False)).run_dir
+    assert not any("grad/" in line for line in (run / "metrics.jsonl").read_text().splitlines())
+    with pytest.raises(DataError, match="no diagnostics rows"):
+        diagnose(run)
+    assert main(["diagnose", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ekd diagnose: error:") and "no metrics.jsonl" in err and "\n" not in err
+
+
+def test_diagnose_command_prints_the_summary_and_writes_plots(tmp_path, teacher, capsys):
+    pytest.importorskip("matplotlib")
+    run = train(_config(tmp_path, "plots", [{"name": "ekd"}], teacher)).run_dir
+    assert main(["diagnose", str(run), "--out", str(tmp_path / "dg")]) == 0
+    out = capsys.readouterr().out
+    assert "| ekd_pos |" in out and "student val threshold" in out and "What looks wrong:" in out
+    assert (tmp_path / "dg" / "anchors.png").stat().st_size > 0
+    assert (tmp_path / "dg" / "gradients.png").stat().st_size > 0
