@@ -59,14 +59,52 @@ class EKDLoss(Distiller):
             Off (0) by default (authors: batch only).
         student_dim, teacher_dim: embedding sizes (filled in by the trainer), needed for the
             memory.
+
+    Variants (``docs/methods.md``, "EKD variants"; each off by default, chosen on a validation
+    split by ``bench/ekd_ablation.py``):
+        temperature_mode: ``"fixed"`` (T = ``temperature``) or ``"spread"``: each model's T is
+            ``temperature_scale`` x the standard deviation of its batch negative similarities,
+            so the sigmoid band covers the same share of each model's distribution.
+        anchor_source: ``"own"`` (each model's soft rank against its own thresholds, the paper)
+            or ``"teacher"``: both against the teacher's, so the student is asked for the
+            teacher's *similarities* at the evaluation thresholds, not only its ranks.
+        hard_negatives: the top-k negatives by ``"student"`` (paper) or ``"teacher"`` similarity.
+        memory_pairs: with a memory, also distil the batch-vs-memory pairs (gradient through
+            the batch side), not only use them for the thresholds.
+        focus_fpr, focus_width: weight each pair by ``exp(-((t - a)/w)^2 / 2)`` (mean 1 per term),
+            ``t`` its teacher similarity, ``a`` the teacher anchor at ``focus_fpr``: the pairs near
+            the evaluation threshold that matters count most.
+        reduction: ``"mean"`` over all distilled pairs (paper) or ``"active"``: the sum divided by
+            the number of pairs within ``5T`` of an anchor on either side, so flat pairs do not
+            dilute the gradient.
     """
 
     def __init__(self, weight: float = 1.0, fprs: Sequence[float] = PAPER_FPRS,
                  temperature: float = 0.01, momentum: float = 0.01, top_k: int = 2000,
                  pos_weight: float = 0.02, neg_weight: float = 0.01, clamp: float = 50.0,
                  bias_correction: bool = False, memory_size: int = 0, student_dim: int | None = None,
-                 teacher_dim: int | None = None) -> None:
+                 teacher_dim: int | None = None, temperature_mode: str = "fixed",
+                 temperature_scale: float = 0.1, anchor_source: str = "own",
+                 hard_negatives: str = "student", memory_pairs: bool = False,
+                 focus_fpr: float | None = None, focus_width: float = 0.05,
+                 reduction: str = "mean") -> None:
         super().__init__(weight)
+        _choice("temperature_mode", temperature_mode, ("fixed", "spread"))
+        _choice("anchor_source", anchor_source, ("own", "teacher"))
+        _choice("hard_negatives", hard_negatives, ("student", "teacher"))
+        _choice("reduction", reduction, ("mean", "active"))
+        if temperature_scale <= 0 or focus_width <= 0:
+            raise ConfigError(f"distill ekd: temperature_scale and focus_width must be > 0, got "
+                              f"{temperature_scale}, {focus_width}")
+        if focus_fpr is not None and focus_fpr not in tuple(fprs):
+            raise ConfigError(f"distill ekd: focus_fpr {focus_fpr} is not one of fprs {list(fprs)}")
+        if memory_pairs and not memory_size:
+            raise ConfigError("distill ekd: memory_pairs needs memory_size > 0")
+        self.temperature_mode, self.temperature_scale = temperature_mode, float(temperature_scale)
+        self.anchor_source, self.hard_negatives = anchor_source, hard_negatives
+        self.memory_pairs, self.reduction = bool(memory_pairs), reduction
+        self.focus = None if focus_fpr is None else list(fprs).index(focus_fpr)
+        self.focus_width = float(focus_width)
         if not fprs or any(not 0 < f < 1 for f in fprs):
             raise ConfigError(f"distill ekd: fprs must be in (0, 1), got {list(fprs)}")
         if temperature <= 0 or not 0 < momentum <= 1 or top_k < 0:
@@ -140,15 +178,54 @@ class EKDLoss(Distiller):
         return self.student_anchor / c, self.teacher_anchor / c
 
     # -- loss ---------------------------------------------------------------------------
-    def soft_rank(self, sims: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    def soft_rank(self, sims: torch.Tensor, anchor: torch.Tensor,
+                  temperature: float | torch.Tensor | None = None) -> torch.Tensor:
         """Eq. 5: number of anchors a pair exceeds, with a temperature-T sigmoid step."""
-        return clamped_sigmoid(sims[:, None] - anchor[None, :], self.temperature, self.clamp).sum(1)
+        temperature = self.temperature if temperature is None else temperature
+        return clamped_sigmoid(sims[:, None] - anchor[None, :], temperature, self.clamp).sum(1)
 
     def _rank_mse(self, s: torch.Tensor, t: torch.Tensor, s_anchor: torch.Tensor,
-                  t_anchor: torch.Tensor) -> torch.Tensor:
+                  t_anchor: torch.Tensor, temps: tuple | None = None) -> torch.Tensor:
         if s.numel() == 0:  # e.g. a batch without any positive pair
             return s.sum() * 0.0
-        return F.mse_loss(self.soft_rank(s, s_anchor), self.soft_rank(t, t_anchor))
+        if temps is None:  # the paper's loss, exactly
+            return F.mse_loss(self.soft_rank(s, s_anchor), self.soft_rank(t, t_anchor))
+        t_s, t_t = temps
+        err = (self.soft_rank(s, s_anchor, t_s) - self.soft_rank(t, t_anchor, t_t)) ** 2
+        if self.focus is not None:
+            with torch.no_grad():
+                w = torch.exp(-0.5 * ((t - t_anchor[self.focus]) / self.focus_width) ** 2)
+                w = w / w.mean().clamp_min(1e-12)
+            err = err * w
+        if self.reduction == "active":
+            with torch.no_grad():
+                near_s = ((s[:, None] - s_anchor[None, :]).abs() < 5 * t_s).any(1)
+                near_t = ((t[:, None] - t_anchor[None, :]).abs() < 5 * t_t).any(1)
+                active = (near_s | near_t).sum().clamp_min(1)
+            return err.sum() / active
+        return err.mean()
+
+    @property
+    def is_paper_loss(self) -> bool:
+        """True when no loss variant is on (the authors' code path is used)."""
+        return (self.temperature_mode == "fixed" and self.focus is None and self.reduction == "mean")
+
+    def _temperatures(self, s_neg: torch.Tensor, t_neg: torch.Tensor) -> tuple:
+        if self.temperature_mode == "fixed" or s_neg.numel() < 2:
+            return self.temperature, self.temperature
+        return (self.temperature_scale * s_neg.detach().std().clamp_min(1e-6),
+                self.temperature_scale * t_neg.std().clamp_min(1e-6))
+
+    def _memory_pairs(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor,
+                      labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``memory_pairs``: similarities of the batch against the memory (before this batch is
+        enqueued), student side differentiable; split into positives and negatives."""
+        valid = self.memory_labels >= 0
+        s = unit(student_emb.reshape(student_emb.shape[0], -1).float(), dim=1) @ self.memory_student[valid].t()
+        with torch.no_grad():
+            t = unit(teacher_emb.reshape(teacher_emb.shape[0], -1).float(), dim=1) @ self.memory_teacher[valid].t()
+        same = labels[:, None] == self.memory_labels[valid][None, :]
+        return s[same], t[same], s[~same], t[~same]
 
     def losses(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor, labels: torch.Tensor,
                **extras: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -163,6 +240,9 @@ class EKDLoss(Distiller):
         s_pos, t_pos = s[same], t[same]
         s_neg, t_neg = s[~same], t[~same]
         s_sorted, order = torch.sort(s_neg, descending=True)
+        cross = None
+        if self.memory_pairs and bool((self.memory_labels >= 0).any()):
+            cross = self._memory_pairs(student_emb, teacher_emb, labels)  # before this batch is stored
         if self.memory_size:
             with torch.no_grad():
                 s_thr = self._memory_thresholds(s_neg.detach(), student_emb.detach(), labels, self.memory_student)
@@ -175,11 +255,21 @@ class EKDLoss(Distiller):
             self._update_anchors(self._thresholds(s_sorted.detach()), self._thresholds(t_sorted))
         s_anchor, t_anchor = self.anchors()
         s_anchor, t_anchor = s_anchor.to(s.dtype), t_anchor.to(s.dtype)
+        if self.anchor_source == "teacher":
+            s_anchor = t_anchor
+        temps = None if self.is_paper_loss else self._temperatures(s_neg, t_neg)
+        if cross is not None:  # batch pairs and batch-vs-memory pairs together
+            s_pos, t_pos = torch.cat([s_pos, cross[0]]), torch.cat([t_pos, cross[1]])
+            s_neg, t_neg = torch.cat([s_neg, cross[2]]), torch.cat([t_neg, cross[3]])
+            order = torch.sort(s_neg.detach(), descending=True)[1]
+        if self.hard_negatives == "teacher":
+            order = torch.sort(t_neg, descending=True)[1]
         hard = order[: self.top_k]
-        pos = self._rank_mse(s_pos, t_pos, s_anchor, t_anchor)
-        neg = self._rank_mse(s_neg[hard], t_neg[hard], s_anchor, t_anchor)
+        pos = self._rank_mse(s_pos, t_pos, s_anchor, t_anchor, temps)
+        neg = self._rank_mse(s_neg[hard], t_neg[hard], s_anchor, t_anchor, temps)
         if self.record_diagnostics:
-            self._diagnostics = self._record(s_pos, t_pos, s_neg[hard], t_neg[hard], s_anchor, t_anchor)
+            self._diagnostics = self._record(s_pos, t_pos, s_neg[hard], t_neg[hard], s_anchor, t_anchor,
+                                             float(temps[0]) if temps else self.temperature)
             pool = s_neg.numel() + (int((self.memory_labels >= 0).sum()) * n if self.memory_size else 0)
             self._diagnostics["threshold_negatives"] = float(pool)  # (an upper bound with a memory)
         return {"ekd_pos": self.pos_weight * pos, "ekd_neg": self.neg_weight * neg}
@@ -187,12 +277,12 @@ class EKDLoss(Distiller):
     # -- diagnostics (docs/diagnostics.md) -----------------------------------------------
     @torch.no_grad()
     def _record(self, s_pos: torch.Tensor, t_pos: torch.Tensor, s_neg: torch.Tensor, t_neg: torch.Tensor,
-                s_anchor: torch.Tensor, t_anchor: torch.Tensor) -> dict[str, float]:
+                s_anchor: torch.Tensor, t_anchor: torch.Tensor, temperature: float) -> dict[str, float]:
         """Anchors per FPR, the share of the distilled pairs whose student similarity lies in a
         sigmoid's active band (``|sim - anchor| < 5T``, where its slope is > 1% of the peak), and
         the per-anchor squared difference of the student's and teacher's sigmoid steps."""
         out: dict[str, float] = {}
-        band = 5.0 * self.temperature
+        band = 5.0 * temperature
         for name, s, t in (("pos", s_pos, t_pos), ("neg", s_neg, t_neg)):
             s, t = s.detach(), t.to(s.dtype)
             out[f"pairs_{name}"] = float(s.numel())
@@ -200,14 +290,19 @@ class EKDLoss(Distiller):
                 continue
             near = (s[:, None] - s_anchor[None, :]).abs() < band  # [pairs, anchors]
             out[f"active_{name}"] = float(near.any(1).float().mean())
-            step_s = clamped_sigmoid(s[:, None] - s_anchor[None, :], self.temperature, self.clamp)
-            step_t = clamped_sigmoid(t[:, None] - t_anchor[None, :], self.temperature, self.clamp)
+            step_s = clamped_sigmoid(s[:, None] - s_anchor[None, :], temperature, self.clamp)
+            step_t = clamped_sigmoid(t[:, None] - t_anchor[None, :], temperature, self.clamp)
             for k, f in enumerate(self.fprs):
                 out[f"mse_{name}@{_fpr(f)}"] = float(((step_s[:, k] - step_t[:, k]) ** 2).mean())
         for k, f in enumerate(self.fprs):
             out[f"anchor_student@{_fpr(f)}"] = float(s_anchor[k])
             out[f"anchor_teacher@{_fpr(f)}"] = float(t_anchor[k])
         return out
+
+
+def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"distill ekd: {key} must be one of {', '.join(valid)}, got {value!r}")
 
 
 def _fpr(f: float) -> str:
