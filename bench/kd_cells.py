@@ -215,7 +215,8 @@ def run_all(table, jobs: int, budget_s: float | None = None) -> float:  # noqa: 
             table.write_cell(d, spec)
             env = {**os.environ, "OMP_NUM_THREADS": str(table.profile.threads)}
             with open(d / "log.txt", "a") as log:  # the child keeps its own handle
-                proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("kd_table.py")),
+                runner = getattr(table, "runner", Path(__file__).with_name("kd_table.py"))
+                proc = subprocess.Popen([sys.executable, str(runner),
                                          "--run-cell", str(d)], stdout=log, stderr=subprocess.STDOUT,
                                         env=env, cwd=REPO)
             running[str(d)] = (proc, name, time.perf_counter())

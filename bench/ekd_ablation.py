@@ -1,0 +1,295 @@
+"""EKD ablation on a validation split of the training identities (never on LFW/CFP).
+
+Split: the identity folders of ``faces/train`` sorted by name, permuted with
+``numpy.random.default_rng(SPLIT_SEED)``; the first ``VAL_SHARE`` (10%, rounded) are the
+validation identities, the rest train. The split is materialised as two folders of symlinks in
+the cache (``<cache>/ablation/{train,val}/<identity>``), and the shared teacher's embeddings of the
+training part are imported into ``<cache>/ablation/teacher_t2``.
+
+Cells: the half-width MobileFaceNet (``model.width: 0.5``, the student the target is set for)
+with the cpu2 schedule (``bench/kd_profiles.py``: size, epochs, batch, CosFace, SGD) and T2, one
+per (row, seed), rows = :data:`ROWS` (no KD, EKD (authors), EKD (ours), and EKD (ours) with one
+variant of ``distill/ekd.py`` each; ``docs/methods.md``, "EKD variants"). A cell trains on the
+train part and is scored on the validation part: all pairs over every image of the validation
+identities, TPR at FPR 1e-3 / 1e-4 / 1e-5 and AUC; the teacher is scored the same way from its
+stored embeddings. Each finished cell writes ``bench/results/ekd_ablation/<profile>/<name>.json``
+(committed; reruns skip it); :func:`report` writes ``docs/results/ekd_ablation.md`` from those
+files alone.
+
+    python bench/ekd_ablation.py [--seeds 2] [--rows ...] [--budget S] [--jobs 2]
+    python bench/ekd_ablation.py --smoke        # 2 steps per cell: the path
+    python bench/ekd_ablation.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kd_cells import CellStore, environment, git, run_all, timed  # noqa: E402
+from kd_profiles import CPU2, EKD_OURS, Cell, Profile  # noqa: E402
+from kd_table import REPO, Table, smoke  # noqa: E402
+
+SPLIT_SEED = 20221  # fixed: the split never changes between machines or sessions
+VAL_SHARE = 0.10
+FPRS = (1e-3, 1e-4, 1e-5)
+RESULTS = REPO / "bench" / "results" / "ekd_ablation"
+WIDTH = 0.5
+
+
+def _ours(**params: object) -> list[dict]:
+    return [{**EKD_OURS, "params": {**EKD_OURS["params"], **params}}]
+
+
+#: row name -> distill section (None = no KD). Every variant is EKD (ours) plus one option.
+ROWS: dict[str, list[dict] | None] = {
+    "no KD": None,
+    "EKD (authors)": [{"name": "ekd", "weight": 1.0, "params": {}}],
+    "EKD (ours)": _ours(),
+    "ours + weight x4": [{**EKD_OURS, "weight": 4.0}],
+    "ours + spread T": _ours(temperature_mode="spread", temperature_scale=0.1),
+    "ours + teacher anchors": _ours(anchor_source="teacher"),
+    "ours + teacher negatives": _ours(hard_negatives="teacher"),
+    "ours + memory pairs": _ours(memory_pairs=True),
+    "ours + focus 1e-4": _ours(focus_fpr=1e-4, focus_width=0.05),
+    "ours + active mean": _ours(reduction="active"),
+}
+
+
+def split_identities(train_root: Path) -> tuple[list[str], list[str]]:
+    """(train, validation) identity folder names (see the module docstring)."""
+    ids = sorted(d.name for d in train_root.iterdir() if d.is_dir())
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(ids))
+    n_val = int(round(VAL_SHARE * len(ids)))
+    val = sorted(ids[i] for i in order[:n_val])
+    return sorted(set(ids) - set(val)), val
+
+
+class Ablation(Table):
+    """The ablation cells as a table for :func:`kd_cells.run_all` (keys: (row, seed))."""
+
+    runner = Path(__file__)
+
+    def __init__(self, profile: Profile, faces: Path, cache: Path, results: Path, rows: list[str],
+                 seeds: int) -> None:
+        super().__init__(dataclasses.replace(profile, name=f"ablation-{profile.name}", students=(WIDTH,)),
+                         faces, cache, results)
+        self.split = self.cache / "ablation"
+        self.rows, self.seeds = rows, seeds
+
+    # -- configs ------------------------------------------------------------------------
+    def config_tree(self, cell: Cell) -> dict:
+        base = "no KD" if ROWS[cell.method] is None else "EKD (authors)"  # teacher section of a KD row
+        tree = super().config_tree(dataclasses.replace(cell, method=base))
+        tree["data"]["root"] = str(self.split / "train")
+        if tree["teacher"].get("kind") == "cache":
+            tree["teacher"]["path"] = str(self.split / "teacher_t2")
+        tree["distill"] = json.loads(json.dumps(ROWS[cell.method] or []))
+        return tree
+
+    def plan(self) -> list[Cell]:  # type: ignore[override]
+        return [Cell("T2", row, seed, WIDTH) for seed in range(self.seeds) for row in self.rows]
+
+    def result(self, cell: Cell) -> dict | None:
+        return self.store.load(self.cell_name(cell))
+
+    def pending(self) -> list[tuple[str, Path, dict]]:
+        jobs = []
+        for cell in self.plan():
+            name = self.cell_name(cell)
+            if self.store.load(name) is None:
+                meta = {"teacher": "T2", "method": cell.method, "seed": cell.seed, "width": WIDTH}
+                jobs.append((name, self.cell_dir(cell), self.spec(name, self.config_tree(cell), meta)))
+        return jobs
+
+    # -- preparation ----------------------------------------------------------------------
+    def prepare(self) -> None:
+        """The split folders, the teacher cache of the train part, the teacher's record."""
+        from ekd.data import ImageFolderDataset
+        from ekd.engine.teacher_cache import import_npz
+
+        train_ids, val_ids = split_identities(self.faces / "train")
+        for part, ids in (("train", train_ids), ("val", val_ids)):
+            folder = self.split / part
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in ids:
+                link = folder / i
+                if not link.exists():
+                    os.symlink(self.faces / "train" / i, link, target_is_directory=True)
+        if not (self.split / "teacher_t2" / "manifest.json").is_file():
+            dataset = ImageFolderDataset(self.split / "train", input_size=self.profile.input_size)
+            import_npz(self.faces / "teacher_dlib_r29" / "train.npz", dataset, self.split / "teacher_t2")
+        if self.store.load("T2-teacher") is None:
+            t0 = time.perf_counter()
+            metrics = score(teacher_val_embeddings(self.faces, self.split / "val"), self.split / "val")
+            self.store.write("T2-teacher", {"method": "teacher", "name": "T2-teacher", "metrics": metrics,
+                                            "eval_seconds": time.perf_counter() - t0,
+                                            "split": split_record(self.faces), "git_commit": git("rev-parse", "HEAD"),
+                                            "environment": environment()}, None)
+
+
+def split_record(faces: Path) -> dict:
+    train_ids, val_ids = split_identities(faces / "train")
+    return {"seed": SPLIT_SEED, "val_share": VAL_SHARE, "train_identities": len(train_ids),
+            "val_identities": len(val_ids), "val_first": val_ids[:5]}
+
+
+def val_images(val_root: Path) -> tuple[list[str], np.ndarray]:
+    """Every image of the validation identities (relative ``<identity>/<file>``) and labels."""
+    from ekd.data import ImageFolderDataset
+
+    ds = ImageFolderDataset(val_root, train=False)
+    rels = [os.path.relpath(p, val_root).replace(os.sep, "/") for p, _ in ds.samples]
+    return rels, np.asarray(ds.labels)
+
+
+def score(emb: np.ndarray, val_root: Path) -> dict:
+    """All-pairs AUC and TPR at FPR over the validation identities from unit embeddings."""
+    from ekd.eval.metrics import roc_auc, tpr_at_fpr
+    from ekd.eval.protocols import all_pairs_scores
+
+    _, labels = val_images(val_root)
+    scores, same = all_pairs_scores(emb, labels)
+    out = {f"val_tpr@{f:.0e}".replace("e-0", "e-"): v for f, v in tpr_at_fpr(scores, same, FPRS).items()}
+    out.update({"val_auc": float(roc_auc(scores, same)), "val_pairs": int(scores.size),
+                "val_images": int(len(labels))})
+    return out
+
+
+def teacher_val_embeddings(faces: Path, val_root: Path) -> np.ndarray:
+    from ekd.eval.metrics import l2_normalize
+
+    data = np.load(faces / "teacher_dlib_r29" / "train.npz")
+    row = {str(p): i for i, p in enumerate(data["paths"])}
+    rels, _ = val_images(val_root)
+    idx = np.array([row[r] for r in rels])
+    return l2_normalize(data["emb"][idx] + data["emb_flip"][idx]).astype(np.float32)
+
+
+def run_cell(cell_dir: Path) -> None:
+    """Train one cell (resuming), score it on the validation identities, commit its JSON."""
+    import torch
+
+    from ekd.config import Config, from_dict, validate
+    from ekd.engine.teacher import load_model
+    from ekd.engine.trainer import train
+    from ekd.eval.embed import embed_dataset
+    from ekd.data import ListDataset
+
+    spec = json.loads((cell_dir / "cell.json").read_text())
+    torch.set_num_threads(int(spec["threads"]))
+    tree = json.loads(json.dumps(spec["config"]))
+    tree["train"].update({"output_dir": str(cell_dir / "run"), "resume": "auto"})
+    cfg = from_dict(Config, tree)
+    validate(cfg)
+    trained, train_s = timed(cell_dir / "train_clock.json", lambda: train(cfg))
+    if trained.interrupted:
+        raise SystemExit(f"{cell_dir}: interrupted; rerun to resume")
+    val_root = Path(spec["cache"]) / "ablation" / "val"
+    rels, _ = val_images(val_root)
+    t0 = time.perf_counter()
+    model = load_model(trained.model_path).model.eval()
+    emb = embed_dataset(model, ListDataset([str(val_root / r) for r in rels], spec["input_size"]), 256,
+                        spec.get("eval_device", "cpu"))
+    metrics = score(emb, val_root)
+    record = {**spec["meta"], "name": spec["name"], "hash": spec["hash"], "profile": spec["profile"],
+              "config": spec["portable_config"], "metrics": metrics, "train_seconds": train_s,
+              "eval_seconds": time.perf_counter() - t0, "final_terms": trained.final_terms,
+              "git_commit": git("rev-parse", "HEAD"), "environment": environment()}
+    CellStore(Path(spec["results"])).write(spec["name"], record, None)
+
+
+def report(table: Ablation, out: Path) -> Path:
+    """``ekd_ablation.md`` from the committed cells: one row per variant, mean ± std over seeds,
+    gap closed (teacher - no KD) at 1e-3 / 1e-4 on the validation split."""
+    teacher = table.store.load("T2-teacher")
+    rows = {r: [x for s in range(table.seeds) if (x := table.result(Cell("T2", r, s, WIDTH)))]
+            for r in table.rows}
+    keys = ("val_tpr@1e-3", "val_tpr@1e-4", "val_tpr@1e-5", "val_auc")
+
+    def mean(rs: list[dict], k: str) -> float | None:
+        vals = [r["metrics"][k] for r in rs if r["metrics"].get(k) is not None]
+        return statistics.mean(vals) if vals else None
+
+    base = rows.get("no KD") or []
+    lines = ["# EKD ablation on a validation split of the training identities", "",
+             f"Half-width MobileFaceNet, T2, the `{table.profile.name.removeprefix('ablation-')}` schedule "
+             f"({table.profile.input_size} px, {table.profile.epochs} epochs); split seed {SPLIT_SEED}, "
+             f"{VAL_SHARE:.0%} of the identities held out (`bench/ekd_ablation.py`). All pairs over every "
+             "validation image; nothing here looks at LFW or CFP.", ""]
+    if teacher:
+        m = teacher["metrics"]
+        lines.append(f"Teacher (T2) on the validation split: TPR@1e-3 {m['val_tpr@1e-3']:.4f}, "
+                     f"TPR@1e-4 {m['val_tpr@1e-4']:.4f}, AUC {m['val_auc']:.4f}; "
+                     f"{m['val_images']} images, {m['val_pairs']:,} pairs.")
+        lines.append("")
+    lines += ["| row | seeds | TPR@1e-3 | TPR@1e-4 | TPR@1e-5 | AUC | gap closed @1e-3 | gap closed @1e-4 | minutes/cell |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r, rs in rows.items():
+        if not rs:
+            lines.append(f"| {r} | 0 | (not run) | | | | | | |")
+            continue
+        cells = []
+        for k in keys:
+            vals = [x["metrics"][k] for x in rs if x["metrics"].get(k) is not None]
+            sd = f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""
+            cells.append(f"{statistics.mean(vals):.4f}{sd}" if vals else "n/a")
+        gaps = []
+        for k in keys[:2]:
+            t, b, v = teacher["metrics"][k] if teacher else None, mean(base, k), mean(rs, k)
+            gaps.append(f"{(v - b) / (t - b):+.0%}" if None not in (t, b, v) and t != b else "n/a")
+        minutes = statistics.mean(x["train_seconds"] + x["eval_seconds"] for x in rs) / 60
+        lines.append(f"| {r} | {len(rs)} | " + " | ".join(cells + gaps) + f" | {minutes:.0f} |")
+    compute = sum(x["train_seconds"] + x["eval_seconds"] for rs in rows.values() for x in rs)
+    done = sum(len(rs) for rs in rows.values())
+    lines += ["", f"{done} of {len(table.plan())} cells committed; {compute / 3600:.2f} h of cell time.", ""]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ekd_ablation.md").write_text("\n".join(lines))
+    return out / "ekd_ablation.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "data" / "faces")
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get(
+        "EKD_KD_TABLE_CACHE", Path.home() / ".cache" / "ekd" / "kd_table")))
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--budget", type=float, default=None, help="seconds (see kd_table.py)")
+    ap.add_argument("--smoke", action="store_true", help="2 steps per cell, results in the cache")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--run-cell", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.run_cell:
+        run_cell(args.run_cell)
+        return 0
+    profile = CPU2
+    if args.smoke:
+        profile, args.seeds = smoke(CPU2), 1
+        args.results, args.out = args.cache / "smoke-results", args.cache / "smoke-report"
+    table = Ablation(profile, args.faces, args.cache, args.results, args.rows, args.seeds)
+    if not args.report_only:
+        if not (args.faces / "teacher_dlib_r29").is_dir():
+            print(f"real faces not found at {args.faces} (see --faces): nothing to run")
+            return 0
+        table.prepare()
+        run_all(table, args.jobs, args.budget)
+    print(f"report written to {report(table, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
