@@ -95,6 +95,10 @@ class Ablation(Table):
         if tree["teacher"].get("kind") == "cache":
             tree["teacher"]["path"] = str(self.split / "teacher_t2")
         tree["distill"] = json.loads(json.dumps(ROWS[cell.method] or []))
+        # validation at every epoch end, so `ekd diagnose` sets EKD's anchors next to the
+        # thresholds of the student's evaluation (the cell's score is computed after training)
+        tree["val"] = {"sets": [{"path": str(self.split / "val"), "name": "val", "kind": "folder"}],
+                       "max_per_identity": None, "resize": True}
         return tree
 
     def plan(self) -> list[Cell]:  # type: ignore[override]
