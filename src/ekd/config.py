@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ekd.config_types import _valid_keys, from_dict, to_dict  # noqa: F401  (re-exported)
+from ekd.config_types import ValSetConfig, _valid_keys, from_dict, to_dict  # noqa: F401  (re-exported)
 from ekd.errors import ConfigError
 
 
@@ -159,17 +159,6 @@ class EvalConfig:
     folder: str | None = None  # all pairs over an identity folder
     max_per_identity: int | None = 10
     batch_size: int = 128
-
-
-@dataclass
-class ValSetConfig:
-    """One validation set; ``val.sets`` entries are these mappings or a bare path string."""
-
-    path: str = ""
-    name: str | None = None  # metric prefix; default: the file or folder name without suffix
-    kind: str | None = None  # "bin" | "pairs" | "folder"; default: .bin file, folder, else pair list
-    root: str | None = None  # pairs: folder of the list's relative paths (default: the list's)
-    color: str = "rgb"  # bin: channel order fed to the model ("rgb" | "bgr")
 
 
 @dataclass

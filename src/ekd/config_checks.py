@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ekd.config_types import ValSetConfig
 from ekd.errors import ConfigError
 
-if TYPE_CHECKING:
-    from ekd.config import Config, ValConfig, ValSetConfig
+# ``cfg`` below is an :class:`ekd.config.Config` (typed ``Any``: this module is imported by
+# ekd.config and must not import it back).
+Config = ValConfig = Any
 
 #: Distillers whose loss needs positive pairs (same identity) in every batch.
 NEEDS_POSITIVE_PAIRS = ("ekd", "triplet_distill")
@@ -159,7 +161,6 @@ def val_metric_names(fprs: list[float]) -> list[str]:
 def val_sets(val: ValConfig) -> list[ValSetConfig]:
     """``val.sets`` as :class:`~ekd.config.ValSetConfig` (a bare string is the path), names
     defaulted to the path's stem; malformed entries are errors naming ``val.sets[i]``."""
-    from ekd.config import ValSetConfig
     from ekd.config_types import from_dict
 
     out = []

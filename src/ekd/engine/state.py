@@ -13,7 +13,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,8 +23,25 @@ from ekd.engine import distributed as D
 from ekd.engine.checkpoint import FORMAT, VERSION, load_file, load_state_strict, save_atomic
 from ekd.errors import CheckpointError
 
-if TYPE_CHECKING:
-    from ekd.engine.trainer import Trainer
+
+
+class Trainer(Protocol):
+    """What a checkpoint reads from and restores into (:class:`ekd.engine.trainer.Trainer`; a
+    protocol here, so this module does not import the trainer that imports it)."""
+
+    cfg: Any
+    dist: D.DistInfo
+    device: torch.device
+    dataset: Any
+    student: torch.nn.Module
+    head: Any
+    partial_fc: bool
+    distillers: torch.nn.ModuleList
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    state: "TrainState"
+    run_dir: Path
 
 
 @dataclass

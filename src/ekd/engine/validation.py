@@ -38,8 +38,7 @@ from ekd.eval.metrics import max_false_positives
 from ekd.eval.protocols import read_pair_list
 
 if TYPE_CHECKING:
-    from ekd.engine.state import MetricsLog, TrainState
-    from ekd.engine.trainer import Trainer
+    from ekd.engine.state import MetricsLog, TrainState, Trainer
 
 log = logging.getLogger("ekd.val")
 BEST_NAME = "best.pt"
