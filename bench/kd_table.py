@@ -235,6 +235,26 @@ class Table:
                 written.append(name)
         return written
 
+    def adopt_convergence(self) -> list[str]:
+        """Commit the convergence sweep's no-KD cells at this profile's size and epochs as this
+        table's no-KD cells (same config, same hash: ``kd_convergence.py``); returns the names."""
+        sweep = CellStore(self.store.root.parent / "convergence")
+        written = []
+        for cell in self.plan():
+            name = self.cell_name(cell)
+            if cell.method != "no KD" or self.store.load(name) is not None:
+                continue
+            source = f"{self.profile.input_size}px-{self.profile.epochs}ep-{name}"
+            record = sweep.load(source)
+            if record is None or record.get("hash") != name.rsplit("-", 1)[1]:
+                continue
+            boot = sweep.root / f"{source}.boot.json"
+            self.store.write(name, {**record, "name": name, "profile": self.profile.name,
+                                    "adopted_from": f"convergence/{source}"},
+                             json.loads(boot.read_text()) if boot.is_file() else None)
+            written.append(name)
+        return written
+
     def write_cell(self, cell_dir: Path, spec: dict) -> None:
         cell_dir.mkdir(parents=True, exist_ok=True)
         (cell_dir / "cell.json").write_text(json.dumps(spec, indent=1))
@@ -280,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         table.prepare()
         for name in table.commit_cached():
             print(f"committed {name} from the cache (no bootstrap samples)")
+        for name in table.adopt_convergence():
+            print(f"committed {name} from the convergence sweep")
         if args.only is not None or args.match:
             table = LimitedTable(table, args.only, args.match)
         wall = run_all(table, args.jobs or profile.jobs, args.budget)

@@ -192,3 +192,21 @@ def test_cell_training_time_adds_up_over_interrupted_invocations(tmp_path):
     result, total = kd_cells.timed(clock, lambda: time.sleep(0.1) or "trained")
     assert result == "trained"
     assert total >= first + 0.1 and json.loads(clock.read_text())["seconds"] == pytest.approx(total, abs=0.01)
+
+
+def test_convergence_cells_become_the_no_kd_cells(tmp_path):
+    import kd_cells
+
+    table = _table(tmp_path)
+    sweep = C.Sweep(tmp_path / "faces", tmp_path / "cache", tmp_path / "results",
+                    (K.CPU2.input_size,), K.CPU2.epochs, 1)
+    key = (K.CPU2.input_size, K.CPU2.epochs, 0)
+    name = table.cell_name(K.Cell("T2", "no KD", 0))
+    kd_cells.CellStore(tmp_path / "results" / "convergence").write(
+        sweep.name(key), {"hash": name.rsplit("-", 1)[1], "metrics": {"lfw_acc": 0.8}}, {"seed": 0})
+    assert table.adopt_convergence() == [name]
+    got = table.result(K.Cell("T2", "no KD", 0))
+    assert got["metrics"]["lfw_acc"] == 0.8 and got["adopted_from"] == f"convergence/{sweep.name(key)}"
+    assert (table.store.root / f"{name}.boot.json").is_file()
+    assert table.adopt_convergence() == []  # once
+    assert name not in [j[0] for j in table.pending()]
