@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("diagnose", help="what the loss terms of a run did (gradient shares, EKD anchors)")
+    p = sub.add_parser("diagnose", help="gradient shares and EKD anchors of a run, in words")
     p.add_argument("run_dir", help="a training run directory (holds metrics.jsonl)")
     p.add_argument("--out", help="folder for the plots (default: RUN_DIR/diagnose)")
     p.add_argument("--no-plots", action="store_true", help="print the summary only")
