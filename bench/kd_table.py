@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", type=int, default=None, help="run at most this many pending cells")
     ap.add_argument("--match", default="", help="run only pending cells whose name contains this")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report")
+    ap.add_argument("--reproduce", metavar="NAME",
+                    help="retrain a committed cell from scratch and compare its metrics")
     ap.add_argument("--run-cell", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.run_cell:
@@ -292,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:  # never next to the committed results
         args.results, args.out = args.cache / "smoke-results", args.cache / "smoke-report"
     table = Table(profile, args.faces, args.cache, args.results)
+    if args.reproduce:
+        print(json.dumps(reproduce(table, args.reproduce), indent=1))
+        return 0
     wall = 0.0
     if not args.report_only:
         if not (args.faces / "teacher_dlib_r29").is_dir():
@@ -310,6 +315,39 @@ def main(argv: list[str] | None = None) -> int:
     out = write_report(table, args.out, wall, ["python", *sys.argv])
     print(f"report written to {out}")
     return 0
+
+
+def reproduce(table: Table, name: str) -> dict:
+    """Retrain committed cell ``name`` from scratch (its own cache folder, its own results
+    store) and write ``<results>/<profile>/reproduced/<name>.json``: both metric sets and the
+    largest absolute difference."""
+    import shutil
+
+    committed = table.store.load(name)
+    if committed is None:
+        raise SystemExit(f"{name}: not a committed cell of profile {table.profile.name}")
+    cell = Cell(committed["teacher"], committed["method"], committed["seed"], committed.get("width", 1.0))
+    if table.cell_name(cell) != name:
+        raise SystemExit(f"{name}: this code gives the cell the name {table.cell_name(cell)}; "
+                         "its config changed since it was committed")
+    table.prepare()
+    scratch = table.cache / "reproduce" / name
+    shutil.rmtree(scratch, ignore_errors=True)
+    meta = {k: committed[k] for k in ("teacher", "method", "seed", "width")}
+    spec = table.spec(name, table.config_tree(cell), meta)
+    spec["results"] = str(scratch / "results")
+    table.write_cell(scratch, spec)
+    run_cell(scratch)
+    again = CellStore(scratch / "results").load(name)
+    keys = [k for k, v in committed["metrics"].items() if isinstance(v, (int, float))]
+    diff = {k: abs(again["metrics"][k] - committed["metrics"][k]) for k in keys
+            if isinstance(again["metrics"].get(k), (int, float))}
+    out = {"name": name, "committed": {k: committed["metrics"][k] for k in keys},
+           "rerun": {k: again["metrics"][k] for k in keys}, "abs_diff": diff,
+           "max_abs_diff": max(diff.values(), default=0.0), "rerun_train_seconds": again["train_seconds"],
+           "git_commit": again["git_commit"], "environment": again["environment"]}
+    CellStore(table.store.root / "reproduced").write(name, out, None)
+    return out
 
 
 class LimitedTable:
