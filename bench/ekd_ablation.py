@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kd_cells import CellStore, environment, git, run_all, timed  # noqa: E402
+from kd_cells import CellStore, common_arguments, environment, git, run_and_report, train_cell  # noqa: E402
 from kd_profiles import CPU2, EKD_OURS, Cell, Profile  # noqa: E402
 from kd_table import REPO, Table, smoke  # noqa: E402
 
@@ -182,23 +182,11 @@ def teacher_val_embeddings(faces: Path, val_root: Path) -> np.ndarray:
 
 def run_cell(cell_dir: Path) -> None:
     """Train one cell (resuming), score it on the validation identities, commit its JSON."""
-    import torch
-
-    from ekd.config import Config, from_dict, validate
-    from ekd.engine.teacher import load_model
-    from ekd.engine.trainer import train
-    from ekd.eval.embed import embed_dataset
     from ekd.data import ListDataset
+    from ekd.engine.teacher import load_model
+    from ekd.eval.embed import embed_dataset
 
-    spec = json.loads((cell_dir / "cell.json").read_text())
-    torch.set_num_threads(int(spec["threads"]))
-    tree = json.loads(json.dumps(spec["config"]))
-    tree["train"].update({"output_dir": str(cell_dir / "run"), "resume": "auto"})
-    cfg = from_dict(Config, tree)
-    validate(cfg)
-    trained, train_s = timed(cell_dir / "train_clock.json", lambda: train(cfg))
-    if trained.interrupted:
-        raise SystemExit(f"{cell_dir}: interrupted; rerun to resume")
+    spec, trained, train_s = train_cell(cell_dir)
     val_root = Path(spec["cache"]) / "ablation" / "val"
     rels, _ = val_images(val_root)
     t0 = time.perf_counter()
@@ -264,17 +252,10 @@ def report(table: Ablation, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "data" / "faces")
-    ap.add_argument("--cache", type=Path, default=Path(os.environ.get(
-        "EKD_KD_TABLE_CACHE", Path.home() / ".cache" / "ekd" / "kd_table")))
-    ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    common_arguments(ap, RESULTS)
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--budget", type=float, default=None, help="seconds (see kd_table.py)")
     ap.add_argument("--smoke", action="store_true", help="2 steps per cell, results in the cache")
-    ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--run-cell", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.run_cell:
@@ -285,15 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         profile, args.seeds = smoke(CPU2), 1
         args.results, args.out = args.cache / "smoke-results", args.cache / "smoke-report"
     table = Ablation(profile, args.faces, args.cache, args.results, args.rows, args.seeds)
-    if not args.report_only:
-        if not (args.faces / "teacher_dlib_r29").is_dir():
-            print(f"real faces not found at {args.faces} (see --faces): nothing to run")
-            return 0
-        table.prepare()
-        run_all(table, args.jobs, args.budget)
-    print(f"report written to {report(table, args.out)}")
-    return 0
-
+    return run_and_report(table, args.faces, args.jobs, args.budget, args.report_only,
+                          lambda: report(table, args.out))
 
 if __name__ == "__main__":
     sys.exit(main())

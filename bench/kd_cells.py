@@ -151,16 +151,13 @@ def timed(clock: Path, work):  # noqa: ANN001, ANN201
     return result, prior + time.perf_counter() - start
 
 
-def run_cell(cell_dir: Path) -> None:
-    """Train (resuming a half-done run), evaluate, bootstrap one cell; writes the committed files
-    and ``result.json`` in the cache. ``train_seconds`` sums every invocation of the cell (the
-    cache's ``train_clock.json`` carries the time of interrupted ones)."""
+def train_cell(cell_dir: Path) -> tuple[dict, object, float]:
+    """Train the cell of ``cell_dir/cell.json`` (resuming a half-done run): its spec, the
+    :class:`ekd.engine.trainer.TrainResult` and the training seconds of all invocations."""
     import torch
 
     from ekd.config import Config, from_dict, validate
-    from ekd.engine.teacher import load_model
     from ekd.engine.trainer import train
-    from kd_table_eval import embed_student, load_eval_images, load_protocols, metrics_from_embeddings
 
     spec = json.loads((cell_dir / "cell.json").read_text())
     torch.set_num_threads(int(spec["threads"]))
@@ -171,6 +168,44 @@ def run_cell(cell_dir: Path) -> None:
     trained, train_s = timed(cell_dir / "train_clock.json", lambda: train(cfg))
     if trained.interrupted:
         raise SystemExit(f"{cell_dir}: interrupted; rerun to resume")
+    return spec, trained, train_s
+
+
+def common_arguments(ap, results: Path) -> None:  # noqa: ANN001 - an argparse.ArgumentParser
+    """``--faces --cache --results --out --jobs --budget --report-only`` of the bench commands."""
+    ap.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "data" / "faces")
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get(
+        "EKD_KD_TABLE_CACHE", Path.home() / ".cache" / "ekd" / "kd_table")))
+    ap.add_argument("--results", type=Path, default=results, help="committed per-cell results")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds: start no cell after it, interrupt running ones at it (they resume)")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite the report")
+
+
+def run_and_report(table, faces: Path, jobs: int, budget: float | None, report_only: bool,  # noqa: ANN001
+                   write_report) -> int:  # noqa: ANN001
+    """The tail of every bench command: prepare and run the pending cells (unless
+    ``report_only``; nothing without the real faces), then ``write_report()``."""
+    if not report_only:
+        if not (faces / "teacher_dlib_r29").is_dir():
+            print(f"real faces not found at {faces} (see --faces): nothing to run")
+            return 0
+        table.prepare()
+        run_all(table, jobs, budget)
+    print(f"report written to {write_report()}")
+    return 0
+
+
+def run_cell(cell_dir: Path) -> None:
+    """Train (resuming a half-done run), evaluate, bootstrap one cell; writes the committed files
+    and ``result.json`` in the cache. ``train_seconds`` sums every invocation of the cell (the
+    cache's ``train_clock.json`` carries the time of interrupted ones)."""
+    from ekd.engine.teacher import load_model
+    from kd_table_eval import embed_student, load_eval_images, load_protocols, metrics_from_embeddings
+
+    spec, trained, train_s = train_cell(cell_dir)
     faces, cache = Path(spec["faces"]), Path(spec["cache"])
     protocols = load_protocols(faces)
     paths, images = load_eval_images(protocols, spec["input_size"], cache)

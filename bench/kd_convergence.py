@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from itertools import combinations
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kd_cells import RESULTS, run_all  # noqa: E402
+from kd_cells import RESULTS, common_arguments, run_and_report  # noqa: E402
 from kd_profiles import CPU2, Cell  # noqa: E402
 from kd_table import REPO, Table, smoke  # noqa: E402
 
@@ -149,18 +148,11 @@ def report(sweep: Sweep, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "data" / "faces")
-    ap.add_argument("--cache", type=Path, default=Path(os.environ.get(
-        "EKD_KD_TABLE_CACHE", Path.home() / ".cache" / "ekd" / "kd_table")))
-    ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    common_arguments(ap, RESULTS)
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     ap.add_argument("--epochs", type=int, default=EPOCHS, help="E (E and 2E are run)")
     ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--budget", type=float, default=None, help="seconds (see kd_table.py)")
     ap.add_argument("--smoke", action="store_true", help="one 32 px cell of 2 steps, results in the cache")
-    ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     base = CPU2
     if args.smoke:
@@ -169,15 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep = Sweep(args.faces, args.cache, args.results, tuple(args.sizes), args.epochs, args.seeds, base)
     if args.smoke:  # only E (not 2E): one cell proves the path
         sweep.tables = {k: v for k, v in sweep.tables.items() if k[1] == 1}
-    if not args.report_only:
-        if not (args.faces / "teacher_dlib_r29").is_dir():
-            print(f"real faces not found at {args.faces} (see --faces): nothing to run")
-            return 0
-        sweep.prepare()
-        run_all(sweep, args.jobs, args.budget)
-    print(f"report written to {report(sweep, args.out)}")
-    return 0
-
+    return run_and_report(sweep, args.faces, args.jobs, args.budget, args.report_only,
+                          lambda: report(sweep, args.out))
 
 if __name__ == "__main__":
     sys.exit(main())
