@@ -175,7 +175,7 @@ def check_anchors(steps: list[dict], vals: list[dict], dx: Diagnosis) -> None:
             dx.warnings.append(f"{name}: the anchors at FPR {', '.join(too_deep)} need at least "
                                f"{1 / float(too_deep[0]):.0f} negatives but the thresholds come from "
                                f"{negatives:.0f}: they sit at the batch's hardest negatives, not at those "
-                               "FPRs (memory_size adds negatives from earlier batches)")
+                               "FPRs (memory_size, or a larger one, adds negatives from earlier batches)")
         for who in ("student", "teacher"):
             values = [last.get(f"{name}/anchor_{who}@{f}") for f in fprs]
             same = [f for f, a, b in zip(fprs[1:], values[1:], values[:-1])
