@@ -28,6 +28,14 @@ DIM, CLASSES, BATCH, STEPS, SCALE, RANDOM = 8, 7, 12, 2, 16.0, 4
 #: multi-process form.
 PARAMS: dict[str, dict] = {"adadistill": {"scale": 16.0}, "margin_distill": {"scale": 16.0},
                            "gkd": {"logits": "teacher_centers", "scale": 16.0}}
+#: Option sets of a method run as extra entries ``method[label]`` (its variants touch the
+#: global batch differently: memory pairs, teacher-ranked negatives, spread temperature).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "ekd[variants]": ("ekd", {"memory_size": 16, "memory_pairs": True, "hard_negatives": "teacher",
+                              "temperature_mode": "spread", "anchor_source": "teacher",
+                              "focus_fpr": 0.1, "reduction": "active", "bias_correction": True}),
+}
+NAMES = sorted(DISTILLERS) + sorted(VARIANTS)
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,10 +54,11 @@ def teacher_centers() -> torch.Tensor:
 
 
 def build(name: str, shard) -> torch.nn.Module:
-    accepted = distiller_params(name)
+    method, extra = VARIANTS.get(name, (name, {}))
+    accepted = distiller_params(method)
     auto = {"num_classes": CLASSES, "student_dim": DIM, "teacher_dim": DIM, "class_shard": shard}
     params = {k: v for k, v in auto.items() if k in accepted and v is not None}
-    return build_distiller(name, **params, **PARAMS.get(name, {}))
+    return build_distiller(method, **params, **PARAMS.get(method, {}), **extra)
 
 
 def run(rank: int, world: int, names: list[str]) -> dict:
@@ -110,7 +119,7 @@ def run(rank: int, world: int, names: list[str]) -> dict:
 def _rank_main(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    torch.save(run(rank, world, sorted(DISTILLERS)), f"{out}.{rank}")
+    torch.save(run(rank, world, NAMES), f"{out}.{rank}")
     dist.destroy_process_group()
 
 

@@ -29,7 +29,7 @@ def results(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
     torch.set_num_threads(1)
-    single = W.run(0, 1, sorted(DISTILLERS))
+    single = W.run(0, 1, W.NAMES)
     return single, ranks
 
 
@@ -37,7 +37,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("name", sorted(DISTILLERS))
+@pytest.mark.parametrize("name", W.NAMES)
 def test_two_processes_equal_one_process_on_the_global_batch(results, name):
     single, ranks = results
     ref = single[name]
