@@ -280,7 +280,8 @@ class EKDLoss(Distiller):
                 s_anchor: torch.Tensor, t_anchor: torch.Tensor, temperature: float) -> dict[str, float]:
         """Anchors per FPR, the share of the distilled pairs whose student similarity lies in a
         sigmoid's active band (``|sim - anchor| < 5T``, where its slope is > 1% of the peak), and
-        the per-anchor squared difference of the student's and teacher's sigmoid steps."""
+        the per-anchor squared difference of the student's and teacher's sigmoid steps (both at
+        the student's T: with ``temperature_mode: spread`` the teacher's own T differs)."""
         out: dict[str, float] = {}
         band = 5.0 * temperature
         for name, s, t in (("pos", s_pos, t_pos), ("neg", s_neg, t_neg)):
