@@ -223,6 +223,7 @@ class Trainer:
         set_recording(self.distillers, diagnose)
         terms = self.compute_terms(images, labels, indices, flipped)
         set_recording(self.distillers, False)
+        embedding, self._embedding = self._embedding, None  # not kept (with its graph) past the step
         total = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         bad = [k for k, v in terms.items() if not torch.isfinite(v)]
@@ -230,7 +231,7 @@ class Trainer:
             self._skip_step(bad, terms)
             return None
         if diagnose:
-            self.diagnostics = {**term_gradient_norms(terms, self._embedding, self.dist),
+            self.diagnostics = {**term_gradient_norms(terms, embedding, self.dist),
                                 **distiller_diagnostics(self.distillers)}
         self.scaler.scale(total).backward()
         self._sync_small_grads()
