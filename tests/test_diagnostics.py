@@ -147,3 +147,13 @@ def test_diagnose_command_prints_the_summary_and_writes_plots(tmp_path, teacher,
     assert "| ekd_pos |" in out and "student val threshold" in out and "What looks wrong:" in out
     assert (tmp_path / "dg" / "anchors.png").stat().st_size > 0
     assert (tmp_path / "dg" / "gradients.png").stat().st_size > 0
+
+
+def test_ekd_variants_train_through_the_config(tmp_path, teacher):
+    variants = {"bias_correction": True, "memory_size": 64, "memory_pairs": True,
+                "temperature_mode": "spread", "hard_negatives": "teacher", "reduction": "active"}
+    run = train(_config(tmp_path, "variants", [{"name": "ekd", "params": variants}], teacher, val=False))
+    rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "grad/ekd_pos" in r]
+    assert logged and all(r["grad/ekd_pos"] > 0 for r in logged)
+    assert logged[-1]["ekd/pairs_pos"] > 84  # batch positives plus batch-vs-memory positives
