@@ -135,6 +135,7 @@ class Trainer:
             self.validator.threshold_fprs = anchor_fprs(self.distillers)
             self.validator.teacher_model = getattr(self.teacher, "model", None)
         self.diagnostics: dict[str, float] = {}  # the last logged step's (ekd.engine.diagnostics)
+        self._embedding: torch.Tensor | None = None  # the current step's, set by compute_terms
         steps_per_epoch = len(self.sampler)
         self.total_steps = steps_per_epoch * tc.epochs
         oc = cfg.optim
@@ -230,7 +231,7 @@ class Trainer:
         if bad:
             self._skip_step(bad, terms)
             return None
-        if diagnose:
+        if diagnose and embedding is not None:
             self.diagnostics = {**term_gradient_norms(terms, embedding, self.dist),
                                 **distiller_diagnostics(self.distillers)}
         self.scaler.scale(total).backward()
