@@ -20,7 +20,7 @@ from ekd.data import (
     to_tensor,
     write_pairs,
 )
-from ekd.data import synthetic
+from ekd.data import synthetic, synthetic_benchmark
 from ekd.errors import DataError
 
 
@@ -219,7 +219,7 @@ def test_make_synthetic_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     def boom(*a, **k):  # a second call with the same parameters must not regenerate
         raise AssertionError("regenerated")
 
-    monkeypatch.setattr(synthetic, "generate_identity_folder", boom)
+    monkeypatch.setattr(synthetic_benchmark, "generate_identity_folder", boom)
     assert make_synthetic_benchmark(tmp_path / "bench", **args) == paths
     monkeypatch.undo()
     paths2 = make_synthetic_benchmark(tmp_path / "bench", **{**args, "train_identities": 2})

@@ -50,5 +50,9 @@ def test_demo_quick_writes_finite_results(tmp_path, capsys):
         assert (out / run / "config.yaml").is_file()
     ekd_cfg = (out / "student_ekd_s0" / "config.yaml").read_text()
     assert "kind: cache" in ekd_cfg and "bias_correction: true" in ekd_cfg
+    plan = json.loads((out / "plan.json").read_text())  # what bench/demo_convergence.py reads
+    assert plan["quick"] and plan["teacher_backbone"] == "iresnet18"
+    assert f"width: {plan['student_width']}" in ekd_cfg
+    assert results["student no KD (seed 0)"]["parameters"] < results["teacher IResNet-18"]["parameters"] / 4
     ekd_rows = [json.loads(line) for line in (out / "student_ekd_s1" / "metrics.jsonl").read_text().splitlines()]
     assert any("ekd_neg" in row for row in ekd_rows)

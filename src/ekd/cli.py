@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ekd.errors import EkdError, user_message
+from ekd.errors import ConfigError, EkdError, user_message
 from ekd.output_paths import prepare_output_dir
 
 
@@ -81,7 +81,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ekd.engine.demo import run_demo
 
-    run_demo(prepare_output_dir(args.out), quick=args.quick, device=args.device)
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    run_demo(prepare_output_dir(args.out), quick=args.quick, device=args.device, jobs=args.jobs)
     return 0
 
 
@@ -198,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="a 2-minute version")
     p.add_argument("--device", default="auto")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="students trained at once, one thread each (default: 2 on a CPU with 2+ "
+                        "cores, 1 on a GPU)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("diagnose", help="gradient shares and EKD anchors of a run, in words")

@@ -2,11 +2,8 @@
 
 from ekd.data.check import FolderReport, check_folder
 from ekd.data.folder import IMAGE_EXTENSIONS, ImageFolderDataset, ListDataset, write_pairs
-from ekd.data.synthetic import (
-    generate_identity_folder,
-    make_synthetic_benchmark,
-    render_face,
-)
+from ekd.data.synthetic import generate_identity_folder, render_face
+from ekd.data.synthetic_benchmark import make_synthetic_benchmark
 from ekd.data.record_dataset import RecordDataset
 from ekd.data.rec_folder import pack_folder, unpack_rec
 from ekd.data.recordio import RecordIOReader, RecordIOWriter

@@ -11,8 +11,6 @@ anti-aliased implicit functions on a numpy pixel grid, so generation is fast and
 
 from __future__ import annotations
 
-import json
-import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from PIL import Image
 from ekd.data.folder import write_pairs  # re-exported: pair lists for eval folders
 from ekd.errors import DataError
 
-__all__ = ["render_face", "generate_identity_folder", "write_pairs", "make_synthetic_benchmark"]
+__all__ = ["render_face", "generate_identity_folder", "write_pairs"]
 
 _SKIN = np.array([[250, 222, 200], [238, 196, 160], [222, 170, 128],
                   [190, 132, 92], [140, 90, 60], [92, 58, 40]], dtype=np.float32)
@@ -331,45 +329,3 @@ def generate_identity_folder(out: Path, num_identities: int, images_per_identity
             Image.fromarray(render_face(seed, k, j, image_size)).save(
                 folder / f"{j:04d}.{ext}", **kwargs)
     return out
-
-
-def make_synthetic_benchmark(out: Path, train_identities: int, train_images: int,
-                             eval_identities: int, eval_images: int, image_size: int,
-                             num_pairs: int, seed: int, progress: bool = False
-                             ) -> dict[str, Path]:
-    """Create ``out/train``, ``out/eval`` (disjoint identities) and ``out/pairs.txt``.
-
-    Skips the work when ``out/DONE`` records the same parameters. Returns the three paths.
-    """
-    out = Path(out)
-    params = {"version": 1, "train_identities": int(train_identities),
-              "train_images": int(train_images), "eval_identities": int(eval_identities),
-              "eval_images": int(eval_images), "image_size": int(image_size),
-              "num_pairs": int(num_pairs), "seed": int(seed)}
-    paths = {"train": out / "train", "eval": out / "eval", "pairs": out / "pairs.txt"}
-    done, busy = out / "DONE", out / "GENERATING"
-    if done.is_file():
-        try:
-            same = json.loads(done.read_text()) == params
-        except (OSError, ValueError):
-            same = False
-        if same and all(p.exists() for p in paths.values()):
-            return paths
-    owned = done.exists() or busy.exists()
-    for key in ("train", "eval"):
-        if paths[key].exists():
-            if not owned and any(paths[key].iterdir()):
-                raise DataError(f"{paths[key]} exists and was not made by ekd's synthetic "
-                                f"generator; choose another output folder than {out}")
-            shutil.rmtree(paths[key])
-    out.mkdir(parents=True, exist_ok=True)
-    done.unlink(missing_ok=True)
-    busy.write_text(json.dumps(params))
-    generate_identity_folder(paths["train"], train_identities, train_images, image_size, seed,
-                             first_identity=0, progress=progress)
-    generate_identity_folder(paths["eval"], eval_identities, eval_images, image_size, seed,
-                             first_identity=train_identities, progress=progress)
-    write_pairs(paths["eval"], paths["pairs"], num_pairs, seed)
-    done.write_text(json.dumps(params, indent=1))
-    busy.unlink()
-    return paths

@@ -1,31 +1,38 @@
 """``ekd demo``: the whole method on the built-in synthetic faces, no downloads.
 
 1. Generate training identities and disjoint evaluation identities with a pair list.
-2. Train a teacher (IResNet-18) with CosFace, then embed the training set with it once
-   (a teacher cache, as ``ekd teacher-cache``), so the students never run the teacher.
-3. Train MobileFaceNet students without distillation and with EKD (the settings of
-   ``docs/methods.md``, "EKD options beyond the paper"), on the same data, sampler and schedule,
-   each with two seeds.
+2. Train a teacher with CosFace, then embed the training set with it once (a teacher cache, as
+   ``ekd teacher-cache``), so the students never run the teacher.
+3. Train MobileFaceNet students (``student_width`` thins them) without distillation and with EKD
+   (the settings of ``docs/methods.md``, "EKD options beyond the paper"), on the same data,
+   sampler and schedule, each with two seeds; on a CPU two at a time, one process and one thread
+   each (:mod:`ekd.engine.side_by_side`).
 4. Evaluate every model (pair-list 10-fold accuracy, all-pairs TPR at FPR), print the per-run
    table and the comparison: mean of the seeds, share of the teacher - no-KD gap closed per
    metric, and whether the EKD - no-KD difference exceeds the seed spread
    (:mod:`ekd.engine.demo_report`).
 
-Everything (data, run directories, ``results.md``, ``metrics.json``) goes into one folder.
+Everything (data, run directories, ``plan.json``, ``results.md``, ``metrics.json``) goes into one
+folder. ``docs/results/demo_synthetic.md`` has the measured runs and how far from converged the
+students of plan ``FULL`` are (``bench/demo_convergence.py``, ``bench/demo_plans.py``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
 
 from ekd.config import Config, DistillerConfig, from_dict, validate
 from ekd.engine.demo_report import comparison_table, comparisons_from_results, summary
 from ekd.engine.evaluation import evaluate_checkpoint, write_report
 from ekd.engine.make_teacher_cache import cache_for_data
+from ekd.engine.side_by_side import train_side_by_side
 from ekd.engine.trainer import train
 
 log = logging.getLogger("ekd.demo")
@@ -50,22 +57,40 @@ class DemoPlan:
     random_size: int
     identities_per_batch: int
     num_pairs: int
+    teacher_backbone: str = "iresnet18"
+    teacher_width: float = 1.0
+    student_width: float = 1.0
     seeds: tuple[int, ...] = (0, 1)
     ekd: dict = field(default_factory=lambda: dict(DEMO_EKD))
+
+    @property
+    def teacher_label(self) -> str:
+        return f"teacher {network_name(self.teacher_backbone, self.teacher_width)}"
+
+    @property
+    def student_name(self) -> str:
+        return network_name("mobilefacenet", self.student_width)
+
+
+def network_name(backbone: str, width: float) -> str:
+    name = {"mobilefacenet": "MobileFaceNet", "iresnet18": "IResNet-18"}.get(backbone, backbone)
+    return name if width == 1.0 else f"{name} x{width:g}"
 
 
 FULL = DemoPlan(train_identities=120, train_images=20, eval_identities=120, eval_images=10,
                 image_size=32, teacher_epochs=3, student_epochs=3, random_size=32,
-                identities_per_batch=8, num_pairs=6000)
+                identities_per_batch=8, num_pairs=6000, teacher_backbone="iresnet18",
+                student_width=1.0)
 QUICK = DemoPlan(train_identities=24, train_images=6, eval_identities=12, eval_images=4,
                  image_size=32, teacher_epochs=1, student_epochs=1, random_size=16,
-                 identities_per_batch=4, num_pairs=200, ekd={**DEMO_EKD, "memory_size": 64})
+                 identities_per_batch=4, num_pairs=200, teacher_backbone="iresnet18",
+                 student_width=1.0, ekd={**DEMO_EKD, "memory_size": 64})
 
-TEACHER, NOKD, EKD = "teacher IResNet-18", "student no KD", "student EKD"
+NOKD, EKD = "student no KD", "student EKD"
 
 
 def demo_config(plan: DemoPlan, out: Path, name: str, backbone: str, epochs: int,
-                device: str, seed: int = 0) -> Config:
+                device: str, seed: int = 0, width: float = 1.0) -> Config:
     """A complete training config for one demo model."""
     cfg = from_dict(Config, {
         "data": {"kind": "synthetic", "input_size": plan.image_size,
@@ -77,7 +102,7 @@ def demo_config(plan: DemoPlan, out: Path, name: str, backbone: str, epochs: int
                                "cache_dir": str(out / "data")}},
         "sampler": {"random_size": plan.random_size,
                     "identities_per_batch": plan.identities_per_batch, "samples_per_identity": 4},
-        "model": {"backbone": backbone, "embedding_size": 128},
+        "model": {"backbone": backbone, "embedding_size": 128, "width": width},
         "head": {"kind": "cosface", "scale": 32.0, "margin": 0.2},
         "optim": {"lr": 0.1, "scheduler": "cosine", "warmup_epochs": 0.5, "weight_decay": 5e-4},
         "train": {"epochs": epochs, "device": device, "seed": seed, "output_dir": str(out / name),
@@ -86,44 +111,65 @@ def demo_config(plan: DemoPlan, out: Path, name: str, backbone: str, epochs: int
     return cfg
 
 
+def student_config(plan: DemoPlan, out: Path, method: str, seed: int, device: str,
+                   epochs: int | None = None, name: str | None = None) -> Config:
+    """The config of one demo student: ``method`` ``"nokd"`` or ``"ekd"`` (from the teacher cache
+    in ``out/teacher_cache``, made from ``out/teacher/model.pt``)."""
+    cfg = demo_config(plan, out, name or f"student_{method}_s{seed}", "mobilefacenet",
+                      epochs or plan.student_epochs, device, seed, plan.student_width)
+    if method == "ekd":
+        cfg.teacher.kind, cfg.teacher.path = "cache", str(out / "teacher_cache")
+        cfg.teacher.cache_teacher = str(out / "teacher" / "model.pt")
+        cfg.distill = [DistillerConfig(name="ekd", weight=1.0, params=dict(plan.ekd))]
+    validate(cfg)
+    return cfg
+
+
 def run_label(student: str, seed: int) -> str:
     return f"{student} (seed {seed})"
 
 
-def run_demo(out: Path, quick: bool = False, device: str = "auto") -> dict:
-    """Run the demo into ``out``; returns the evaluation results per model and the comparison."""
-    plan = QUICK if quick else FULL
+def default_jobs(device: str) -> int:
+    """Students trained at once: one per core (at most 2) on a CPU, one at a time on a GPU."""
+    if device not in ("auto", "cpu") or (device == "auto" and torch.cuda.is_available()):
+        return 1
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def run_demo(out: Path, quick: bool = False, device: str = "auto", jobs: int | None = None,
+             plan: DemoPlan | None = None) -> dict:
+    """Run the demo into ``out``; returns the evaluation results per model and the comparison.
+    ``jobs``: students trained at once (default :func:`default_jobs`); ``plan`` replaces
+    ``FULL`` / ``QUICK`` (``bench/demo_plans.py`` measures candidate plans)."""
+    plan = plan or (QUICK if quick else FULL)
+    jobs = default_jobs(device) if jobs is None else jobs
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps({"quick": quick, **asdict(plan)}, indent=1))
     start = time.perf_counter()
 
-    teacher_cfg = demo_config(plan, out, "teacher", "iresnet18", plan.teacher_epochs, device)
-    log.info("training the teacher (IResNet-18, %d epochs)", plan.teacher_epochs)
+    teacher_cfg = demo_config(plan, out, "teacher", plan.teacher_backbone, plan.teacher_epochs,
+                              device, width=plan.teacher_width)
+    log.info("training the %s (%d epochs)", plan.teacher_label, plan.teacher_epochs)
     teacher = train(teacher_cfg)
     log.info("teacher saved to %s", teacher.model_path)
-    cache = cache_for_data(out / "data" / "train", plan.image_size, out / "teacher_cache",
-                           teacher=str(teacher.model_path), device=device, progress=False)
+    cache_for_data(out / "data" / "train", plan.image_size, out / "teacher_cache",
+                   teacher=str(teacher.model_path), device=device, progress=False)
 
-    runs = {TEACHER: teacher}
+    labels, cfgs = [], []
     for seed in plan.seeds:
-        plain_cfg = demo_config(plan, out, f"student_nokd_s{seed}", "mobilefacenet",
-                                plan.student_epochs, device, seed)
-        log.info("training the student without distillation (MobileFaceNet, %d epochs, seed %d)",
-                 plan.student_epochs, seed)
-        runs[run_label(NOKD, seed)] = train(plain_cfg)
-
-        ekd_cfg = demo_config(plan, out, f"student_ekd_s{seed}", "mobilefacenet",
-                              plan.student_epochs, device, seed)
-        ekd_cfg.teacher.kind, ekd_cfg.teacher.path = "cache", str(cache)
-        ekd_cfg.teacher.cache_teacher = str(teacher.model_path)
-        ekd_cfg.distill = [DistillerConfig(name="ekd", weight=1.0, params=dict(plan.ekd))]
-        validate(ekd_cfg)
-        log.info("training the student with EKD (seed %d)", seed)
-        runs[run_label(EKD, seed)] = train(ekd_cfg)
+        for method, label in (("nokd", NOKD), ("ekd", EKD)):
+            labels.append(run_label(label, seed))
+            cfgs.append(student_config(plan, out, method, seed, device))
+    log.info("training %d students (%s, %d epochs; no KD and EKD, seeds %s), %d at a time",
+             len(cfgs), plan.student_name, plan.student_epochs,
+             ", ".join(map(str, plan.seeds)), jobs)
+    runs = {plan.teacher_label: teacher, **dict(zip(labels, train_side_by_side(cfgs, jobs)))}
 
     results, table, comparison = evaluate_and_compare(out, plan, runs, device)
     total = time.perf_counter() - start
-    (out / "timing.json").write_text(json.dumps({"total_seconds": total, "quick": quick}))
+    (out / "timing.json").write_text(json.dumps({"total_seconds": total, "quick": quick,
+                                                 "jobs": jobs}))
     print(f"\nEKD demo ({'quick' if quick else 'full'}), {total / 60:.1f} min; results in {out}\n")
     print(table + "\n\nEKD vs no KD (gap closed = (EKD - no KD) / (teacher - no KD)):\n")
     print(comparison)
@@ -145,7 +191,7 @@ def evaluate_and_compare(out: Path, plan: DemoPlan, runs: dict,
         res["train_seconds"] = run.seconds
         results[label] = res
     table = write_report(results, out)
-    rows, skipped = comparisons_from_results(results[TEACHER],
+    rows, skipped = comparisons_from_results(results[plan.teacher_label],
                                              [results[run_label(NOKD, s)] for s in plan.seeds],
                                              [results[run_label(EKD, s)] for s in plan.seeds])
     comparison = comparison_table(rows) + "\n\n" + summary(rows)

@@ -8,7 +8,7 @@ from pathlib import Path
 from ekd.data.folder import ImageFolderDataset
 from ekd.data.kinds.folder import folder_fingerprint
 from ekd.data.kinds.registry import DatasetKind, register_kind
-from ekd.data.synthetic import make_synthetic_benchmark
+from ekd.data.synthetic_benchmark import make_synthetic_benchmark
 
 
 def _build(dc) -> ImageFolderDataset:  # noqa: ANN001 - ekd.config.DataConfig

@@ -1,0 +1,66 @@
+"""Candidate plans for ``ekd demo``: run the whole demo with one and keep what it measured.
+
+The demo must compare converged students against a teacher that is clearly better than them, in
+at most 10 minutes on 2 cores (the first-hour issue). Each candidate is a
+:class:`ekd.engine.demo.DemoPlan`; a run writes ``bench/results/demo_plans/<name>.json`` (the
+plan, wall time, jobs, load average, per-run metrics and the EKD vs no-KD comparison), so the
+choice of ``FULL`` rests on committed numbers. ``bench/demo_convergence.py --demo OUT`` then
+checks convergence on the same plan.
+
+    python bench/demo_plans.py B --out demo_plan_B --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from ekd.engine import demo as D
+
+RESULTS = Path(__file__).resolve().parent / "results" / "demo_plans"
+
+#: A: 80 identities x 16 images; MobileFaceNet teacher (12 epochs) over a quarter-width student
+#: (20 epochs). B: the same models on 200 identities x 8 images (more identities, same cost).
+CANDIDATES = {
+    "A": replace(D.FULL, train_identities=80, train_images=16, teacher_backbone="mobilefacenet",
+                 teacher_epochs=12, student_width=0.25, student_epochs=20),
+    "B": replace(D.FULL, train_identities=200, train_images=8, teacher_backbone="mobilefacenet",
+                 teacher_epochs=12, student_width=0.25, student_epochs=20),
+}
+
+
+def record(name: str, out: Path, jobs: int, wall: float, note: str = "") -> Path:
+    """Write ``RESULTS/<name>.json`` from a finished demo folder ``out``."""
+    row = {"plan": name, **json.loads((out / "plan.json").read_text()), "jobs": jobs,
+           "wall_seconds": wall, "load_average": os.getloadavg()[0], "note": note,
+           "results": json.loads((out / "metrics.json").read_text()),
+           "comparison": json.loads((out / "comparison.json").read_text())}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(row, indent=1))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("plan", choices=sorted(CANDIDATES) + ["FULL"])
+    ap.add_argument("--out", type=Path, required=True, help="the demo's output folder")
+    ap.add_argument("--jobs", type=int, default=None, help="students at once (ekd demo --jobs)")
+    ap.add_argument("--note", default="", help="how the machine was (idle, busy)")
+    args = ap.parse_args(argv)
+    plan = D.FULL if args.plan == "FULL" else CANDIDATES[args.plan]
+    jobs = D.default_jobs("cpu") if args.jobs is None else args.jobs
+    start = time.perf_counter()
+    D.run_demo(args.out, device="cpu", jobs=jobs, plan=plan)
+    print(record(args.plan, args.out, jobs, time.perf_counter() - start, args.note))
+    print(json.dumps(asdict(plan)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
