@@ -1,7 +1,8 @@
 """Convergence sweep of the no-KD MobileFaceNet, which fixes the ``cpu2`` schedule.
 
 Cells: no-KD student (the cpu2 settings otherwise) at input size S in ``--sizes`` (default 32,
-40, 48), ``E`` and ``2E`` epochs (``--epochs``, default :data:`EPOCHS`), ``--seeds`` seeds
+40, 48), ``E`` and ``2E`` epochs for every E in ``--epochs`` (default :data:`EPOCHS`; ``--epochs
+12 24`` checks 12 -> 24 and 24 -> 48 with the 24-epoch cells shared), ``--seeds`` seeds
 (default 2). Each is an ordinary KD-table cell (``kd_cells.py``): resumable, committed as JSON
 under ``bench/results/kd_table/convergence/``; at the size and epochs finally chosen its hash is
 that of the cpu2 no-KD cell.
@@ -15,6 +16,7 @@ The evidence table (every run, the deltas, the verdict, minutes per cell) goes t
 Usage::
 
     python bench/kd_convergence.py                       # the sweep (hours on 2 cores)
+    python bench/kd_convergence.py --sizes 32 --epochs 12 24   # the 32 px evidence, 12 / 24 / 48
     python bench/kd_convergence.py --smoke               # 1 cell, 32 px, 2 steps: the path
     python bench/kd_convergence.py --report-only
 """
@@ -43,12 +45,14 @@ TPR_REL_TOL = 0.05
 class Sweep:
     """The sweep's cells as one table for :func:`kd_cells.run_all`: ``(size, epochs, seed)``."""
 
-    def __init__(self, faces: Path, cache: Path, results: Path, sizes: tuple[int, ...], epochs: int,
-                 seeds: int, base=CPU2) -> None:  # noqa: ANN001
+    def __init__(self, faces: Path, cache: Path, results: Path, sizes: tuple[int, ...],
+                 epochs: tuple[int, ...], seeds: int, base=CPU2) -> None:  # noqa: ANN001
         self.profile = dataclasses.replace(base, name="convergence", teachers=())
+        self.doublings = sorted(set(epochs))  # each E is compared with 2E
+        lengths = sorted({n for e in self.doublings for n in (e, 2 * e)})
         self.tables = {(s, e): Table(dataclasses.replace(self.profile, input_size=s, epochs=e),
                                      faces, cache, results)
-                       for s in sizes for e in (epochs, 2 * epochs)}
+                       for s in sizes for e in lengths}
         self.store = next(iter(self.tables.values())).store
         self.seeds = seeds
 
@@ -108,7 +112,6 @@ def report(sweep: Sweep, out: Path) -> Path:
     """``kd_convergence.md`` / ``.json`` from the committed cells."""
     runs = {k: r for k in sweep.plan() if (r := sweep.result(k)) is not None}
     sizes = sorted({s for s, _ in sweep.tables})
-    lengths = sorted({e for _, e in sweep.tables})
     lines = ["# Convergence of the no-KD MobileFaceNet (cpu2 schedule)", "",
              f"Criterion: doubling the epochs changes the seed-mean LFW accuracy by < {ACC_TOL} and the "
              f"seed-mean LFW all-pairs TPR@1e-3 by < {TPR_REL_TOL:.0%} relative or by less than the "
@@ -125,14 +128,16 @@ def report(sweep: Sweep, out: Path) -> Path:
               "|---|---|---|---|---|---|"]
     verdicts = {}
     for s in sizes:
-        short = [r for (sz, e, _), r in runs.items() if sz == s and e == lengths[0]]
-        long = [r for (sz, e, _), r in runs.items() if sz == s and e == lengths[-1]]
-        if len(short) == len(long) == sweep.seeds:
-            v = verdicts[s] = verdict(short, long)
-            lines.append(f"| {s} | {lengths[0]} → {lengths[-1]} | {v['d_acc']:+.4f} | {v['d_tpr3']:+.4f} "
-                         f"({v['rel_tpr3']:.1%}) | {v['seed_spread_tpr3']:.4f} | {'yes' if v['converged'] else 'no'} |")
-        else:
-            lines.append(f"| {s} | {lengths[0]} → {lengths[-1]} | (incomplete) | | | |")
+        for e in sweep.doublings:
+            short = [r for (sz, n, _), r in runs.items() if sz == s and n == e]
+            long = [r for (sz, n, _), r in runs.items() if sz == s and n == 2 * e]
+            if len(short) == len(long) == sweep.seeds:
+                v = verdicts[f"{s}px {e}->{2 * e}"] = verdict(short, long)
+                lines.append(f"| {s} | {e} → {2 * e} | {v['d_acc']:+.4f} | {v['d_tpr3']:+.4f} "
+                             f"({v['rel_tpr3']:.1%}) | {v['seed_spread_tpr3']:.4f} | "
+                             f"{'yes' if v['converged'] else 'no'} |")
+            else:
+                lines.append(f"| {s} | {e} → {2 * e} | (incomplete) | | | |")
     compute = sum(r["train_seconds"] + r["eval_seconds"] for r in runs.values())
     lines += ["", f"{len(runs)} of {len(sweep.plan())} cells committed; {compute / 3600:.2f} h of cell time.", ""]
     out.mkdir(parents=True, exist_ok=True)
@@ -150,15 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common_arguments(ap, RESULTS)
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
-    ap.add_argument("--epochs", type=int, default=EPOCHS, help="E (E and 2E are run)")
+    ap.add_argument("--epochs", type=int, nargs="+", default=[EPOCHS],
+                    help="E values (E and 2E are run for each)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="one 32 px cell of 2 steps, results in the cache")
     args = ap.parse_args(argv)
     base = CPU2
     if args.smoke:
-        base, args.sizes, args.epochs, args.seeds = smoke(CPU2), [32], 1, 1
+        base, args.sizes, args.epochs, args.seeds = smoke(CPU2), [32], [1], 1
         args.results, args.out = args.cache / "smoke-results", args.cache / "smoke-report"
-    sweep = Sweep(args.faces, args.cache, args.results, tuple(args.sizes), args.epochs, args.seeds, base)
+    sweep = Sweep(args.faces, args.cache, args.results, tuple(args.sizes), tuple(args.epochs),
+                  args.seeds, base)
     if args.smoke:  # only E (not 2E): one cell proves the path
         sweep.tables = {k: v for k, v in sweep.tables.items() if k[1] == 1}
     return run_and_report(sweep, args.faces, args.jobs, args.budget, args.report_only,

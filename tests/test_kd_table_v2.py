@@ -150,11 +150,16 @@ def test_convergence_criterion_and_report(tmp_path):
     by_spread = C.verdict(runs([0.83, 0.83], [0.20, 0.26]), runs([0.83, 0.83], [0.25, 0.27]))
     assert by_spread["rel_tpr3"] > 0.05 and by_spread["converged"]  # 0.03 < spread 0.06
     assert not C.verdict(runs([0.80, 0.80], [0.2, 0.2]), runs([0.82, 0.82], [0.2, 0.2]))["converged"]
-    sweep = C.Sweep(tmp_path / "faces", tmp_path / "cache", tmp_path / "results", (32,), 2, 2)
+    sweep = C.Sweep(tmp_path / "faces", tmp_path / "cache", tmp_path / "results", (32,), (2,), 2)
     assert len(sweep.plan()) == 4 and len(sweep.pending()) == 4
+    # several E share their cells: 2 -> 4 and 4 -> 8 need 2, 4 and 8 epochs
+    chain = C.Sweep(tmp_path / "faces", tmp_path / "cache", tmp_path / "results", (32,), (4, 2), 2)
+    assert sorted({e for _, e, _ in chain.plan()}) == [2, 4, 8] and len(chain.plan()) == 6
+    chained = C.report(chain, tmp_path / "chain").read_text()
+    assert "| 32 | 2 → 4 | (incomplete)" in chained and "| 32 | 4 → 8 | (incomplete)" in chained
     # at cpu2's own size and epochs a sweep cell is the cpu2 no-KD cell
     same = C.Sweep(tmp_path / "faces", tmp_path / "cache", tmp_path / "results",
-                   (K.CPU2.input_size,), K.CPU2.epochs, 1)
+                   (K.CPU2.input_size,), (K.CPU2.epochs,), 1)
     assert same.name((K.CPU2.input_size, K.CPU2.epochs, 0)).endswith(
         _table(tmp_path).cell_name(K.Cell("T2", "no KD", 0)))
     text = C.report(sweep, tmp_path / "out").read_text()
@@ -199,7 +204,7 @@ def test_convergence_cells_become_the_no_kd_cells(tmp_path):
 
     table = _table(tmp_path)
     sweep = C.Sweep(tmp_path / "faces", tmp_path / "cache", tmp_path / "results",
-                    (K.CPU2.input_size,), K.CPU2.epochs, 1)
+                    (K.CPU2.input_size,), (K.CPU2.epochs,), 1)
     key = (K.CPU2.input_size, K.CPU2.epochs, 0)
     name = table.cell_name(K.Cell("T2", "no KD", 0))
     kd_cells.CellStore(tmp_path / "results" / "convergence").write(
