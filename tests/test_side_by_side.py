@@ -23,7 +23,7 @@ def test_side_by_side_equals_one_after_another(tmp_path):
         alone = train_side_by_side(_configs(tmp_path / "alone"), jobs=1)
     finally:
         torch.set_num_threads(threads)
-    together = train_side_by_side(_configs(tmp_path / "together"), jobs=2)
+    together = train_side_by_side(_configs(tmp_path / "together"), jobs=2, threads=1)
     assert [r.run_dir.name for r in together] == ["s0", "s1"]
     assert alone[0].final_terms != alone[1].final_terms  # the seeds differ, so order matters
     for a, b in zip(alone, together):

@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a 2-minute version")
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=int, default=None,
-                   help="students trained at once, one thread each (default: 2 on a CPU with 2+ "
+                   help="students trained at once, sharing the cores (default: 2 on a CPU with 2+ "
                         "cores, 1 on a GPU)")
     p.set_defaults(func=_cmd_demo)
 

@@ -5,8 +5,8 @@
    ``ekd teacher-cache``), so the students never run the teacher.
 3. Train MobileFaceNet students (``student_width`` thins them) without distillation and with EKD
    (the settings of ``docs/methods.md``, "EKD options beyond the paper"), on the same data,
-   sampler and schedule, each with two seeds; on a CPU two at a time, one process and one thread
-   each (:mod:`ekd.engine.side_by_side`).
+   sampler and schedule, each with two seeds; on a CPU two at a time, each in its own process
+   with half the cores (:mod:`ekd.engine.side_by_side`).
 4. Evaluate every model (pair-list 10-fold accuracy, all-pairs TPR at FPR), print the per-run
    table and the comparison: mean of the seeds, share of the teacher - no-KD gap closed per
    metric, and whether the EKD - no-KD difference exceeds the seed spread
