@@ -79,12 +79,10 @@ def network_name(backbone: str, width: float) -> str:
 
 FULL = DemoPlan(train_identities=120, train_images=20, eval_identities=120, eval_images=10,
                 image_size=32, teacher_epochs=3, student_epochs=3, random_size=32,
-                identities_per_batch=8, num_pairs=6000, teacher_backbone="iresnet18",
-                student_width=1.0)
+                identities_per_batch=8, num_pairs=6000)
 QUICK = DemoPlan(train_identities=24, train_images=6, eval_identities=12, eval_images=4,
                  image_size=32, teacher_epochs=1, student_epochs=1, random_size=16,
-                 identities_per_batch=4, num_pairs=200, teacher_backbone="iresnet18",
-                 student_width=1.0, ekd={**DEMO_EKD, "memory_size": 64})
+                 identities_per_batch=4, num_pairs=200, ekd={**DEMO_EKD, "memory_size": 64})
 
 NOKD, EKD = "student no KD", "student EKD"
 
