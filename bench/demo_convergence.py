@@ -62,14 +62,12 @@ def row_config(plan: D.DemoPlan, demo: Path, out: Path, spec: str):  # noqa: ANN
 
 
 def score(plan: D.DemoPlan, demo: Path, model: Path) -> dict:
-    data = demo / "data"
-    sets = {"pairs": ("pairs", str(data / "pairs.txt"), str(data / "eval")),
-            "all": ("folder", str(data / "eval"), None)}
-    res = evaluate_checkpoint(model, sets, max_per_identity=plan.eval_images, device="cpu",
-                              progress=False)["sets"]
-    return {"pairs_acc": res["pairs"]["accuracy"], "pairs_tpr@1e-3": res["pairs"].get("tpr@1e-3"),
-            "all_tpr@1e-3": res["all"].get("tpr@1e-3"), "all_tpr@1e-4": res["all"].get("tpr@1e-4"),
-            "all_tpr@1e-5": res["all"].get("tpr@1e-5")}
+    res = evaluate_checkpoint(model, D.eval_sets(demo), max_per_identity=plan.eval_images,
+                              device="cpu", progress=False)["sets"]
+    pairs, every = res[D.PAIRS], res[D.ALL_PAIRS]
+    return {"pairs_acc": pairs["accuracy"], "pairs_tpr@1e-3": pairs.get("tpr@1e-3"),
+            "all_tpr@1e-3": every.get("tpr@1e-3"), "all_tpr@1e-4": every.get("tpr@1e-4"),
+            "all_tpr@1e-5": every.get("tpr@1e-5")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from ekd.config import Config, DistillerConfig, from_dict, validate
-from ekd.engine.demo_report import comparison_table, comparisons_from_results, summary
+from ekd.engine.demo_report import (ALL_PAIRS, PAIRS, comparison_table, comparisons_from_results,
+                                    summary)
 from ekd.engine.evaluation import evaluate_checkpoint, write_report
 from ekd.engine.make_teacher_cache import cache_for_data
 from ekd.engine.side_by_side import train_side_by_side
@@ -174,14 +175,19 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto", jobs: int | N
     return results
 
 
+def eval_sets(out: Path) -> dict[str, tuple]:
+    """The demo's two protocols on its evaluation identities, as ``evaluate_checkpoint`` takes them."""
+    data = out / "data"
+    return {PAIRS: ("pairs", str(data / "pairs.txt"), str(data / "eval")),
+            ALL_PAIRS: ("folder", str(data / "eval"), None)}
+
+
 def evaluate_and_compare(out: Path, plan: DemoPlan, runs: dict,
                          device: str = "auto") -> tuple[dict, str, str]:
     """Evaluate the demo's models (``runs``: label -> :class:`TrainResult`), write
     ``metrics.json``, ``results.md`` and ``comparison.json`` into ``out``; return the results,
     the per-run table and the EKD vs no-KD comparison."""
-    data = out / "data"
-    sets = {"synthetic pairs": ("pairs", str(data / "pairs.txt"), str(data / "eval")),
-            "synthetic all-pairs": ("folder", str(data / "eval"), None)}
+    sets = eval_sets(out)
     results = {}
     for label, run in runs.items():
         res = evaluate_checkpoint(run.model_path, sets, max_per_identity=plan.eval_images,

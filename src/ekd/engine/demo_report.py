@@ -15,13 +15,16 @@ from typing import Sequence
 
 from ekd.errors import EkdError
 
+#: The demo's two evaluation sets (``ekd.engine.demo.eval_sets``).
+PAIRS, ALL_PAIRS = "synthetic pairs", "synthetic all-pairs"
+
 #: (label, evaluation set, metric key) of the comparison, in table order.
 DEMO_METRICS: tuple[tuple[str, str, str], ...] = (
-    ("pairs accuracy", "synthetic pairs", "accuracy"),
-    ("pairs TPR@FPR=1e-3", "synthetic pairs", "tpr@1e-3"),
-    ("all-pairs TPR@FPR=1e-3", "synthetic all-pairs", "tpr@1e-3"),
-    ("all-pairs TPR@FPR=1e-4", "synthetic all-pairs", "tpr@1e-4"),
-    ("all-pairs TPR@FPR=1e-5", "synthetic all-pairs", "tpr@1e-5"),
+    ("pairs accuracy", PAIRS, "accuracy"),
+    ("pairs TPR@FPR=1e-3", PAIRS, "tpr@1e-3"),
+    ("all-pairs TPR@FPR=1e-3", ALL_PAIRS, "tpr@1e-3"),
+    ("all-pairs TPR@FPR=1e-4", ALL_PAIRS, "tpr@1e-4"),
+    ("all-pairs TPR@FPR=1e-5", ALL_PAIRS, "tpr@1e-5"),
 )
 
 BETTER, WORSE, NOISE = "EKD better", "EKD worse", "within noise"
