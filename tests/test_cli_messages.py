@@ -190,6 +190,14 @@ def test_embed_progress_bar_on_a_terminal(tiny, tmp_path, monkeypatch):
 
 
 # -- demo log -----------------------------------------------------------------------------------
+def test_demo_jobs_below_one_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--jobs", "0", "--out", str(out)]) == 2
+    assert "--jobs must be at least 1, got 0" in _error(capsys, "demo")
+    assert not out.exists()
+
+
+
 def test_demo_log_names_the_teacher(tmp_path, monkeypatch, caplog):
     import ekd.engine.demo as demo
     from ekd.engine.trainer import TrainResult
