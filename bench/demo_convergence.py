@@ -32,7 +32,7 @@ from ekd.engine.side_by_side import train_side_by_side
 RESULTS = Path(__file__).resolve().parent / "results" / "demo_convergence.json"
 PLAN_KEYS = ("train_identities", "train_images", "eval_identities", "eval_images", "image_size",
              "random_size", "identities_per_batch", "num_pairs", "teacher_backbone",
-             "teacher_width", "student_width")
+             "teacher_width", "student_width", "teacher_identities", "preload")
 
 
 def load_plan(demo: Path) -> D.DemoPlan:
@@ -53,8 +53,7 @@ def row_config(plan: D.DemoPlan, demo: Path, out: Path, spec: str):  # noqa: ANN
     if width:
         plan = replace(plan, student_width=float(width[0]))
     if kind == "teacher":
-        cfg = D.demo_config(plan, demo, name, plan.teacher_backbone, epochs, "cpu", seed,
-                            plan.teacher_width)
+        cfg = D.teacher_config(plan, demo, "cpu", epochs, name, seed)
     else:
         cfg = D.student_config(plan, demo, kind, seed, "cpu", epochs, name)
     cfg.train.output_dir, cfg.train.tensorboard = str(out / name), False

@@ -31,6 +31,16 @@ CANDIDATES = {
                  teacher_epochs=12, student_width=0.25, student_epochs=20),
     "B": replace(D.FULL, train_identities=200, train_images=8, teacher_backbone="mobilefacenet",
                  teacher_epochs=12, student_width=0.25, student_epochs=20),
+    # C: the teacher (MobileFaceNet x0.5) trains on 8x the students' identities while the no-KD
+    # students train; the students (x0.25) see only the first 60 of its 480 identities.
+    "C": replace(D.FULL, train_identities=60, train_images=16, teacher_identities=480,
+                 teacher_backbone="mobilefacenet", teacher_width=0.5, teacher_epochs=4,
+                 student_width=0.25, student_epochs=30, preload=True),
+    # D: C with the teacher trained twice as long (C's ended at CE 8.0: under-trained, and its
+    # EKD students lost accuracy) and students at 24 epochs (C's reached CE 0.1 by epoch 22).
+    "D": replace(D.FULL, train_identities=60, train_images=16, teacher_identities=480,
+                 teacher_backbone="mobilefacenet", teacher_width=0.5, teacher_epochs=8,
+                 student_width=0.25, student_epochs=24, preload=True),
 }
 
 

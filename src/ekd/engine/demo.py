@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from pathlib import Path
 import torch
 
 from ekd.config import Config, DistillerConfig, from_dict, validate
+from ekd.data.synthetic import generate_identity_folder
+from ekd.data.synthetic_benchmark import make_synthetic_benchmark
 from ekd.engine.demo_report import (ALL_PAIRS, PAIRS, comparison_table, comparisons_from_results,
                                     summary)
 from ekd.engine.evaluation import evaluate_checkpoint, write_report
@@ -63,6 +66,19 @@ class DemoPlan:
     student_width: float = 1.0
     seeds: tuple[int, ...] = (0, 1)
     ekd: dict = field(default_factory=lambda: dict(DEMO_EKD))
+    #: identities the teacher trains on: the students' ``train_identities`` first, then more
+    #: (None: the students' own); the evaluation identities come after all of them.
+    teacher_identities: int | None = None
+    preload: bool = False  # data.preload for every model
+
+    @property
+    def teacher_ids(self) -> int:
+        return self.teacher_identities or self.train_identities
+
+    @property
+    def students_subset(self) -> bool:
+        """True when the students train on fewer identities than the teacher."""
+        return self.teacher_ids > self.train_identities
 
     @property
     def teacher_label(self) -> str:
@@ -89,16 +105,21 @@ NOKD, EKD = "student no KD", "student EKD"
 
 
 def demo_config(plan: DemoPlan, out: Path, name: str, backbone: str, epochs: int,
-                device: str, seed: int = 0, width: float = 1.0) -> Config:
-    """A complete training config for one demo model."""
+                device: str, seed: int = 0, width: float = 1.0, students: bool = False) -> Config:
+    """A complete training config for one demo model; ``students``: on the students' training
+    identities (:func:`students_root` when they are a subset of the teacher's)."""
+    data: dict = {"kind": "synthetic", "input_size": plan.image_size, "preload": plan.preload,
+                  "synthetic": {"train_identities": plan.teacher_ids,
+                                "train_images": plan.train_images,
+                                "eval_identities": plan.eval_identities,
+                                "eval_images": plan.eval_images,
+                                "num_pairs": plan.num_pairs, "image_size": plan.image_size,
+                                "seed": 0, "cache_dir": str(out / "data")}}
+    if students and plan.students_subset:
+        data = {"kind": "folder", "root": str(students_root(plan, out)),
+                "input_size": plan.image_size, "preload": plan.preload}
     cfg = from_dict(Config, {
-        "data": {"kind": "synthetic", "input_size": plan.image_size,
-                 "synthetic": {"train_identities": plan.train_identities,
-                               "train_images": plan.train_images,
-                               "eval_identities": plan.eval_identities,
-                               "eval_images": plan.eval_images,
-                               "num_pairs": plan.num_pairs, "image_size": plan.image_size, "seed": 0,
-                               "cache_dir": str(out / "data")}},
+        "data": data,
         "sampler": {"random_size": plan.random_size,
                     "identities_per_batch": plan.identities_per_batch, "samples_per_identity": 4},
         "model": {"backbone": backbone, "embedding_size": 128, "width": width},
@@ -110,12 +131,47 @@ def demo_config(plan: DemoPlan, out: Path, name: str, backbone: str, epochs: int
     return cfg
 
 
+def students_root(plan: DemoPlan, out: Path) -> Path:
+    """The students' training folder: the synthetic training folder, or, when the teacher has
+    more identities, ``data/train_students`` with the first ``train_identities`` of them."""
+    data = Path(out) / "data"
+    return data / ("train_students" if plan.students_subset else "train")
+
+
+def prepare_data(plan: DemoPlan, out: Path) -> Path:
+    """Generate the demo's data (:func:`make_synthetic_benchmark` with the teacher's identities,
+    and the students' subset, byte-identical to the teacher's first identities) before any
+    training, so that models trained at once find it; returns :func:`students_root`."""
+    make_synthetic_benchmark(Path(out) / "data", plan.teacher_ids, plan.train_images,
+                             plan.eval_identities, plan.eval_images, plan.image_size,
+                             plan.num_pairs, seed=0)
+    root = students_root(plan, out)
+    if plan.students_subset:
+        done = root.with_suffix(".done")  # data/train_students.done: what the folder holds
+        params = json.dumps([plan.train_identities, plan.train_images, plan.image_size])
+        if not (done.is_file() and done.read_text() == params and root.is_dir()):
+            done.unlink(missing_ok=True)
+            shutil.rmtree(root, ignore_errors=True)
+            generate_identity_folder(root, plan.train_identities, plan.train_images,
+                                     plan.image_size, seed=0)
+            done.write_text(params)
+    return root
+
+
+def teacher_config(plan: DemoPlan, out: Path, device: str, epochs: int | None = None,
+                   name: str = "teacher", seed: int = 0) -> Config:
+    """The config of the demo's teacher (on all ``teacher_ids`` identities)."""
+    return demo_config(plan, out, name, plan.teacher_backbone, epochs or plan.teacher_epochs,
+                       device, seed, plan.teacher_width)
+
+
 def student_config(plan: DemoPlan, out: Path, method: str, seed: int, device: str,
                    epochs: int | None = None, name: str | None = None) -> Config:
     """The config of one demo student: ``method`` ``"nokd"`` or ``"ekd"`` (from the teacher cache
     in ``out/teacher_cache``, made from ``out/teacher/model.pt``)."""
     cfg = demo_config(plan, out, name or f"student_{method}_s{seed}", "mobilefacenet",
-                      epochs or plan.student_epochs, device, seed, plan.student_width)
+                      epochs or plan.student_epochs, device, seed, plan.student_width,
+                      students=True)
     if method == "ekd":
         cfg.teacher.kind, cfg.teacher.path = "cache", str(out / "teacher_cache")
         cfg.teacher.cache_teacher = str(out / "teacher" / "model.pt")
@@ -147,23 +203,22 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto", jobs: int | N
     (out / "plan.json").write_text(json.dumps({"quick": quick, **asdict(plan)}, indent=1))
     start = time.perf_counter()
 
-    teacher_cfg = demo_config(plan, out, "teacher", plan.teacher_backbone, plan.teacher_epochs,
-                              device, width=plan.teacher_width)
-    log.info("training the %s (%d epochs)", plan.teacher_label, plan.teacher_epochs)
-    teacher = train(teacher_cfg)
+    root = prepare_data(plan, out)
+    nokd = [student_config(plan, out, "nokd", seed, device) for seed in plan.seeds]
+    log.info("training the %s (%d identities, %d epochs) and the no-KD students (%s, "
+             "%d identities, %d epochs, seeds %s), %d at a time", plan.teacher_label,
+             plan.teacher_ids, plan.teacher_epochs, plan.student_name, plan.train_identities,
+             plan.student_epochs, ", ".join(map(str, plan.seeds)), jobs)
+    teacher, *nokd_runs = train_side_by_side([teacher_config(plan, out, device), *nokd], jobs)
     log.info("teacher saved to %s", teacher.model_path)
-    cache_for_data(out / "data" / "train", plan.image_size, out / "teacher_cache",
+    cache_for_data(root, plan.image_size, out / "teacher_cache",
                    teacher=str(teacher.model_path), device=device, progress=False)
-
-    labels, cfgs = [], []
-    for seed in plan.seeds:
-        for method, label in (("nokd", NOKD), ("ekd", EKD)):
-            labels.append(run_label(label, seed))
-            cfgs.append(student_config(plan, out, method, seed, device))
-    log.info("training %d students (%s, %d epochs; no KD and EKD, seeds %s), %d at a time",
-             len(cfgs), plan.student_name, plan.student_epochs,
-             ", ".join(map(str, plan.seeds)), jobs)
-    runs = {plan.teacher_label: teacher, **dict(zip(labels, train_side_by_side(cfgs, jobs)))}
+    log.info("training the EKD students, %d at a time", jobs)
+    ekd_runs = train_side_by_side([student_config(plan, out, "ekd", seed, device)
+                                   for seed in plan.seeds], jobs)
+    runs = {plan.teacher_label: teacher}
+    for seed, nokd_run, ekd_run in zip(plan.seeds, nokd_runs, ekd_runs):
+        runs[run_label(NOKD, seed)], runs[run_label(EKD, seed)] = nokd_run, ekd_run
 
     results, table, comparison = evaluate_and_compare(out, plan, runs, device)
     total = time.perf_counter() - start

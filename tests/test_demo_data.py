@@ -1,0 +1,55 @@
+"""The demo's data when the teacher trains on more identities than the students: the students'
+folder holds exactly the teacher's first identities (byte-identical images), the evaluation
+identities are disjoint from every training identity, and the configs point at the right data."""
+
+from __future__ import annotations
+
+import filecmp
+from dataclasses import replace
+
+from ekd.engine import demo as D
+
+PLAN = replace(D.QUICK, train_identities=3, train_images=2, teacher_identities=6,
+               eval_identities=3, eval_images=2, num_pairs=6, identities_per_batch=2,
+               random_size=4)
+
+
+def _ids(folder):
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def test_students_get_the_teachers_first_identities_and_eval_is_disjoint(tmp_path):
+    root = D.prepare_data(PLAN, tmp_path)
+    data = tmp_path / "data"
+    assert root == data / "train_students"
+    teacher_ids, student_ids, eval_ids = _ids(data / "train"), _ids(root), _ids(data / "eval")
+    assert len(teacher_ids) == 6 and student_ids == teacher_ids[:3] and len(eval_ids) == 3
+    assert not set(eval_ids) & set(teacher_ids)
+    for ident in student_ids:
+        files = sorted(p.name for p in (root / ident).iterdir())
+        assert len(files) == 2
+        match, mismatch, errors = filecmp.cmpfiles(root / ident, data / "train" / ident, files,
+                                                   shallow=False)
+        assert match == files and not mismatch and not errors
+
+
+def test_prepared_students_folder_is_reused_then_remade_when_the_plan_changes(tmp_path):
+    root = D.prepare_data(PLAN, tmp_path)
+    image = root / "id_00000" / "0000.png"
+    stamp = image.stat().st_mtime_ns
+    D.prepare_data(PLAN, tmp_path)
+    assert image.stat().st_mtime_ns == stamp  # same plan: nothing regenerated
+    D.prepare_data(replace(PLAN, train_identities=2), tmp_path)
+    assert _ids(root) == ["id_00000", "id_00001"]
+
+
+def test_configs_train_teacher_on_all_and_students_on_their_subset(tmp_path):
+    D.prepare_data(PLAN, tmp_path)
+    teacher = D.teacher_config(PLAN, tmp_path, "cpu")
+    assert teacher.data.kind == "synthetic" and teacher.data.synthetic.train_identities == 6
+    student = D.student_config(PLAN, tmp_path, "nokd", 0, "cpu")
+    assert student.data.kind == "folder"
+    assert student.data.root == str(tmp_path / "data" / "train_students")
+    same = replace(PLAN, teacher_identities=None)
+    assert not same.students_subset and same.teacher_ids == 3
+    assert D.student_config(same, tmp_path, "nokd", 0, "cpu").data.kind == "synthetic"
