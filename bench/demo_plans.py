@@ -24,21 +24,27 @@ from ekd.engine import demo as D
 
 RESULTS = Path(__file__).resolve().parent / "results" / "demo_plans"
 
+#: The demo's first plan (FULL until plan D replaced it): 120 identities x 20 images, an
+#: IResNet-18 teacher and full-width students, 3 epochs each; the candidates change it.
+FIRST = D.DemoPlan(train_identities=120, train_images=20, eval_identities=120, eval_images=10,
+                   image_size=32, teacher_epochs=3, student_epochs=3, random_size=32,
+                   identities_per_batch=8, num_pairs=6000)
+
 #: A: 80 identities x 16 images; MobileFaceNet teacher (12 epochs) over a quarter-width student
 #: (20 epochs). B: the same models on 200 identities x 8 images (more identities, same cost).
 CANDIDATES = {
-    "A": replace(D.FULL, train_identities=80, train_images=16, teacher_backbone="mobilefacenet",
+    "A": replace(FIRST, train_identities=80, train_images=16, teacher_backbone="mobilefacenet",
                  teacher_epochs=12, student_width=0.25, student_epochs=20),
-    "B": replace(D.FULL, train_identities=200, train_images=8, teacher_backbone="mobilefacenet",
+    "B": replace(FIRST, train_identities=200, train_images=8, teacher_backbone="mobilefacenet",
                  teacher_epochs=12, student_width=0.25, student_epochs=20),
     # C: the teacher (MobileFaceNet x0.5) trains on 8x the students' identities while the no-KD
     # students train; the students (x0.25) see only the first 60 of its 480 identities.
-    "C": replace(D.FULL, train_identities=60, train_images=16, teacher_identities=480,
+    "C": replace(FIRST, train_identities=60, train_images=16, teacher_identities=480,
                  teacher_backbone="mobilefacenet", teacher_width=0.5, teacher_epochs=4,
                  student_width=0.25, student_epochs=30, preload=True),
     # D: C with the teacher trained twice as long (C's ended at CE 8.0: under-trained, and its
     # EKD students lost accuracy) and students at 24 epochs (C's reached CE 0.1 by epoch 22).
-    "D": replace(D.FULL, train_identities=60, train_images=16, teacher_identities=480,
+    "D": replace(FIRST, train_identities=60, train_images=16, teacher_identities=480,
                  teacher_backbone="mobilefacenet", teacher_width=0.5, teacher_epochs=8,
                  student_width=0.25, student_epochs=24, preload=True),
 }

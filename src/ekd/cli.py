@@ -198,11 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic faces: a teacher, students without/with EKD")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--quick", action="store_true", help="a 2-minute version")
+    p.add_argument("--quick", action="store_true", help="a smoke run of every step (about a minute)")
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=int, default=None,
-                   help="students trained at once, sharing the cores (default: 2 on a CPU with 2+ "
-                        "cores, 1 on a GPU)")
+                   help="models trained at once, sharing the cores: the teacher beside the no-KD "
+                        "students, then the EKD students (default: 2 on a CPU with 2+ cores, "
+                        "1 on a GPU)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("diagnose", help="gradient shares and EKD anchors of a run, in words")

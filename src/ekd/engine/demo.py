@@ -1,20 +1,23 @@
 """``ekd demo``: the whole method on the built-in synthetic faces, no downloads.
 
-1. Generate training identities and disjoint evaluation identities with a pair list.
-2. Train a teacher with CosFace, then embed the training set with it once (a teacher cache, as
-   ``ekd teacher-cache``), so the students never run the teacher.
-3. Train MobileFaceNet students (``student_width`` thins them) without distillation and with EKD
-   (the settings of ``docs/methods.md``, "EKD options beyond the paper"), on the same data,
-   sampler and schedule, each with two seeds; on a CPU two at a time, each in its own process
-   with half the cores (:mod:`ekd.engine.side_by_side`).
+1. Generate the teacher's training identities (the students' are the first ``train_identities``
+   of them, in their own folder), disjoint evaluation identities and a pair list.
+2. Train the teacher with CosFace alongside the no-KD students (they do not need it), then embed
+   the students' images with it once (a teacher cache, as ``ekd teacher-cache``), so the EKD
+   students never run the teacher.
+3. Train the EKD students (the settings of ``docs/methods.md``, "EKD options beyond the paper")
+   on the same data, sampler and schedule as the no-KD ones, two seeds each; on a CPU two models
+   at a time, each in its own process with its share of the cores
+   (:mod:`ekd.engine.side_by_side`).
 4. Evaluate every model (pair-list 10-fold accuracy, all-pairs TPR at FPR), print the per-run
    table and the comparison: mean of the seeds, share of the teacher - no-KD gap closed per
    metric, and whether the EKD - no-KD difference exceeds the seed spread
    (:mod:`ekd.engine.demo_report`).
 
 Everything (data, run directories, ``plan.json``, ``results.md``, ``metrics.json``) goes into one
-folder. ``docs/results/demo_synthetic.md`` has the measured runs and how far from converged the
-students of plan ``FULL`` are (``bench/demo_convergence.py``, ``bench/demo_plans.py``).
+folder. ``docs/results/demo_synthetic.md`` has the measured runs, the convergence check of plan
+``FULL``'s students and the plans tried before it (``bench/demo_convergence.py``,
+``bench/demo_plans.py``).
 """
 
 from __future__ import annotations
@@ -94,12 +97,18 @@ def network_name(backbone: str, width: float) -> str:
     return name if width == 1.0 else f"{name} x{width:g}"
 
 
-FULL = DemoPlan(train_identities=120, train_images=20, eval_identities=120, eval_images=10,
-                image_size=32, teacher_epochs=3, student_epochs=3, random_size=32,
-                identities_per_batch=8, num_pairs=6000)
+#: Plan D of ``bench/demo_plans.py`` (docs/results/demo_synthetic.md): a MobileFaceNet x0.5
+#: teacher on 480 identities, quarter-width students on the first 60 of them (the synthetic task
+#: is data-limited: a teacher on the students' own identities is no better than they are).
+FULL = DemoPlan(train_identities=60, train_images=16, eval_identities=120, eval_images=10,
+                image_size=32, teacher_epochs=8, student_epochs=24, random_size=32,
+                identities_per_batch=8, num_pairs=6000, teacher_backbone="mobilefacenet",
+                teacher_width=0.5, student_width=0.25, teacher_identities=480, preload=True)
 QUICK = DemoPlan(train_identities=24, train_images=6, eval_identities=12, eval_images=4,
                  image_size=32, teacher_epochs=1, student_epochs=1, random_size=16,
-                 identities_per_batch=4, num_pairs=200, ekd={**DEMO_EKD, "memory_size": 64})
+                 identities_per_batch=4, num_pairs=200, teacher_backbone="mobilefacenet",
+                 teacher_width=0.5, student_width=0.25, teacher_identities=48, preload=True,
+                 ekd={**DEMO_EKD, "memory_size": 64})
 
 NOKD, EKD = "student no KD", "student EKD"
 
