@@ -64,3 +64,36 @@ def test_report_from_committed_cells(tmp_path):
     # gap closed @1e-3: (0.21 - 0.11) / (0.5 - 0.11) = 26%; @1e-4: (0.105 - 0.055) / (0.3 - 0.055) = 20%
     assert "0.2100 ± 0.0141" in row and "+26%" in row and "+20%" in row and "| 11 |" in row
     assert "4 of 4 cells committed; 0.73 h" in text
+    assert "Chosen: **EKD (ours)**." in text  # no variant ran: plain EKD (ours)
+
+
+def _rec(tpr4: float, tpr3: float) -> dict:
+    return {"metrics": {"val_tpr@1e-4": tpr4, "val_tpr@1e-3": tpr3}}
+
+
+def _rows(**variants: tuple[tuple[float, float], ...]) -> dict:
+    rows = {"no KD": [_rec(0.060, 0.130), _rec(0.062, 0.132)],
+            "EKD (authors)": [_rec(0.058, 0.140), _rec(0.060, 0.142)],
+            "EKD (ours)": [_rec(0.064, 0.140), _rec(0.066, 0.141)]}
+    rows.update({name: [_rec(*seed) for seed in seeds] for name, seeds in variants.items()})
+    return rows
+
+
+def test_preset_is_the_variant_that_beats_ours_beyond_the_seed_spread():
+    rows = _rows(**{"ours + a": ((0.070, 0.140), (0.072, 0.141)),   # +0.006 > spread 0.002
+                    "ours + b": ((0.064, 0.140), (0.070, 0.141)),   # +0.002 < its spread 0.006
+                    "ours + c": ((0.080, 0.120), (0.080, 0.120))})  # 1e-3 falls by 0.0205
+    chosen, reasons = A.choose_preset(rows, seeds=2)
+    assert chosen == "ours + a"
+    verdicts = {r.split(":")[0]: r.rsplit("-> ", 1)[1] for r in reasons if "->" in r}
+    assert verdicts == {"ours + a": "helps", "ours + b": "does not help", "ours + c": "does not help"}
+
+
+def test_preset_falls_back_to_the_better_plain_ekd_and_waits_for_every_seed():
+    rows = _rows(**{"ours + a": ((0.065, 0.140), (0.066, 0.141))})
+    assert A.choose_preset(rows, seeds=2)[0] == "EKD (ours)"
+    rows["EKD (authors)"] = [_rec(0.080, 0.150), _rec(0.081, 0.150)]
+    assert A.choose_preset(rows, seeds=2)[0] == "EKD (authors)"
+    rows["ours + a"] = rows["ours + a"][:1]
+    chosen, reasons = A.choose_preset(rows, seeds=2)
+    assert chosen is None and "ours + a" in reasons[0]
