@@ -220,8 +220,8 @@ def _seed_stats(rs: list[dict], key: str) -> tuple[float, float]:
 
 
 def choose_preset(rows: dict[str, list[dict]], seeds: int) -> tuple[str | None, list[str]]:
-    """The row that becomes "EKD (ours)", by a rule fixed before any variant cell finished, on validation
-    numbers only: a variant *helps* when its seed-mean TPR@1e-4 beats the plain "EKD (ours)"
+    """The row that becomes "EKD (ours)", by a rule fixed before any variant cell finished, on
+    validation numbers only: a variant *helps* when its seed-mean TPR@1e-4 beats the plain "EKD (ours)"
     row's by more than the seed spread (the larger max - min over seeds of the two rows) and its
     TPR@1e-3 is not lower by more than that row pair's spread at 1e-3. The preset is the helping
     variant with the highest TPR@1e-4; with none, the better of "EKD (ours)" and
