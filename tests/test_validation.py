@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from ekd.config import load_config
 from ekd.data import generate_identity_folder, write_pairs
 from ekd.data.verification_bin import make_bin
+from ekd.eval.protocols import read_pair_list
 from ekd.engine import distributed as D
 from ekd.engine.checkpoint import load_file
 from ekd.engine.distributed import DistInfo
@@ -35,10 +36,10 @@ def data(tmp_path_factory):
     generate_identity_folder(root / "train", num_identities=10, images_per_identity=6, image_size=32, seed=2)
     generate_identity_folder(root / "faces", num_identities=6, images_per_identity=4, image_size=32, seed=3)
     write_pairs(root / "faces", root / "pairs.txt", 40, seed=0)
-    make_bin(root / "pairs.txt", root / "lfw.bin", root / "faces")
+    make_bin(read_pair_list(root / "pairs.txt", root / "faces"), root / "lfw.bin")
     generate_identity_folder(root / "small", num_identities=4, images_per_identity=2, image_size=16, seed=4)
     write_pairs(root / "small", root / "small_pairs.txt", 8, seed=0)
-    make_bin(root / "small_pairs.txt", root / "small.bin", root / "small")
+    make_bin(read_pair_list(root / "small_pairs.txt", root / "small"), root / "small.bin")
     return root
 
 

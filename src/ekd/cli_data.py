@@ -109,10 +109,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_make_bin(args: argparse.Namespace) -> int:
     from ekd.data.verification_bin import make_bin
+    from ekd.eval.protocols import read_pair_list
     from ekd.output_paths import prepare_output_file
 
     prepare_output_file(args.out, "OUT")
-    print(json.dumps(make_bin(args.pairs, args.out, args.root), indent=1))
+    pairs = read_pair_list(Path(args.pairs), Path(args.root) if args.root else None)
+    print(json.dumps(make_bin(pairs, args.out), indent=1))
     return 0
 
 

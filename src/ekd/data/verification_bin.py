@@ -159,13 +159,10 @@ def write_bin(bins: list[bytes], issame: np.ndarray | list[bool], out: str | os.
     return out
 
 
-def make_bin(pairs_file: str | os.PathLike[str], out: str | os.PathLike[str],
-             root: str | os.PathLike[str] | None = None) -> dict:
-    """``.bin`` from a ``path1 path2 label`` list; image files stored byte for byte (as
+def make_bin(pairs: Any, out: str | os.PathLike[str]) -> dict:
+    """``.bin`` from a pair list (``paths1``, ``paths2``, ``issame``: what
+    :func:`ekd.eval.protocols.read_pair_list` returns); image files stored byte for byte (as
     InsightFace's ``lfw2pack.py``), after checking that each one decodes."""
-    from ekd.eval.protocols import read_pair_list
-
-    pairs = read_pair_list(Path(pairs_file), Path(root) if root else None)
     cache: dict[str, bytes] = {}
     bins: list[bytes] = []
     for p1, p2 in zip(pairs.paths1, pairs.paths2):
