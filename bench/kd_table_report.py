@@ -100,6 +100,22 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(repo)) if path.is_relative_to(repo) else f"<results>/{path.name}"
 
 
+def shown_command(command: list[str]) -> str:
+    """``command`` as a report prints it: without ``--report-only``, a path inside the
+    repository relative to it, one outside shown as its flag's name (``--cache CACHE``)."""
+    repo = Path(__file__).resolve().parents[1]
+    out: list[str] = []
+    for word in command:
+        if word == "--report-only":
+            continue
+        if out and out[-1].startswith("--") and Path(word).is_absolute():
+            path = Path(word).resolve()
+            word = (str(path.relative_to(repo)) if path.is_relative_to(repo)
+                    else out[-1].lstrip("-").upper())
+        out.append(word)
+    return " ".join(out)
+
+
 def _student_label(width: float, params: int) -> str:
     name = "MobileFaceNet" if width == 1.0 else f"MobileFaceNet ×{width:g} width"
     return f"{name} ({params / 1e6:.2f} M parameters)"
@@ -214,7 +230,7 @@ def markdown(table, runs: list[dict], teachers: dict, missing: list[str], wall: 
     compute = sum(r["train_seconds"] + r["eval_seconds"] + r.get("bootstrap_seconds", 0.0) for r in runs)
     dirty = _git("status", "--porcelain", "--", "src", "bench", "configs")
     lines += ["## How these numbers were made", "",
-              f"- Command: `{' '.join(c for c in command if c != '--report-only')}`"
+              f"- Command: `{shown_command(command)}`"
               + (" (this report rewritten with `--report-only`)" if "--report-only" in command else ""),
               f"- Built from the committed cell files in `{_shown(table.store.root)}/`.",
               f"- Git commit: `{_git('rev-parse', 'HEAD')}`"

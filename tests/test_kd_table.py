@@ -140,3 +140,12 @@ def test_one_real_cell_end_to_end(shared_faces, tmp_path):
     assert (tmp_path / "out" / "kd_table_cpu_t2_roc.png").stat().st_size > 1000
     rows = (tmp_path / "out" / "kd_table_cpu.csv").read_text().splitlines()
     assert rows[0].startswith("teacher,width,method,seed,lfw_acc") and len(rows) == 3
+
+
+def test_report_command_shows_no_machine_paths(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    command = ["python", "bench/kd_table.py", "--cache", str(tmp_path / "kdcache"), "--out",
+               str(repo / "docs" / "results"), "--jobs", "2", "--report-only"]
+    shown = R.shown_command(command)
+    assert shown == "python bench/kd_table.py --cache CACHE --out docs/results --jobs 2"
+    assert str(tmp_path) not in shown
