@@ -52,9 +52,12 @@ CANDIDATES = {
 
 def record(name: str, out: Path, jobs: int, wall: float, note: str = "") -> Path:
     """Write ``RESULTS/<name>.json`` from a finished demo folder ``out``."""
+    results = json.loads((out / "metrics.json").read_text())
+    for res in results.values():  # the model files relative to the demo folder, no machine paths
+        res["model"] = os.path.relpath(res["model"], out)
     row = {"plan": name, **json.loads((out / "plan.json").read_text()), "jobs": jobs,
            "wall_seconds": wall, "load_average": os.getloadavg()[0], "note": note,
-           "results": json.loads((out / "metrics.json").read_text()),
+           "results": results,
            "comparison": json.loads((out / "comparison.json").read_text())}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
