@@ -157,3 +157,33 @@ def test_ekd_variants_train_through_the_config(tmp_path, teacher):
     logged = [r for r in rows if "grad/ekd_pos" in r]
     assert logged and all(r["grad/ekd_pos"] > 0 for r in logged)
     assert logged[-1]["ekd/pairs_pos"] > 84  # batch positives plus batch-vs-memory positives
+
+
+def _fake_run(tmp_path, student, teacher, params=None):
+    """A run directory with one logged step: anchors at FPR 1e-1..1e-3 and a config."""
+    import yaml
+
+    row = {"step": 100, "grad/ce": 0.1, "grad/ekd_pos": 0.02, "ekd/threshold_negatives": 1e6}
+    for fpr, s, t in zip(("1e-1", "1e-2", "1e-3"), student, teacher):
+        row[f"ekd/anchor_student@{fpr}"], row[f"ekd/anchor_teacher@{fpr}"] = s, t
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
+        {"distill": [{"name": "ekd", "weight": 1.0, "params": params or {}}]}))
+    return diagnose(tmp_path, plots=False)
+
+
+def test_anchor_spans_on_different_scales_are_flagged_unless_temperature_follows_spread(tmp_path):
+    dx = _fake_run(tmp_path, (0.17, 0.33, 0.45), (0.885, 0.92, 0.944))
+    assert "anchor span from FPR 1e-1 to 1e-3: student 0.280, teacher 0.059" in dx.text()
+    assert any("different scales" in w and "T = 0.01" in w for w in dx.warnings)
+    dx = _fake_run(tmp_path, (0.17, 0.33, 0.45), (0.885, 0.92, 0.944), {"temperature_mode": "spread"})
+    assert not any("different scales" in w for w in dx.warnings)
+    dx = _fake_run(tmp_path, (0.17, 0.33, 0.45), (0.20, 0.35, 0.48))  # alike: nothing to say
+    assert not any("different scales" in w or "nearly parallel" in w for w in dx.warnings)
+
+
+def test_a_student_squeezed_into_a_narrow_cone_is_flagged(tmp_path):
+    dx = _fake_run(tmp_path, (0.911, 0.960, 0.978), (0.885, 0.92, 0.944))
+    cone = [w for w in dx.warnings if "nearly parallel" in w]
+    assert len(cone) == 1 and "0.911" in cone[0] and "teacher's are (0.885)" in cone[0]
+    assert not any("different scales" in w for w in dx.warnings)  # same span: the student took it

@@ -33,6 +33,8 @@ WEAK_SHARE = 0.01  # a term below 1% of the CE gradient hardly moves the student
 TARGET_SHARE = 0.10  # the share the suggested weight aims at
 ANCHOR_TOL = 0.10  # cosine units between an anchor and the evaluation threshold
 FLAT_SHARE = 0.05  # share of pairs in an active band below which a term is nearly flat
+SCALE_RATIO = 2.0  # student and teacher anchor spans further apart than this factor
+CONE = 0.8  # a student anchor at the highest FPR above this: its negatives are nearly parallel
 _ANCHOR = re.compile(r"^(?P<d>[a-z_0-9]+)/anchor_(?P<who>student|teacher)@(?P<fpr>[0-9e.\-]+)$")
 
 
@@ -245,6 +247,46 @@ def plot(steps: list[dict], vals: list[dict], out: Path) -> list[Path]:
     return written
 
 
+def check_scales(steps: list[dict], cfg: dict, dx: Diagnosis) -> None:
+    """Compare the spread of the student's and the teacher's anchors (highest FPR to the deepest
+    one the negatives can support): EKD's soft rank (Eq. 5) uses one temperature for both, so
+    when the spans differ the student can only match the teacher's soft ranks by taking on its
+    spread of similarities; and flag a student whose negatives crowd near cosine 1."""
+    last = steps[-1]
+    params = {d["name"]: d.get("params") or {} for d in cfg.get("distill") or []
+              if isinstance(d, dict) and "name" in d}
+    for name, sides in _anchor_keys(steps).items():
+        negatives = last.get(f"{name}/threshold_negatives")
+        fprs = [f for f in sides.get("student", []) if f in sides.get("teacher", [])
+                and not (negatives and 1 / float(f) > negatives)]
+        if len(fprs) < 2:
+            continue
+        hi, lo = fprs[0], fprs[-1]
+        anchors = {who: (last.get(f"{name}/anchor_{who}@{hi}"), last.get(f"{name}/anchor_{who}@{lo}"))
+                   for who in ("student", "teacher")}
+        if any(a is None for pair in anchors.values() for a in pair):
+            continue
+        span = {who: b - a for who, (a, b) in anchors.items()}
+        dx.lines.append(f"{name}: anchor span from FPR {hi} to {lo}: student {span['student']:.3f}, "
+                        f"teacher {span['teacher']:.3f}")
+        own = params.get(name, {})
+        small, large = sorted((span["student"], span["teacher"]))
+        if own.get("temperature_mode", "fixed") == "fixed" and small > 0 and large > SCALE_RATIO * small:
+            dx.warnings.append(
+                f"{name}: the teacher's anchors span {span['teacher']:.3f} (FPR {hi} to {lo}), the "
+                f"student's {span['student']:.3f}: with one temperature (T = "
+                f"{float(own.get('temperature', 0.01)):g}) the two soft ranks are on different scales, "
+                "and matching them pulls the student's similarities towards the teacher's spread "
+                "(temperature_mode: spread gives each model a T from its own spread)")
+        student_hi, teacher_hi = anchors["student"][0], anchors["teacher"][0]
+        if student_hi > CONE:
+            like = f", as the teacher's are ({teacher_hi:.3f})" if teacher_hi > CONE else ""
+            dx.warnings.append(
+                f"{name}: the student's anchor at FPR {hi} is {student_hi:.3f}: its negative pairs "
+                f"are nearly parallel{like}, a similarity space squeezed into a narrow cone that the "
+                "margin softmax pays for (a smaller distill weight, or temperature_mode: spread)")
+
+
 def diagnose(run_dir: str | Path, out: str | Path | None = None, plots: bool = True) -> Diagnosis:
     """The summary and warnings of ``run_dir``; plots go to ``out`` (default ``run_dir/diagnose``)."""
     run_dir = Path(run_dir)
@@ -256,6 +298,7 @@ def diagnose(run_dir: str | Path, out: str | Path | None = None, plots: bool = T
                     f"{len(vals)} validation rows"])
     check_gradients(steps, cfg, dx)
     check_anchors(steps, vals, dx)
+    check_scales(steps, cfg, dx)
     if plots:
         dx.plots = plot(steps, vals, Path(out) if out else run_dir / "diagnose")
     return dx
