@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 from ekd.config import Config, DistillerConfig, from_dict, validate
-from ekd.data.synthetic import generate_identity_folder
 from ekd.data.synthetic_benchmark import make_synthetic_benchmark
 from ekd.engine.demo_report import (ALL_PAIRS, PAIRS, comparison_table, comparisons_from_results,
                                     summary)
@@ -149,7 +148,7 @@ def students_root(plan: DemoPlan, out: Path) -> Path:
 
 def prepare_data(plan: DemoPlan, out: Path) -> Path:
     """Generate the demo's data (:func:`make_synthetic_benchmark` with the teacher's identities,
-    and the students' subset, byte-identical to the teacher's first identities) before any
+    and the students' subset: a copy of the teacher's first identity folders) before any
     training, so that models trained at once find it; returns :func:`students_root`."""
     make_synthetic_benchmark(Path(out) / "data", plan.teacher_ids, plan.train_images,
                              plan.eval_identities, plan.eval_images, plan.image_size,
@@ -161,8 +160,9 @@ def prepare_data(plan: DemoPlan, out: Path) -> Path:
         if not (done.is_file() and done.read_text() == params and root.is_dir()):
             done.unlink(missing_ok=True)
             shutil.rmtree(root, ignore_errors=True)
-            generate_identity_folder(root, plan.train_identities, plan.train_images,
-                                     plan.image_size, seed=0)
+            teacher_ids = sorted(d for d in (Path(out) / "data" / "train").iterdir() if d.is_dir())
+            for folder in teacher_ids[:plan.train_identities]:
+                shutil.copytree(folder, root / folder.name)
             done.write_text(params)
     return root
 
