@@ -39,7 +39,6 @@ from ekd.engine.demo_report import (ALL_PAIRS, PAIRS, comparison_table, comparis
 from ekd.engine.evaluation import evaluate_checkpoint, write_report
 from ekd.engine.make_teacher_cache import cache_for_data
 from ekd.engine.side_by_side import train_side_by_side
-from ekd.engine.trainer import train
 
 log = logging.getLogger("ekd.demo")
 
