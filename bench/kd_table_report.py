@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import platform
-import subprocess
 from pathlib import Path
 
 import numpy as np
 
-from kd_cells import environment
+from kd_cells import environment, git
 from kd_significance import REFERENCES, significance
 from kd_table_eval import METRICS
 
@@ -28,12 +25,6 @@ LABELS = {"lfw_acc": "LFW acc", "lfw_tpr@1e-3": "TPR@1e-3", "lfw_tpr@1e-4": "TPR
 SMALL_GAP = 0.05  # teacher - no-KD differences below this make the "gap closed" share noise
 TEACHER_NAMES = {"T1": "T1: IResNet-50 trained here (ArcFace)",
                  "T2": "T2: dlib ResNet-29 (pretrained, 128-d, embeddings only)"}
-
-
-def _git(*args: str) -> str:
-    from kd_cells import git
-
-    return git(*args)
 
 
 def collect(table) -> tuple[list[dict], dict[str, dict], list[str]]:  # noqa: ANN001
@@ -228,12 +219,12 @@ def markdown(table, runs: list[dict], teachers: dict, missing: list[str], wall: 
                 f"{100 * by[params[w]]:+.1f}%" if params[w] in by else "–" for w in p.students) + " |")
         lines += ["", f"![capacity](kd_table_{p.name}_capacity.png)", ""]
     compute = sum(r["train_seconds"] + r["eval_seconds"] + r.get("bootstrap_seconds", 0.0) for r in runs)
-    dirty = _git("status", "--porcelain", "--", "src", "bench", "configs")
+    dirty = git("status", "--porcelain", "--", "src", "bench", "configs")
     lines += ["## How these numbers were made", "",
               f"- Command: `{shown_command(command)}`"
               + (" (this report rewritten with `--report-only`)" if "--report-only" in command else ""),
               f"- Built from the committed cell files in `{_shown(table.store.root)}/`.",
-              f"- Git commit: `{_git('rev-parse', 'HEAD')}`"
+              f"- Git commit: `{git('rev-parse', 'HEAD')}`"
               + (" (with uncommitted changes)" if dirty else ""),
               f"- Environment: `{json.dumps(environment())}`",
               f"- Compute: {compute / 3600:.2f} h of cell time (training + evaluation + bootstrap, summed "
