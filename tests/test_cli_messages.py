@@ -206,7 +206,6 @@ def test_demo_log_names_the_teacher(tmp_path, monkeypatch, caplog):
         run = Path(cfg.train.output_dir)
         return TrainResult(run, run / "model.pt", 0.0, {})
 
-    monkeypatch.setattr(demo, "train", fake_train)
     monkeypatch.setattr(demo, "train_side_by_side", lambda cfgs, jobs: [fake_train(c) for c in cfgs])
     monkeypatch.setattr(demo, "cache_for_data", lambda *a, **k: tmp_path / "demo" / "teacher_cache")
     monkeypatch.setattr(demo, "evaluate_and_compare", lambda *a, **k: ({}, "", ""))
