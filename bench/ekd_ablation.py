@@ -36,7 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kd_cells import CellStore, common_arguments, environment, git, run_and_report, train_cell  # noqa: E402
+from kd_cells import (CellStore, common_arguments, environment, git, layout_summary,  # noqa: E402
+                      run_and_report, train_cell)
 from kd_profiles import CPU2, Cell, Profile  # noqa: E402
 from kd_table import REPO, Table, smoke  # noqa: E402
 
@@ -308,7 +309,8 @@ def report(table: Ablation, out: Path) -> Path:
     lines += [f"- {r}" for r in reasons]
     compute = sum(x["train_seconds"] + x["eval_seconds"] for rs in rows.values() for x in rs)
     done = sum(len(rs) for rs in rows.values())
-    lines += ["", f"{done} of {len(table.plan())} cells committed; {compute / 3600:.2f} h of cell time.", ""]
+    lines += ["", f"{done} of {len(table.plan())} cells committed; {compute / 3600:.2f} h of cell time.",
+              layout_summary([x for rs in rows.values() for x in rs]), ""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "ekd_ablation.md").write_text("\n".join(lines))
     return out / "ekd_ablation.md"

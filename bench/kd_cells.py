@@ -53,6 +53,20 @@ def environment() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def recorded_channels_last(record: dict) -> bool:
+    """Whether a committed cell trained its student in NHWC (``train.channels_last`` in its
+    config; records without the key come from the trainer that used NCHW on CPU)."""
+    return bool(record.get("config", {}).get("train", {}).get("channels_last", False))
+
+
+def layout_summary(runs: list[dict]) -> str:
+    """One report line: how many cells ran with the student in NHWC and how many in NCHW."""
+    nhwc = sum(recorded_channels_last(r) for r in runs)
+    return (f"- Student memory layout: {nhwc} cell(s) NHWC (`train.channels_last`), {len(runs) - nhwc} "
+            "NCHW. Not part of a cell's hash: it changes the order of summation only, which training "
+            "amplifies as any rounding change does (docs/benchmark.md, 'Reproducing a cell').")
+
+
 class CellStore:
     """The committed per-cell files of one profile."""
 

@@ -45,13 +45,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kd_cells import RESULTS, CellStore, run_all, run_cell  # noqa: E402,F401
+from kd_cells import RESULTS, CellStore, recorded_channels_last, run_all, run_cell  # noqa: E402,F401
 from kd_profiles import (CPU, CPU2, EKD_OURS, GPU, NEEDS_CENTERS, OTHERS, PLANS,  # noqa: E402,F401
                          PROFILES, SEEDED, Cell, Profile, best_of, method_distill, zoo_distill)
 
 REPO = Path(__file__).resolve().parents[1]
 HASH_VERSION = 1  # bump when the evaluation of a cell changes
 LOADER_KEYS = ("num_workers", "preload", "preload_max_gb")  # how data is loaded, not what
+LAYOUT_KEYS = ("channels_last",)  # train.*: memory layout (rounding only), recorded, not hashed
 
 
 def preload_supported() -> bool:
@@ -98,7 +99,7 @@ class Table:
             "optim": dict(p.optim),
             "train": {"epochs": p.epochs, "device": p.device, "seed": cell.seed, "ce_on": "all",
                       "progress": False, "log_every": 20, "amp": "bf16" if p.device == "cuda" else "none",
-                      "max_steps_per_epoch": p.steps_per_epoch},
+                      "max_steps_per_epoch": p.steps_per_epoch, "channels_last": p.channels_last},
         }
 
     def portable(self, tree: dict) -> dict:
@@ -107,8 +108,9 @@ class Table:
         return json.loads(text.replace(str(self.faces), "<faces>").replace(str(self.cache), "<cache>"))
 
     def digest(self, tree: dict) -> str:
-        """Hash of everything that changes a cell's result (not paths, not loader settings)."""
-        tree = {**tree, "data": {k: v for k, v in tree["data"].items() if k not in LOADER_KEYS}}
+        """Hash of everything that changes a cell's result (not paths, loader settings or memory layout)."""
+        tree = {**tree, "data": {k: v for k, v in tree["data"].items() if k not in LOADER_KEYS},
+                "train": {k: v for k, v in tree["train"].items() if k not in LAYOUT_KEYS}}
         text = json.dumps({"v": HASH_VERSION, "cfg": tree}, sort_keys=True)
         text = text.replace(str(self.faces), "<faces>").replace(str(self.cache), "<cache>")
         return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -334,7 +336,10 @@ def reproduce(table: Table, name: str) -> dict:
     scratch = table.cache / "reproduce" / name
     shutil.rmtree(scratch, ignore_errors=True)
     meta = {k: committed[k] for k in ("teacher", "method", "seed", "width")}
-    spec = table.spec(name, table.config_tree(cell), meta)
+    tree = table.config_tree(cell)
+    # the committed cell's memory layout (records without the key ran NCHW)
+    tree["train"]["channels_last"] = recorded_channels_last(committed)
+    spec = table.spec(name, tree, meta)
     spec["results"] = str(scratch / "results")
     table.write_cell(scratch, spec)
     run_cell(scratch)

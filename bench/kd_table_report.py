@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_cells import environment, git
+from kd_cells import environment, git, layout_summary
 from kd_significance import REFERENCES, significance
 from kd_table_eval import METRICS
 
@@ -229,7 +229,7 @@ def markdown(table, runs: list[dict], teachers: dict, missing: list[str], wall: 
               f"- Environment: `{json.dumps(environment())}`",
               f"- Compute: {compute / 3600:.2f} h of cell time (training + evaluation + bootstrap, summed "
               f"over {len(runs)} runs, {p.jobs} at a time × {p.threads} thread(s)); this invocation's wall "
-              f"time {wall / 3600:.2f} h (committed cells are not rerun).", ""]
+              f"time {wall / 3600:.2f} h (committed cells are not rerun).", layout_summary(runs), ""]
     return "\n".join(lines), summaries
 
 

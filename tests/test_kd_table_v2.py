@@ -66,6 +66,22 @@ def test_half_width_config_and_loader_settings_outside_the_hash(tmp_path):
     assert table.digest(loaded) == table.digest(tree)
 
 
+def test_memory_layout_is_recorded_but_outside_the_hash(tmp_path):
+    from kd_cells import layout_summary, recorded_channels_last
+
+    cell = K.Cell("T2", "EKD (ours)", 0, 0.5)
+    assert _table(tmp_path).config_tree(cell)["train"]["channels_last"] is True  # cpu2: NHWC
+    assert _table(tmp_path, K.CPU).config_tree(cell)["train"]["channels_last"] is False  # v1 as run
+    tree = _table(tmp_path).config_tree(cell)
+    flipped = {**tree, "train": {**tree["train"], "channels_last": False}}
+    assert _table(tmp_path).digest(flipped) == _table(tmp_path).digest(tree)
+    assert _table(tmp_path).digest({**tree, "train": {**tree["train"], "seed": 1}}) != _table(tmp_path).digest(tree)
+    # a record without the key was trained in NCHW (the trainer ignored the key on CPU then)
+    old, new = {"config": {"train": {"seed": 0}}}, {"config": {"train": {"channels_last": True}}}
+    assert not recorded_channels_last(old) and recorded_channels_last(new)
+    assert "1 cell(s) NHWC" in layout_summary([old, new]) and "1 NCHW" in layout_summary([old, new])
+
+
 def _commit(table, cell, tpr, acc=0.8, boot_shift=None, seconds=100.0):
     """A committed cell (record + bootstrap samples) as kd_cells writes it."""
     name = table.cell_name(cell)

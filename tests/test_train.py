@@ -102,3 +102,21 @@ def test_lr_schedule_warmup_cosine_and_step():
     assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
     assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
     assert lr_factor(99, 100, 0, "step", [50, 80]) == pytest.approx(0.01)
+
+
+def test_channels_last_on_cpu_is_the_same_training_in_nhwc(folder, tmp_path):
+    """``train.channels_last`` (default) keeps the student in NHWC on CPU too. One step equals the
+    NCHW step to rounding (later steps drift apart as any change of summation order makes them),
+    and the saved model loads into a plain (contiguous) backbone."""
+    models = []
+    for name, flag in (("nhwc", "true"), ("nchw", "false")):
+        trainer = Trainer(_cfg(folder, tmp_path / name, "train.epochs=1", "train.max_steps_per_epoch=1",
+                                f"train.channels_last={flag}"))
+        conv = next(m for m in trainer.student.modules() if isinstance(m, torch.nn.Conv2d))
+        fmt = torch.channels_last if flag == "true" else torch.contiguous_format
+        assert trainer.channels_last == (flag == "true") and conv.weight.is_contiguous(memory_format=fmt)
+        models.append(load_teacher(trainer.fit().model_path).model)
+    images = torch.stack([trainer.dataset[i][0] for i in range(8)])
+    with torch.no_grad():
+        a, b = (torch.nn.functional.normalize(m(images)) for m in models)
+    assert torch.allclose(a, b, atol=2e-3), float((a - b).abs().max())

@@ -139,7 +139,9 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     # Mixed precision on GPU ("bf16" or "fp16" with a grad scaler); ignored on CPU.
     amp: str = "none"  # "none" | "bf16" | "fp16"
-    channels_last: bool = True  # on GPU only
+    # Student weights and input batches in NHWC (channels_last) memory format, on CPU and GPU:
+    # ~30% shorter MobileFaceNet steps on CPU (docs/scale.md), Tensor Cores on GPU.
+    channels_last: bool = True
     # A non-finite loss or gradient skips the step; this many in a row stop the run.
     max_bad_steps: int = 5
     # Resume from a checkpoint ("auto" = output_dir/checkpoints/last.pt when it exists).

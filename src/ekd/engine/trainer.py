@@ -97,7 +97,7 @@ class Trainer:
         student = build_backbone(mc.backbone, embedding_size=mc.embedding_size,
                                  input_size=cfg.data.input_size, dropout=mc.dropout,
                                  width=mc.width).to(device)
-        self.channels_last = tc.channels_last and device.type == "cuda"
+        self.channels_last = tc.channels_last
         if self.channels_last:
             student = student.to(memory_format=torch.channels_last)
         self.student = student
