@@ -74,7 +74,14 @@ ROWS: dict[str, list[dict] | None] = {
     # the anchors' EMA (momentum 0.01, ~100 steps) lags a fast-moving student's thresholds on
     # the validation split by 0.02-0.04 early in training (ekd diagnose on a real run)
     "ours + fast EMA": _ours(momentum=0.1),
+    # added after the seed-0 cells above (LATE_ROWS)
+    "ours + one-sided": _ours(one_sided=True),
 }
+# rows added once other rows' cells had finished, and what prompted them (said in the report)
+LATE_ROWS = {"ours + one-sided": "added after the seed-0 cells of the rows above it: at the end of the "
+             "five of them with weight 1 and their own anchors, 61-72% of ekd_pos's squared rank error "
+             "pulled positive pairs down "
+             "(`bench/results/ekd_rank_direction.json`)"}
 
 
 def split_identities(train_root: Path) -> tuple[list[str], list[str]]:
@@ -303,6 +310,7 @@ def report(table: Ablation, out: Path) -> Path:
             gaps.append(f"{(v - b) / (t - b):+.0%}" if None not in (t, b, v) and t != b else "n/a")
         minutes = statistics.mean(x["train_seconds"] + x["eval_seconds"] for x in rs) / 60
         lines.append(f"| {r} | {len(rs)} | " + " | ".join(cells + gaps) + f" | {minutes:.0f} |")
+    lines += [""] + [f"- *{r}*: {why}." for r, why in LATE_ROWS.items() if r in rows]
     chosen, reasons = choose_preset(rows, table.seeds)
     lines += ["", "## The preset (`choose_preset`: rule fixed before any variant cell finished)", "",
               f"Chosen: **{chosen}**." if chosen else "Chosen: none yet.", ""]

@@ -159,11 +159,11 @@ def test_ekd_variants_train_through_the_config(tmp_path, teacher):
     assert logged[-1]["ekd/pairs_pos"] > 84  # batch positives plus batch-vs-memory positives
 
 
-def _fake_run(tmp_path, student, teacher, params=None):
+def _fake_run(tmp_path, student, teacher, params=None, extra=None):
     """A run directory with one logged step: anchors at FPR 1e-1..1e-3 and a config."""
     import yaml
 
-    row = {"step": 100, "grad/ce": 0.1, "grad/ekd_pos": 0.02, "ekd/threshold_negatives": 1e6}
+    row = {"step": 100, "grad/ce": 0.1, "grad/ekd_pos": 0.02, "ekd/threshold_negatives": 1e6, **(extra or {})}
     for fpr, s, t in zip(("1e-1", "1e-2", "1e-3"), student, teacher):
         row[f"ekd/anchor_student@{fpr}"], row[f"ekd/anchor_teacher@{fpr}"] = s, t
     (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
@@ -187,3 +187,14 @@ def test_a_student_squeezed_into_a_narrow_cone_is_flagged(tmp_path):
     cone = [w for w in dx.warnings if "nearly parallel" in w]
     assert len(cone) == 1 and "0.911" in cone[0] and "teacher's are (0.885)" in cone[0]
     assert not any("different scales" in w for w in dx.warnings)  # same span: the student took it
+
+
+def test_rank_error_pulling_pairs_the_wrong_way_is_reported(tmp_path):
+    anchors = ((0.17, 0.33, 0.45), (0.20, 0.35, 0.48))
+    dx = _fake_run(tmp_path, *anchors, extra={"ekd/against_pos": 0.62, "ekd/against_neg": 0.1})
+    assert "62.0% of the positive pairs' squared rank error pulls them down" in dx.text()
+    assert "10.0% of the top-k negative pairs' squared rank error pulls them up" in dx.text()
+    wrong = [w for w in dx.warnings if "beats the teacher" in w]
+    assert len(wrong) == 1 and "ekd_pos" in wrong[0] and "one_sided: true" in wrong[0]
+    dx = _fake_run(tmp_path, *anchors, {"one_sided": True}, extra={"ekd/against_pos": 0.62})
+    assert not any("beats the teacher" in w for w in dx.warnings)

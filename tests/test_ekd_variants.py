@@ -22,7 +22,8 @@ def _batch(seed=0, n=24, d=16):
 
 
 def _reference(s, t, labels, *, anchor_source="own", hard="student", temperature_mode="fixed",
-               scale=0.1, focus=None, width=0.05, reduction="mean", top_k=30, temp=0.01):
+               scale=0.1, focus=None, width=0.05, reduction="mean", top_k=30, temp=0.01,
+               one_sided=False):
     """The variant losses (pos, neg), written from their docstrings, first step (EMA from 0,
     bias-corrected so the anchors are the batch thresholds)."""
     n = len(labels)
@@ -46,8 +47,9 @@ def _reference(s, t, labels, *, anchor_source="own", hard="student", temperature
     def rank(x, a, tt):
         return sum(1 / (1 + torch.exp(-(x - a[k]) / tt)) for k in range(len(FPRS)))
 
-    def term(xs, xt):
-        err = (rank(xs, a_s, t_s) - rank(xt, a_t, t_t)) ** 2
+    def term(xs, xt, sign):
+        diff = rank(xt, a_t, t_t) - rank(xs, a_s, t_s)
+        err = (diff.clamp_min(0) if sign > 0 else diff.clamp_max(0)) ** 2 if one_sided else diff ** 2
         if focus is not None:
             w = torch.exp(-0.5 * ((xt - a_t[FPRS.index(focus)]) / width) ** 2)
             err = err * w / w.mean()
@@ -58,7 +60,7 @@ def _reference(s, t, labels, *, anchor_source="own", hard="student", temperature
 
     key = ss[~same] if hard == "student" else ts[~same]
     top = torch.sort(key, descending=True).indices[:top_k]
-    return 0.02 * term(ss[same], ts[same]), 0.01 * term(ss[~same][top], ts[~same][top])
+    return 0.02 * term(ss[same], ts[same], 1), 0.01 * term(ss[~same][top], ts[~same][top], -1)
 
 
 VARIANTS = [
@@ -68,6 +70,7 @@ VARIANTS = [
     ({"temperature_mode": "spread", "temperature_scale": 0.2}, {"temperature_mode": "spread", "scale": 0.2}),
     ({"focus_fpr": 0.01, "focus_width": 0.1}, {"focus": 0.01, "width": 0.1}),
     ({"reduction": "active"}, {"reduction": "active"}),
+    ({"one_sided": True}, {"one_sided": True}),
     ({"temperature_mode": "spread", "reduction": "active", "anchor_source": "teacher"},
      {"temperature_mode": "spread", "reduction": "active", "anchor_source": "teacher"}),
 ]
@@ -86,13 +89,31 @@ def test_variant_equals_its_definition(params, ref):
 def test_every_variant_changes_the_loss_and_sends_gradient():
     s, t, labels = _batch(1)
     base = build_distiller("ekd", fprs=list(FPRS), top_k=30, bias_correction=True).double()(s, t, labels)
-    for params, _ in VARIANTS[1:6]:
+    for params, _ in VARIANTS[1:7]:
         x = s.clone().requires_grad_(True)
         got = build_distiller("ekd", fprs=list(FPRS), top_k=30, bias_correction=True, **params).double()(x, t, labels)
         assert not math.isclose(float(got["ekd_pos"] + got["ekd_neg"]), float(base["ekd_pos"] + base["ekd_neg"]),
                                 rel_tol=1e-9), params
         (got["ekd_pos"] + got["ekd_neg"]).backward()
         assert x.grad is not None and float(x.grad.abs().sum()) > 0, params
+
+
+def test_one_sided_keeps_only_the_errors_that_cost_the_student():
+    """A student whose positive pairs are all above every anchor owes nothing on them under
+    ``one_sided`` while the paper's MSE pulls them down towards the teacher's ranks; the
+    diagnostics report that pull ("against") as all of the positive error."""
+    s, t, labels = _batch(2)
+    g = torch.Generator().manual_seed(3)
+    student = 5.0 * torch.nn.functional.one_hot(labels, 16).double() + 0.1 * torch.randn(24, 16, generator=g, dtype=torch.float64)
+    common = dict(fprs=list(FPRS), top_k=30, bias_correction=True, temperature=0.05)
+    one = build_distiller("ekd", one_sided=True, **common).double()
+    mse = build_distiller("ekd", **common).double()
+    one.record_diagnostics = mse.record_diagnostics = True
+    got, paper = one(student, t, labels), mse(student, t, labels)
+    assert float(got["ekd_pos"]) == pytest.approx(0.0, abs=1e-12) and float(paper["ekd_pos"]) > 1e-4
+    assert 0 < float(got["ekd_neg"]) < float(paper["ekd_neg"])
+    assert mse.diagnostics()["against_pos"] == pytest.approx(1.0)
+    assert 0 < mse.diagnostics()["against_neg"] < 1
 
 
 def test_memory_pairs_distil_batch_against_memory_without_self_pairs():

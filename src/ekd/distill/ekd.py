@@ -77,6 +77,11 @@ class EKDLoss(Distiller):
         reduction: ``"mean"`` over all distilled pairs (paper) or ``"active"``: the sum divided by
             the number of pairs within ``5T`` of an anchor on either side, so flat pairs do not
             dilute the gradient.
+        one_sided: penalise only the errors that cost the student at evaluation: a positive pair
+            whose student soft rank is *below* the teacher's, a negative pair whose student soft
+            rank is *above* it (``relu(r_t - r_s)^2`` / ``relu(r_s - r_t)^2``). The paper's MSE
+            also pulls a positive down (a negative up) where the student already beats the
+            teacher; ``ekd diagnose`` reports that share of the loss as "against".
     """
 
     def __init__(self, weight: float = 1.0, fprs: Sequence[float] = PAPER_FPRS,
@@ -87,7 +92,7 @@ class EKDLoss(Distiller):
                  temperature_scale: float = 0.1, anchor_source: str = "own",
                  hard_negatives: str = "student", memory_pairs: bool = False,
                  focus_fpr: float | None = None, focus_width: float = 0.05,
-                 reduction: str = "mean") -> None:
+                 reduction: str = "mean", one_sided: bool = False) -> None:
         super().__init__(weight)
         _choice("temperature_mode", temperature_mode, ("fixed", "spread"))
         _choice("anchor_source", anchor_source, ("own", "teacher"))
@@ -103,6 +108,7 @@ class EKDLoss(Distiller):
         self.temperature_mode, self.temperature_scale = temperature_mode, float(temperature_scale)
         self.anchor_source, self.hard_negatives = anchor_source, hard_negatives
         self.memory_pairs, self.reduction = bool(memory_pairs), reduction
+        self.one_sided = bool(one_sided)
         self.focus = None if focus_fpr is None else list(fprs).index(focus_fpr)
         self.focus_width = float(focus_width)
         if not fprs or any(not 0 < f < 1 for f in fprs):
@@ -185,13 +191,16 @@ class EKDLoss(Distiller):
         return clamped_sigmoid(sims[:, None] - anchor[None, :], temperature, self.clamp).sum(1)
 
     def _rank_mse(self, s: torch.Tensor, t: torch.Tensor, s_anchor: torch.Tensor,
-                  t_anchor: torch.Tensor, temps: tuple | None = None) -> torch.Tensor:
+                  t_anchor: torch.Tensor, temps: tuple | None = None, sign: float = 1.0) -> torch.Tensor:
+        """Mean squared soft-rank difference (Eq. 6-7); with ``one_sided`` only where
+        ``sign * (r_t - r_s) > 0`` (sign +1: positives, -1: negatives)."""
         if s.numel() == 0:  # e.g. a batch without any positive pair
             return s.sum() * 0.0
         if temps is None:  # the paper's loss, exactly
             return F.mse_loss(self.soft_rank(s, s_anchor), self.soft_rank(t, t_anchor))
         t_s, t_t = temps
-        err = (self.soft_rank(s, s_anchor, t_s) - self.soft_rank(t, t_anchor, t_t)) ** 2
+        diff = self.soft_rank(t, t_anchor, t_t) - self.soft_rank(s, s_anchor, t_s)
+        err = (F.relu(sign * diff) if self.one_sided else diff) ** 2
         if self.focus is not None:
             with torch.no_grad():
                 w = torch.exp(-0.5 * ((t - t_anchor[self.focus]) / self.focus_width) ** 2)
@@ -208,7 +217,8 @@ class EKDLoss(Distiller):
     @property
     def is_paper_loss(self) -> bool:
         """True when no loss variant is on (the authors' code path is used)."""
-        return (self.temperature_mode == "fixed" and self.focus is None and self.reduction == "mean")
+        return (self.temperature_mode == "fixed" and self.focus is None and self.reduction == "mean"
+                and not self.one_sided)
 
     def _temperatures(self, s_neg: torch.Tensor, t_neg: torch.Tensor) -> tuple:
         if self.temperature_mode == "fixed" or s_neg.numel() < 2:
@@ -266,7 +276,7 @@ class EKDLoss(Distiller):
             order = torch.sort(t_neg, descending=True)[1]
         hard = order[: self.top_k]
         pos = self._rank_mse(s_pos, t_pos, s_anchor, t_anchor, temps)
-        neg = self._rank_mse(s_neg[hard], t_neg[hard], s_anchor, t_anchor, temps)
+        neg = self._rank_mse(s_neg[hard], t_neg[hard], s_anchor, t_anchor, temps, sign=-1.0)
         if self.record_diagnostics:
             self._diagnostics = self._record(s_pos, t_pos, s_neg[hard], t_neg[hard], s_anchor, t_anchor,
                                              float(temps[0]) if temps else self.temperature)
@@ -295,6 +305,11 @@ class EKDLoss(Distiller):
             step_t = clamped_sigmoid(t[:, None] - t_anchor[None, :], temperature, self.clamp)
             for k, f in enumerate(self.fprs):
                 out[f"mse_{name}@{_fpr(f)}"] = float(((step_s[:, k] - step_t[:, k]) ** 2).mean())
+            # share of the squared rank error that pulls a positive down / a negative up
+            diff = step_t.sum(1) - step_s.sum(1)
+            against = diff < 0 if name == "pos" else diff > 0
+            total = float((diff ** 2).sum())
+            out[f"against_{name}"] = float((diff[against] ** 2).sum()) / total if total > 0 else 0.0
         for k, f in enumerate(self.fprs):
             out[f"anchor_student@{_fpr(f)}"] = float(s_anchor[k])
             out[f"anchor_teacher@{_fpr(f)}"] = float(t_anchor[k])

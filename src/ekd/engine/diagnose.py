@@ -35,6 +35,7 @@ ANCHOR_TOL = 0.10  # cosine units between an anchor and the evaluation threshold
 FLAT_SHARE = 0.05  # share of pairs in an active band below which a term is nearly flat
 SCALE_RATIO = 2.0  # student and teacher anchor spans further apart than this factor
 CONE = 0.8  # a student anchor at the highest FPR above this: its negatives are nearly parallel
+AGAINST_SHARE = 0.3  # share of a term's squared rank error that pulls pairs the wrong way
 _ANCHOR = re.compile(r"^(?P<d>[a-z_0-9]+)/anchor_(?P<who>student|teacher)@(?P<fpr>[0-9e.\-]+)$")
 
 
@@ -197,6 +198,26 @@ def check_anchors(steps: list[dict], vals: list[dict], dx: Diagnosis) -> None:
                                        "widens the band)")
 
 
+def check_direction(steps: list[dict], cfg: dict, dx: Diagnosis) -> None:
+    """Share of EKD's squared soft-rank error that pulls a positive pair down or a negative pair
+    up (the student already ranks it better than the teacher does): that part of the MSE works
+    against the student's evaluation."""
+    params = {d["name"]: d.get("params") or {} for d in cfg.get("distill") or []
+              if isinstance(d, dict) and "name" in d}
+    for name in _anchor_keys(steps):
+        for side, pairs, way in (("pos", "positive", "down"), ("neg", "top-k negative", "up")):
+            share = _late(steps, f"{name}/against_{side}")
+            if not share:
+                continue
+            s = statistics.median(share)
+            dx.lines.append(f"{name}: {s:.1%} of the {pairs} pairs' squared rank error pulls them {way}, "
+                            "towards a teacher that ranks them worse than the student does")
+            if s > AGAINST_SHARE and not params.get(name, {}).get("one_sided"):
+                dx.warnings.append(f"{name}: {s:.0%} of {name}_{side}'s error pulls {pairs} pairs {way}, "
+                                   "where the student already beats the teacher (one_sided: true keeps only "
+                                   "the errors that cost the student at evaluation)")
+
+
 def plot(steps: list[dict], vals: list[dict], out: Path) -> list[Path]:
     """``anchors.png`` and ``gradients.png`` in ``out`` (nothing without matplotlib)."""
     try:
@@ -299,6 +320,7 @@ def diagnose(run_dir: str | Path, out: str | Path | None = None, plots: bool = T
     check_gradients(steps, cfg, dx)
     check_anchors(steps, vals, dx)
     check_scales(steps, cfg, dx)
+    check_direction(steps, cfg, dx)
     if plots:
         dx.plots = plot(steps, vals, Path(out) if out else run_dir / "diagnose")
     return dx
