@@ -140,6 +140,11 @@ def test_one_real_cell_end_to_end(shared_faces, tmp_path):
     assert (tmp_path / "out" / "kd_table_cpu_t2_roc.png").stat().st_size > 1000
     rows = (tmp_path / "out" / "kd_table_cpu.csv").read_text().splitlines()
     assert rows[0].startswith("teacher,width,method,seed,lfw_acc") and len(rows) == 3
+    # --reproduce: the committed cell retrained from scratch in its recorded layout (v1: NCHW)
+    assert record["config"]["train"]["channels_last"] is False
+    again = K.reproduce(table, name)
+    assert again["max_abs_diff"] == 0.0 and again["committed"] == again["rerun"]
+    assert (tmp_path / "results" / "cpu" / "reproduced" / f"{name}.json").is_file()
 
 
 def test_report_command_shows_no_machine_paths(tmp_path):
