@@ -140,7 +140,7 @@ class TrainConfig:
     # Mixed precision on GPU ("bf16" or "fp16" with a grad scaler); ignored on CPU.
     amp: str = "none"  # "none" | "bf16" | "fp16"
     # Student weights and input batches in NHWC (channels_last) memory format, on CPU and GPU:
-    # ~30% shorter MobileFaceNet steps on CPU (docs/scale.md), Tensor Cores on GPU.
+    # 24-32% shorter MobileFaceNet steps at 32 px on CPU (docs/benchmark.md), Tensor Cores on GPU.
     channels_last: bool = True
     # A non-finite loss or gradient skips the step; this many in a row stop the run.
     max_bad_steps: int = 5
