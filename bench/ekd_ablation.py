@@ -19,6 +19,7 @@ files alone.
     python bench/ekd_ablation.py [--seeds 2] [--rows ...] [--budget S] [--jobs 2]
     python bench/ekd_ablation.py --smoke        # 2 steps per cell: the path
     python bench/ekd_ablation.py --report-only
+    python bench/ekd_ablation.py --reproduce NAME   # retrain one committed cell, compare
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kd_cells import (CellStore, common_arguments, environment, git, layout_summary,  # noqa: E402
                       run_and_report, train_cell)
 from kd_profiles import CPU2, Cell, Profile  # noqa: E402
-from kd_table import REPO, Table, smoke  # noqa: E402
+from kd_table import REPO, Table, reproduce, smoke  # noqa: E402
 
 SPLIT_SEED = 20221  # fixed: the split never changes between machines or sessions
 VAL_SHARE = 0.10
@@ -330,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="2 steps per cell, results in the cache")
+    ap.add_argument("--reproduce", metavar="NAME",
+                    help="retrain committed cell NAME from scratch and write reproduced/NAME.json")
     ap.add_argument("--run-cell", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.run_cell:
@@ -340,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         profile, args.seeds = smoke(CPU2), 1
         args.results, args.out = args.cache / "smoke-results", args.cache / "smoke-report"
     table = Ablation(profile, args.faces, args.cache, args.results, args.rows, args.seeds)
+    if args.reproduce:
+        print(json.dumps(reproduce(table, args.reproduce, run=run_cell), indent=1))
+        return 0
     return run_and_report(table, args.faces, args.jobs, args.budget, args.report_only,
                           lambda: report(table, args.out))
 

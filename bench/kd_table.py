@@ -319,10 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def reproduce(table: Table, name: str) -> dict:
+def reproduce(table: Table, name: str, run=run_cell) -> dict:  # noqa: ANN001 - run(cell_dir)
     """Retrain committed cell ``name`` from scratch (its own cache folder, its own results
-    store) and write ``<results>/<profile>/reproduced/<name>.json``: both metric sets and the
-    largest absolute difference."""
+    store) with ``run`` (the command's own cell runner) and write
+    ``<results>/<profile>/reproduced/<name>.json``: both metric sets and the largest absolute
+    difference."""
     import shutil
 
     committed = table.store.load(name)
@@ -342,7 +343,7 @@ def reproduce(table: Table, name: str) -> dict:
     spec = table.spec(name, tree, meta)
     spec["results"] = str(scratch / "results")
     table.write_cell(scratch, spec)
-    run_cell(scratch)
+    run(scratch)
     again = CellStore(scratch / "results").load(name)
     keys = [k for k, v in committed["metrics"].items() if isinstance(v, (int, float))]
     diff = {k: abs(again["metrics"][k] - committed["metrics"][k]) for k in keys
