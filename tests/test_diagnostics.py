@@ -198,3 +198,5 @@ def test_rank_error_pulling_pairs_the_wrong_way_is_reported(tmp_path):
     assert len(wrong) == 1 and "ekd_pos" in wrong[0] and "one_sided: true" in wrong[0]
     dx = _fake_run(tmp_path, *anchors, {"one_sided": True}, extra={"ekd/against_pos": 0.62})
     assert not any("beats the teacher" in w for w in dx.warnings)
+    assert "error would pull them down, towards a teacher that ranks them worse than the student does " \
+        "(left out: one_sided)" in dx.text()

@@ -210,9 +210,12 @@ def check_direction(steps: list[dict], cfg: dict, dx: Diagnosis) -> None:
             if not share:
                 continue
             s = statistics.median(share)
-            dx.lines.append(f"{name}: {s:.1%} of the {pairs} pairs' squared rank error pulls them {way}, "
-                            "towards a teacher that ranks them worse than the student does")
-            if s > AGAINST_SHARE and not params.get(name, {}).get("one_sided"):
+            one_sided = bool(params.get(name, {}).get("one_sided"))
+            verb = "would pull them" if one_sided else "pulls them"
+            dx.lines.append(f"{name}: {s:.1%} of the {pairs} pairs' squared rank error {verb} {way}, "
+                            "towards a teacher that ranks them worse than the student does"
+                            + (" (left out: one_sided)" if one_sided else ""))
+            if s > AGAINST_SHARE and not one_sided:
                 dx.warnings.append(f"{name}: {s:.0%} of {name}_{side}'s error pulls {pairs} pairs {way}, "
                                    "where the student already beats the teacher (one_sided: true keeps only "
                                    "the errors that cost the student at evaluation)")
