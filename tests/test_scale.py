@@ -211,8 +211,13 @@ def _fixed_batch(trainer, rank, world):
 
 def test_two_process_step_equals_one_process_on_concatenated_batch(folder, tmp_path):
     _teacher(folder, tmp_path)
-    single = Trainer(load_config(None, _ddp_overrides(folder, tmp_path / "single")))
-    single.train_step(*_fixed_batch(single, 0, 1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: NHWC kernels split their sums by thread
+    try:
+        single = Trainer(load_config(None, _ddp_overrides(folder, tmp_path / "single")))
+        single.train_step(*_fixed_batch(single, 0, 1))
+    finally:
+        torch.set_num_threads(threads)
     expected = {k: v.detach() for k, v in single.student.named_parameters()}
     mp.spawn(_ddp_worker, args=(2, _free_port(), folder, tmp_path), nprocs=2, join=True)
     results = {r: torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)}
