@@ -151,12 +151,14 @@ def test_diagnose_command_prints_the_summary_and_writes_plots(tmp_path, teacher,
 
 def test_ekd_variants_train_through_the_config(tmp_path, teacher):
     variants = {"bias_correction": True, "memory_size": 64, "memory_pairs": True,
-                "temperature_mode": "spread", "hard_negatives": "teacher", "reduction": "active"}
+                "temperature_mode": "spread", "hard_negatives": "teacher", "reduction": "active",
+                "one_sided": True}
     run = train(_config(tmp_path, "variants", [{"name": "ekd", "params": variants}], teacher, val=False))
     rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "grad/ekd_pos" in r]
     assert logged and all(r["grad/ekd_pos"] > 0 for r in logged)
     assert logged[-1]["ekd/pairs_pos"] > 84  # batch positives plus batch-vs-memory positives
+    assert all(0 <= r["ekd/against_pos"] <= 1 and 0 <= r["ekd/against_neg"] <= 1 for r in logged)
 
 
 def _fake_run(tmp_path, student, teacher, params=None, extra=None):
