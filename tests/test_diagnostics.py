@@ -64,6 +64,27 @@ def test_ekd_records_anchors_bands_and_per_anchor_mse():
     assert d["threshold_negatives"] == int((~same).sum())
 
 
+def test_ekd_diagnostics_use_each_models_temperature_under_spread():
+    """With ``temperature_mode: spread`` the loss steps the teacher's pairs at the teacher's own T;
+    the recorded per-anchor MSE must do the same (not reuse the student's)."""
+    torch.manual_seed(1)
+    s, t = torch.randn(12, 8), 0.3 * torch.randn(12, 8) + torch.ones(8)  # a compressed teacher
+    labels = torch.arange(12) // 3
+    ekd = build_distiller("ekd", weight=1.0, fprs=[0.1, 0.01], top_k=10, temperature_mode="spread",
+                          temperature_scale=0.2, momentum=1.0)
+    ekd.record_diagnostics = True
+    ekd(s, t, labels)
+    d, (sa, ta) = ekd.diagnostics(), ekd.anchors()
+    su, tu = torch.nn.functional.normalize(s, dim=1), torch.nn.functional.normalize(t, dim=1)
+    iu = torch.triu_indices(12, 12, 1)
+    ss, ts = (su @ su.t())[iu[0], iu[1]], (tu @ tu.t())[iu[0], iu[1]]
+    same = labels[iu[0]] == labels[iu[1]]
+    t_s, t_t = 0.2 * float(ss[~same].std()), 0.2 * float(ts[~same].std())
+    assert abs(t_s - t_t) > 0.01  # the two temperatures really differ here
+    step = (clamped_sigmoid(ss[same] - sa[0], t_s) - clamped_sigmoid(ts[same] - ta[0], t_t)) ** 2
+    assert d["mse_pos@1e-1"] == pytest.approx(float(step.mean()), rel=1e-5)
+
+
 def _config(tmp_path, name, distill, teacher=None, val=True, **train):
     data = tmp_path / "data"
     tree = {

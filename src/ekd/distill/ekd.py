@@ -279,7 +279,7 @@ class EKDLoss(Distiller):
         neg = self._rank_mse(s_neg[hard], t_neg[hard], s_anchor, t_anchor, temps, sign=-1.0)
         if self.record_diagnostics:
             self._diagnostics = self._record(s_pos, t_pos, s_neg[hard], t_neg[hard], s_anchor, t_anchor,
-                                             float(temps[0]) if temps else self.temperature)
+                                             *(map(float, temps) if temps else (self.temperature,) * 2))
             pool = s_neg.numel() + (int((self.memory_labels >= 0).sum()) * n if self.memory_size else 0)
             self._diagnostics["threshold_negatives"] = float(pool)  # (an upper bound with a memory)
         return {"ekd_pos": self.pos_weight * pos, "ekd_neg": self.neg_weight * neg}
@@ -287,11 +287,12 @@ class EKDLoss(Distiller):
     # -- diagnostics (docs/diagnostics.md) -----------------------------------------------
     @torch.no_grad()
     def _record(self, s_pos: torch.Tensor, t_pos: torch.Tensor, s_neg: torch.Tensor, t_neg: torch.Tensor,
-                s_anchor: torch.Tensor, t_anchor: torch.Tensor, temperature: float) -> dict[str, float]:
+                s_anchor: torch.Tensor, t_anchor: torch.Tensor, temperature: float,
+                teacher_temperature: float) -> dict[str, float]:
         """Anchors per FPR, the share of the distilled pairs whose student similarity lies in a
         sigmoid's active band (``|sim - anchor| < 5T``, where its slope is > 1% of the peak), and
-        the per-anchor squared difference of the student's and teacher's sigmoid steps (both at
-        the student's T: with ``temperature_mode: spread`` the teacher's own T differs)."""
+        the per-anchor squared difference of the student's and teacher's sigmoid steps, each at
+        the temperature the loss gives that model (they differ with ``temperature_mode: spread``)."""
         out: dict[str, float] = {}
         band = 5.0 * temperature
         for name, s, t in (("pos", s_pos, t_pos), ("neg", s_neg, t_neg)):
@@ -302,7 +303,7 @@ class EKDLoss(Distiller):
             near = (s[:, None] - s_anchor[None, :]).abs() < band  # [pairs, anchors]
             out[f"active_{name}"] = float(near.any(1).float().mean())
             step_s = clamped_sigmoid(s[:, None] - s_anchor[None, :], temperature, self.clamp)
-            step_t = clamped_sigmoid(t[:, None] - t_anchor[None, :], temperature, self.clamp)
+            step_t = clamped_sigmoid(t[:, None] - t_anchor[None, :], teacher_temperature, self.clamp)
             for k, f in enumerate(self.fprs):
                 out[f"mse_{name}@{_fpr(f)}"] = float(((step_s[:, k] - step_t[:, k]) ** 2).mean())
             # share of the squared rank error that pulls a positive down / a negative up
