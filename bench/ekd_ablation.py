@@ -327,9 +327,35 @@ def report(table: Ablation, out: Path) -> Path:
     done = sum(len(rs) for rs in rows.values())
     lines += ["", f"{done} of {len(table.plan())} cells committed; {compute / 3600:.2f} h of cell time.",
               layout_summary([x for rs in rows.values() for x in rs]), ""]
+    lines += tail_section(TAIL_RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ekd_ablation.md").write_text("\n".join(lines))
     return out / "ekd_ablation.md"
+
+
+TAIL_RESULTS = REPO / "bench" / "results" / "ekd_tail_transfer.json"
+
+
+def tail_section(path: Path) -> list[str]:
+    """The committed tail-agreement rows (``bench/ekd_tail_transfer.py``), if any: how much of a
+    student's low-FPR failures it shares with the teacher and with another no-KD student."""
+    if not path.is_file():
+        return []
+    rows = json.loads(path.read_text())
+    lines = ["## Whose tail does a student have? (`bench/ekd_tail_transfer.py`)", "",
+             "On the validation pairs: *overlap@F* = share of the student's impostor pairs above its "
+             "threshold at FPR F that are among the reference model's hardest 1% of impostors (1% by "
+             "chance); *percentile@F* = median percentile, in the student's impostor order, of the "
+             "reference's impostors above its own threshold at F; *impostor ρ* = Spearman over all "
+             "impostor pairs. On this split F = 1e-4 is about 74 impostor pairs, 1e-3 about 740.", "",
+             "| row | seed | reference | impostor ρ | overlap@1e-3 | overlap@1e-4 | percentile@1e-3 | percentile@1e-4 | TPR@1e-4 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['seed']} | {r.get('reference', 'teacher')} | {r['spearman_impostor']:.3f} | "
+                     f"{r['tail_overlap@1e-3']:.1%} | {r['tail_overlap@1e-4']:.1%} | "
+                     f"{r['reference_tail_percentile@1e-3']:.1f} | {r['reference_tail_percentile@1e-4']:.1f} | "
+                     f"{r['tpr@1e-4']:.4f} |")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
