@@ -95,7 +95,7 @@ class Table:
             "model": model,
             "head": dict(p.head),
             "teacher": self.teacher_section(cell.teacher, cell.method),
-            "distill": method_distill(cell.method, cell.teacher),
+            "distill": method_distill(cell.method, cell.teacher, p.plan),
             "optim": dict(p.optim),
             "train": {"epochs": p.epochs, "device": p.device, "seed": cell.seed, "ce_on": "all",
                       "progress": False, "log_every": 20, "amp": "bf16" if p.device == "cuda" else "none",

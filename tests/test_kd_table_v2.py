@@ -34,6 +34,21 @@ def test_cpu_profile_cell_hashes_are_those_of_v1(tmp_path):
     assert table.cell_name(K.Cell("T2", "sp", 0)) == "T2-sp-s0-04d43649856a"
 
 
+def test_adopting_a_preset_changes_ekd_ours_in_v2_only(tmp_path, monkeypatch):
+    """The ablation's preset replaces kd_profiles.EKD_OURS: the v2 table's "EKD (ours)" cells
+    change with it, the v1 table's committed cells keep their names."""
+    import kd_profiles
+
+    v1, v2 = _table(tmp_path, K.CPU), _table(tmp_path, K.CPU2)
+    cell = K.Cell("T2", "EKD (ours)", 1)
+    before = v2.cell_name(cell)
+    preset = {**kd_profiles.EKD_OURS, "params": {**kd_profiles.EKD_OURS["params"], "one_sided": True}}
+    monkeypatch.setattr(kd_profiles, "EKD_OURS", preset)
+    assert v1.cell_name(cell) == "T2-ekd__ours-s1-ffca02577dc9"
+    assert v2.cell_name(cell) != before
+    assert v2.config_tree(K.Cell("T2", "EKD + AdaDistill", 0))["distill"][0] == preset
+
+
 def test_cpu2_plan_two_students_rows_and_seeds(tmp_path):
     table = _table(tmp_path, dataclasses.replace(K.CPU2, drop=()))  # every row
     plan = table.plan()
