@@ -278,8 +278,9 @@ class EKDLoss(Distiller):
         pos = self._rank_mse(s_pos, t_pos, s_anchor, t_anchor, temps)
         neg = self._rank_mse(s_neg[hard], t_neg[hard], s_anchor, t_anchor, temps, sign=-1.0)
         if self.record_diagnostics:
+            t_s, t_t = temps if temps else (self.temperature, self.temperature)
             self._diagnostics = self._record(s_pos, t_pos, s_neg[hard], t_neg[hard], s_anchor, t_anchor,
-                                             *(map(float, temps) if temps else (self.temperature,) * 2))
+                                             float(t_s), float(t_t))
             pool = s_neg.numel() + (int((self.memory_labels >= 0).sum()) * n if self.memory_size else 0)
             self._diagnostics["threshold_negatives"] = float(pool)  # (an upper bound with a memory)
         return {"ekd_pos": self.pos_weight * pos, "ekd_neg": self.neg_weight * neg}
