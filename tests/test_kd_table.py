@@ -76,7 +76,8 @@ def test_cell_configs_are_as_described(tmp_path):
         return from_dict(Config, table.config_tree(K.Cell(teacher, method, 0)))
 
     assert cfg("T2", "EKD (ours)").distill[0].params == {"bias_correction": True, "memory_size": 4096,
-                                                         "pos_weight": 0.16, "neg_weight": 0.08}
+                                                         "pos_weight": 0.16, "neg_weight": 0.08,
+                                                         "one_sided": True}
     assert cfg("T2", "EKD (authors)").distill[0].params == {}
     assert [d.name for d in cfg("T2", "EKD + AdaDistill").distill] == ["ekd", "adadistill"]
     assert cfg("T2", "kd").teacher.centers == "mean_embedding"

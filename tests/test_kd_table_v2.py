@@ -42,7 +42,7 @@ def test_adopting_a_preset_changes_ekd_ours_in_v2_only(tmp_path, monkeypatch):
     v1, v2 = _table(tmp_path, K.CPU), _table(tmp_path, K.CPU2)
     cell = K.Cell("T2", "EKD (ours)", 1)
     before = v2.cell_name(cell)
-    preset = {**kd_profiles.EKD_OURS, "params": {**kd_profiles.EKD_OURS["params"], "one_sided": True}}
+    preset = {**kd_profiles.EKD_OURS, "params": {**kd_profiles.EKD_OURS["params"], "memory_size": 8192}}
     monkeypatch.setattr(kd_profiles, "EKD_OURS", preset)
     assert v1.cell_name(cell) == "T2-ekd__ours-s1-ffca02577dc9"
     assert v2.cell_name(cell) != before
