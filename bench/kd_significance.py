@@ -22,10 +22,11 @@ def _valid(samples: np.ndarray) -> np.ndarray:
     return s
 
 
-def interval(samples: np.ndarray, level: float = LEVEL) -> np.ndarray:
-    """``[F, 2]`` percentile interval of ``[R, F]`` samples (NaN ignored)."""
+def interval(values: np.ndarray, level: float = LEVEL) -> np.ndarray:
+    """``[F, 2]`` percentile interval of ``[R, F]`` values (NaN ignored; negative values are
+    kept, as a paired difference has them: mask TPR samples with :func:`_valid` first)."""
     tail = 50.0 * (1.0 - level)
-    return np.nanpercentile(_valid(samples), [tail, 100.0 - tail], axis=0).T
+    return np.nanpercentile(np.asarray(values, dtype=np.float64), [tail, 100.0 - tail], axis=0).T
 
 
 def paired_interval(a: dict, b: dict, level: float = LEVEL) -> np.ndarray:
@@ -52,7 +53,7 @@ def significance(runs: list[dict], boots: dict[str, dict]) -> dict:
     out: dict = {}
     for (method, seed), name in sorted(by.items()):
         row = out.setdefault(method, {"tpr": {}, "diff": {ref: {} for ref in REFERENCES}})
-        row["tpr"][seed] = interval(boots[name]["samples"]).tolist()
+        row["tpr"][seed] = interval(_valid(boots[name]["samples"])).tolist()
         for ref in REFERENCES:
             ref_name = by.get((ref, seed))
             if ref_name is not None and ref != method:

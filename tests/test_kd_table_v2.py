@@ -151,6 +151,28 @@ def test_real_difference_needs_every_seed_on_one_side():
         S.paired_interval(a, {**a, "protocol": "q"})
 
 
+def test_paired_difference_keeps_negative_differences():
+    """A method below its reference on every resample has a paired interval below 0 (a worse
+    method must be reported as worse, not as an interval of only its rare positive resamples);
+    unmeasurable resamples (-1) drop out of both the TPR and the difference."""
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0.2, 0.3, size=(1000, 3))
+    worse = ref - rng.uniform(0.01, 0.02, size=(1000, 3))
+    worse[0, 0] = -1.0  # not measurable in resample 0 at the first FPR
+    a = {"protocol": "p", "seed": 0, "fprs": [1e-3, 1e-4, 1e-5], "samples": worse}
+    b = {**a, "samples": ref}
+    d = S.paired_interval(a, b)
+    assert np.all(d[:, 1] < 0) and np.all(d[:, 0] >= -0.02 - 1e-9)
+    diff = worse - ref
+    diff[0, 0] = np.nan
+    np.testing.assert_allclose(d, np.nanpercentile(diff, [2.5, 97.5], axis=0).T)
+    assert S.verdict([d]) == ["-", "-", "-"]
+    runs = [{"name": "x", "method": "EKD (ours)", "seed": 0}, {"name": "y", "method": "no KD", "seed": 0}]
+    sig = S.significance(runs, {"x": a, "y": b})
+    assert sig["EKD (ours)"]["real"]["no KD"] == ["-", "-", "-"]
+    assert sig["EKD (ours)"]["tpr"][0][0][0] >= 0  # the -1 entry is not a TPR
+
+
 def test_report_from_synthetic_committed_cells(tmp_path):
     table = _table(tmp_path)
     teacher = {m: 0.9 for m in METRICS} | {"lfw_tpr@1e-4": 0.6, "roc_fpr": [1e-4, 1.0], "roc_tpr": [0.6, 1.0]}
