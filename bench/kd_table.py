@@ -251,7 +251,7 @@ class Table:
             if record is None or record.get("hash") != name.rsplit("-", 1)[1]:
                 continue
             boot = sweep.root / f"{source}.boot.json"
-            self.store.write(name, {**record, "name": name, "profile": self.profile.name,
+            self.store.write(name, {**record, "name": name, "profile": self.profile.name, "teacher": cell.teacher,
                                     "adopted_from": f"convergence/{source}"},
                              json.loads(boot.read_text()) if boot.is_file() else None)
             written.append(name)
@@ -316,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
 
     out = write_report(table, args.out, wall, ["python", *sys.argv])
     print(f"report written to {out}")
+    if not args.smoke and args.out.resolve() == (REPO / "docs" / "results").resolve():
+        from kd_table_summary import update_readme
+
+        block = (args.out / f"kd_table_{profile.name}_summary.md").read_text().rstrip("\n")
+        if update_readme(REPO / "README.md", profile.name, block):
+            print("README.md results block rewritten")
     return 0
 
 

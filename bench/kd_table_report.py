@@ -1,8 +1,8 @@
 """Report of the KD table, built only from the committed per-cell files (``kd_cells.py``): CSV
 (one row per run), Markdown per student (mean ± std over seeds, the share of the teacher-student
 gap closed, identity-bootstrap intervals and paired differences, ``kd_significance.py``), LFW
-all-pairs ROC plots, a capacity plot (gap closed at TPR@1e-4 vs student parameters) and how the
-numbers were made.
+all-pairs ROC plots, a capacity plot (gap closed at TPR@1e-4 vs student parameters), how the
+numbers were made, and the README's summary block (``kd_table_summary.py``).
 
 Gap closed for metric m = (student_m - noKD_m) / (teacher_m - noKD_m), on seed means, with the
 no-KD row of the same student.
@@ -19,6 +19,7 @@ import numpy as np
 from kd_cells import environment, git, layout_summary
 from kd_significance import REFERENCES, significance
 from kd_table_eval import METRICS
+from kd_table_summary import summary_block
 
 LABELS = {"lfw_acc": "LFW acc", "lfw_tpr@1e-3": "TPR@1e-3", "lfw_tpr@1e-4": "TPR@1e-4",
           "lfw_tpr@1e-5": "TPR@1e-5", "cfp_ff_acc": "CFP-FF", "cfp_fp_acc": "CFP-FP"}
@@ -304,6 +305,9 @@ def write_report(table, out: Path, wall: float, command: list[str]) -> Path:  # 
                  out / _roc_name(table.profile.name, t, width), xlim=(1e-6, 1.0), ylog=True)
     plot_capacity(capacity(summaries, teachers, params), f"{table.profile.name.upper()}: gap closed vs capacity",
                   out / f"{name}_capacity.png")
+    labels = {key: f"{key[0]} → {_student_label(key[1], params[key[1]])}" for key in summaries}
+    (out / f"{name}_summary.md").write_text(
+        summary_block(table.profile.name, summaries, teachers, runs, boots, labels, missing) + "\n")
     (out / f"{name}.json").write_text(json.dumps(
         {"teachers": teachers, "missing": missing,
          "summaries": {f"{t}/w{w:g}" if w != 1.0 else t: s for (t, w), s in summaries.items()}},

@@ -19,6 +19,7 @@ import kd_convergence as C  # noqa: E402
 import kd_significance as S  # noqa: E402
 import kd_table as K  # noqa: E402
 import kd_table_report as R  # noqa: E402
+import kd_table_summary as M  # noqa: E402
 from kd_table_eval import METRICS  # noqa: E402
 
 
@@ -195,6 +196,35 @@ def test_report_from_synthetic_committed_cells(tmp_path):
     assert (tmp_path / "out" / "kd_table_cpu2_t2_w0.5_roc.png").is_file()
     # compute: 18 cells x (100 + 10 + 5) s
     assert f"{18 * 115 / 3600:.2f} h of cell time" in text
+    # the README block: numbers and words from the same cells
+    summary = (tmp_path / "out" / "kd_table_cpu2_summary.md").read_text()
+    assert summary.startswith(M.markers("cpu2")[0]) and summary.rstrip().endswith(M.markers("cpu2")[1])
+    assert "T2 → MobileFaceNet ×0.5 width" in summary and "table complete" not in summary
+    half = next(p for p in summary.split("\n\n") if p.startswith("**T2 → MobileFaceNet ×0.5"))
+    assert "best at TPR@1e-4 is **EKD (ours)** (0.2000 ± 0.0000, +20.0% of the gap; difference to no KD better)" in half
+    assert "EKD (authors) closes +0.0%; EKD (ours) closes +20.0%." in half
+    assert "Really better than no KD at TPR@1e-4 (every seed's interval): EKD (ours)." in half
+    assert "| T2 → MobileFaceNet ×0.5 width (0.33 M parameters) | EKD (authors) | 3 | 0.8000 | 0.1000 ± 0.0000 | +0.0% | not real |" in summary
+
+
+def test_summary_says_when_no_distiller_wins_and_readme_block_is_replaced(tmp_path):
+    summary = {"no KD": {"seeds": [0, 1], "mean": {"lfw_acc": 0.8, "lfw_tpr@1e-4": 0.1}, "std": {"lfw_tpr@1e-4": 0.01}},
+               "EKD (ours)": {"seeds": [0, 1], "mean": {"lfw_acc": 0.85, "lfw_tpr@1e-4": 0.09},
+                              "std": {"lfw_tpr@1e-4": 0.01}}}
+    sig = {"EKD (ours)": {"real": {"no KD": ["", "-", ""]}}}
+    rows, words = M.student_summary("S", summary, {"lfw_tpr@1e-4": 0.6}, sig)
+    assert "**no distiller beats no KD at TPR@1e-4**; the closest is EKD (ours) (0.0900 ± 0.0100, -2.0% of the gap)" in words
+    assert "Really worse than no KD at TPR@1e-4 (every seed's interval): EKD (ours)." in words
+    assert "Best LFW accuracy: EKD (ours) (0.8500; no KD 0.8000)." in words
+    assert rows[1] == "| S | EKD (ours) | 2 | 0.8500 | 0.0900 ± 0.0100 | -2.0% | worse |"
+    begin, end = M.markers("cpu2")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{begin}\nold\n{end}\noutro\n")
+    assert M.update_readme(readme, "cpu2", f"{begin}\nnew\n{end}")
+    assert readme.read_text() == f"intro\n{begin}\nnew\n{end}\noutro\n"
+    readme.write_text("no markers\n")
+    assert not M.update_readme(readme, "cpu2", f"{begin}\nnew\n{end}")
+    assert readme.read_text() == "no markers\n"
 
 
 def test_convergence_criterion_and_report(tmp_path):
@@ -264,10 +294,12 @@ def test_convergence_cells_become_the_no_kd_cells(tmp_path):
     key = (K.CPU2.input_size, K.CPU2.epochs, 0)
     name = table.cell_name(K.Cell("T2", "no KD", 0))
     kd_cells.CellStore(tmp_path / "results" / "convergence").write(
-        sweep.name(key), {"hash": name.rsplit("-", 1)[1], "metrics": {"lfw_acc": 0.8}}, {"seed": 0})
+        sweep.name(key), {"hash": name.rsplit("-", 1)[1], "teacher": "none", "metrics": {"lfw_acc": 0.8}},
+        {"seed": 0})
     assert table.adopt_convergence() == [name]
     got = table.result(K.Cell("T2", "no KD", 0))
     assert got["metrics"]["lfw_acc"] == 0.8 and got["adopted_from"] == f"convergence/{sweep.name(key)}"
+    assert got["teacher"] == "T2"  # the sweep trains without a teacher; the row is the T2 table's
     assert (table.store.root / f"{name}.boot.json").is_file()
     assert table.adopt_convergence() == []  # once
     assert name not in [j[0] for j in table.pending()]

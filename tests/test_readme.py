@@ -25,3 +25,11 @@ def test_quoted_training_rate_matches_the_results_file():
     rate, epochs, steps, batch = (int(g) for g in found.groups())
     seconds = results["summaries"]["T2"]["no KD"]["train_seconds"]
     assert rate == round(epochs * steps * batch / seconds)
+
+
+def test_results_block_is_the_one_the_report_wrote():
+    """README's cpu2 results block is exactly what ``bench/kd_table.py`` wrote from the committed
+    cells (``docs/results/kd_table_cpu2_summary.md``): it is never edited by hand."""
+    block = (ROOT / "docs" / "results" / "kd_table_cpu2_summary.md").read_text().rstrip("\n")
+    assert block.startswith("<!-- kd_table:cpu2 begin") and block in README
+

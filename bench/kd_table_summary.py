@@ -1,0 +1,117 @@
+"""The README's summary of a KD table, written from the same committed cells as the report.
+
+``summary_block`` states per student, in numbers and in words, which method is best at LFW
+all-pairs TPR@1e-4 and by how much, the share of the teacher - no-KD gap that EKD (authors),
+EKD (ours) and the best method close, and which differences to no KD are real (every seed's 95%
+paired identity-bootstrap interval on one side of 0, ``kd_significance.py``).
+``update_readme`` puts it between the profile's markers in README.md, so the README's results
+section is regenerated with the report and never quoted by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from kd_significance import significance
+
+KEY = "lfw_tpr@1e-4"
+NAMED = ("EKD (authors)", "EKD (ours)")
+
+
+def markers(profile: str) -> tuple[str, str]:
+    return (f"<!-- kd_table:{profile} begin: written by bench/kd_table.py from its committed cells -->",
+            f"<!-- kd_table:{profile} end -->")
+
+
+def _gap(summary: dict, teacher: dict, method: str) -> float | None:
+    base, t = summary["no KD"]["mean"][KEY], teacher[KEY]
+    return None if t - base == 0 else (summary[method]["mean"][KEY] - base) / (t - base)
+
+
+def _pct(g: float | None) -> str:
+    return "n/a" if g is None else f"{100 * g:+.1f}%"
+
+
+def _mean(s: dict, m: str = KEY) -> str:
+    sd = s["std"][m]
+    return f"{s['mean'][m]:.4f}" + ("" if sd is None else f" ± {sd:.4f}")
+
+
+def _real(sig: dict, method: str, ref: str = "no KD") -> str:
+    """``"better"`` / ``"worse"`` / ``"not real"`` at TPR@1e-4 against ``ref`` (index 1 = 1e-4)."""
+    marks = sig.get(method, {}).get("real", {}).get(ref, [])
+    mark = marks[1] if len(marks) > 1 else ""
+    return {"+": "better", "-": "worse"}.get(mark, "not real")
+
+
+def student_summary(label: str, summary: dict, teacher: dict, sig: dict) -> list[str]:
+    """Table rows and sentences for one student (needs its no-KD row)."""
+    base = summary["no KD"]
+    others = sorted((m for m in summary if m != "no KD"), key=lambda m: -summary[m]["mean"][KEY])
+    rows = [f"| {label} | {m} | {len(summary[m]['seeds'])} | {summary[m]['mean']['lfw_acc']:.4f} | "
+            f"{_mean(summary[m])} | {'–' if m == 'no KD' else _pct(_gap(summary, teacher, m))} | "
+            f"{'–' if m == 'no KD' else _real(sig, m)} |" for m in ["no KD", *others]]
+    words = [f"**{label}** (teacher TPR@1e-4 {teacher[KEY]:.4f}, no KD {_mean(base)}, "
+             f"{len(base['seeds'])} seed(s)):"]
+    if others:
+        best = others[0]
+        if summary[best]["mean"][KEY] > base["mean"][KEY]:
+            words.append(f"best at TPR@1e-4 is **{best}** ({_mean(summary[best])}, "
+                         f"{_pct(_gap(summary, teacher, best))} of the gap; difference to no KD "
+                         f"{_real(sig, best)}).")
+        else:
+            words.append(f"**no distiller beats no KD at TPR@1e-4**; the closest is {best} "
+                         f"({_mean(summary[best])}, {_pct(_gap(summary, teacher, best))} of the gap).")
+    named = [f"{m} closes {_pct(_gap(summary, teacher, m))}" for m in NAMED if m in summary]
+    if named:
+        words.append("; ".join(named) + ".")
+    for kind in ("better", "worse"):
+        ms = [m for m in others if _real(sig, m) == kind]
+        if ms:
+            words.append(f"Really {kind} than no KD at TPR@1e-4 (every seed's interval): {', '.join(ms)}.")
+    if others and not any(_real(sig, m) != "not real" for m in others):
+        words.append("No difference to no KD at TPR@1e-4 is real (every seed's interval contains 0).")
+    acc = max(summary, key=lambda m: summary[m]["mean"]["lfw_acc"])
+    if not others:
+        words.append("no distilled row yet.")
+        return rows, " ".join(words)
+    words.append(f"Best LFW accuracy: {acc} ({summary[acc]['mean']['lfw_acc']:.4f}; no KD "
+                 f"{base['mean']['lfw_acc']:.4f}).")
+    return rows, " ".join(words)
+
+
+def summary_block(profile: str, summaries: dict, teachers: dict, runs: list[dict], boots: dict,
+                  labels: dict, missing: list[str]) -> str:
+    """The README block: one table over the students, then one paragraph per student.
+    ``summaries``/``labels`` are keyed by (teacher, width)."""
+    begin, end = markers(profile)
+    head = (f"{len(runs)} cells committed" + (f", **{len(missing)} still to run** — the numbers below "
+                                              f"are partial" if missing else ", table complete") + ".")
+    rows, paragraphs = [], []
+    for key, summary in summaries.items():
+        t, width = key
+        if t not in teachers or "no KD" not in summary:
+            continue
+        sig = significance([r for r in runs if r["teacher"] == t and r.get("width", 1.0) == width], boots)
+        r, w = student_summary(labels[key], summary, teachers[t], sig)
+        rows += r
+        paragraphs.append(w)
+    lines = [begin, head, ""]
+    if rows:
+        lines += ["| student | method | seeds | LFW acc | TPR@1e-4 | gap closed @1e-4 | vs no KD @1e-4 |",
+                  "|---|---|---|---|---|---|---|", *rows, ""]
+        lines += [p + "\n" for p in paragraphs]
+    lines.append(end)
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, profile: str, block: str) -> bool:
+    """Replace the profile's block in ``readme``; False (file untouched) when it has no markers."""
+    begin, end = markers(profile)
+    text = readme.read_text()
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        return False
+    readme.write_text(pattern.sub(lambda _: block, text, count=1))
+    return True
