@@ -108,12 +108,13 @@ def verdict(short: list[dict], long: list[dict]) -> dict:
     return {"d_acc": d_acc, "d_tpr3": d_tpr, "rel_tpr3": rel, "seed_spread_tpr3": sd, "converged": ok}
 
 
-def report(sweep: Sweep, out: Path) -> Path:
-    """``kd_convergence.md`` / ``.json`` from the committed cells."""
-    runs = {k: r for k in sweep.plan() if (r := sweep.result(k)) is not None}
-    sizes = sorted({s for s, _ in sweep.tables})
-    lines = ["# Convergence of the no-KD MobileFaceNet (cpu2 schedule)", "",
-             f"Criterion: doubling the epochs changes the seed-mean LFW accuracy by < {ACC_TOL} and the "
+def evidence_lines(runs: dict[tuple[int, int, int], dict], doublings: list[int], seeds: int,
+                   sizes: list[int] | None = None) -> tuple[list[str], dict]:
+    """Markdown of the evidence (every run, then per size and E the deltas E -> 2E and the verdict)
+    from ``{(size, epochs, seed): record}``, and the verdicts by ``"<size>px <E>-><2E>"``; ``sizes``
+    (default: those of ``runs``) are the rows of the verdict table."""
+    sizes = sorted({s for s, _, _ in runs}) if sizes is None else sizes
+    lines = [f"Criterion: doubling the epochs changes the seed-mean LFW accuracy by < {ACC_TOL} and the "
              f"seed-mean LFW all-pairs TPR@1e-3 by < {TPR_REL_TOL:.0%} relative or by less than the "
              "seed-to-seed spread.", "",
              "| size | epochs | seed | LFW acc | TPR@1e-3 | TPR@1e-4 | TPR@1e-5 | minutes |",
@@ -128,16 +129,34 @@ def report(sweep: Sweep, out: Path) -> Path:
               "|---|---|---|---|---|---|"]
     verdicts = {}
     for s in sizes:
-        for e in sweep.doublings:
+        for e in doublings:
             short = [r for (sz, n, _), r in runs.items() if sz == s and n == e]
             long = [r for (sz, n, _), r in runs.items() if sz == s and n == 2 * e]
-            if len(short) == len(long) == sweep.seeds:
+            if len(short) == len(long) == seeds:
                 v = verdicts[f"{s}px {e}->{2 * e}"] = verdict(short, long)
                 lines.append(f"| {s} | {e} → {2 * e} | {v['d_acc']:+.4f} | {v['d_tpr3']:+.4f} "
                              f"({v['rel_tpr3']:.1%}) | {v['seed_spread_tpr3']:.4f} | "
                              f"{'yes' if v['converged'] else 'no'} |")
             else:
                 lines.append(f"| {s} | {e} → {2 * e} | (incomplete) | | | |")
+    return lines, verdicts
+
+
+def committed_runs(root: Path) -> dict[tuple[int, int, int], dict]:
+    """The committed sweep cells in ``root`` (``<results>/convergence``) by (size, epochs, seed)."""
+    runs = {}
+    for file in sorted(root.glob("*px-*ep-*.json")):
+        if not file.name.endswith(".boot.json"):
+            r = json.loads(file.read_text())
+            runs[(r["input_size"], r["epochs"], r["seed"])] = r
+    return runs
+
+
+def report(sweep: Sweep, out: Path) -> Path:
+    """``kd_convergence.md`` / ``.json`` from the committed cells."""
+    runs = {k: r for k in sweep.plan() if (r := sweep.result(k)) is not None}
+    evidence, verdicts = evidence_lines(runs, sweep.doublings, sweep.seeds, sorted({s for s, _ in sweep.tables}))
+    lines = ["# Convergence of the no-KD MobileFaceNet (cpu2 schedule)", "", *evidence]
     compute = sum(r["train_seconds"] + r["eval_seconds"] for r in runs.values())
     lines += ["", f"{len(runs)} of {len(sweep.plan())} cells committed; {compute / 3600:.2f} h of cell time.", ""]
     out.mkdir(parents=True, exist_ok=True)

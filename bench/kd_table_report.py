@@ -219,6 +219,7 @@ def markdown(table, runs: list[dict], teachers: dict, missing: list[str], wall: 
             lines.append(f"| {m} | " + " | ".join(
                 f"{100 * by[params[w]]:+.1f}%" if params[w] in by else "–" for w in p.students) + " |")
         lines += ["", f"![capacity](kd_table_{p.name}_capacity.png)", ""]
+    lines += convergence_section(table)
     compute = sum(r["train_seconds"] + r["eval_seconds"] + r.get("bootstrap_seconds", 0.0) for r in runs)
     dirty = git("status", "--porcelain", "--", "src", "bench", "configs")
     lines += ["## How these numbers were made", "",
@@ -232,6 +233,29 @@ def markdown(table, runs: list[dict], teachers: dict, missing: list[str], wall: 
               f"over {len(runs)} runs, {p.jobs} at a time × {p.threads} thread(s)); this invocation's wall "
               f"time {wall / 3600:.2f} h (committed cells are not rerun).", layout_summary(runs), ""]
     return "\n".join(lines), summaries
+
+
+def convergence_section(table) -> list[str]:  # noqa: ANN001
+    """The convergence evidence behind a v2 profile's schedule, from the committed sweep cells
+    (``bench/kd_convergence.py``) at the profile's input size; [] when there are none."""
+    from kd_convergence import committed_runs, evidence_lines
+
+    p = table.profile
+    runs = {k: r for k, r in committed_runs(table.store.root.parent / "convergence").items()
+            if k[0] == p.input_size} if p.plan == "v2" else {}
+    if not runs:
+        return []
+    lengths = {e for _, e, _ in runs}
+    seeds = min(sum(1 for k in runs if k[1] == e) for e in lengths)
+    evidence, verdicts = evidence_lines(runs, sorted(e for e in lengths if 2 * e in lengths), seeds)
+    v = verdicts.get(f"{p.input_size}px {p.epochs}->{2 * p.epochs}")
+    said = ("not measured" if v is None else "converged by the criterion" if v["converged"]
+            else "**not** converged by the criterion")
+    return ["## Convergence of the no-KD student", "",
+            f"The schedule ({p.epochs} epochs at {p.input_size} px) is {said}: the no-KD MobileFaceNet "
+            f"trained for E and 2E epochs, {seeds} seeds each (`python bench/kd_convergence.py`, "
+            f"committed cells in `bench/results/kd_table/convergence/`; the {p.epochs}-epoch runs are "
+            "this table's full-width no-KD cells).", "", *evidence, ""]
 
 
 def student_section(table, t: str, width: float, params: int, summary: dict, tm: dict,  # noqa: ANN001

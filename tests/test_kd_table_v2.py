@@ -252,6 +252,29 @@ def test_convergence_criterion_and_report(tmp_path):
     assert "0 of 4 cells committed" in text and "(incomplete)" in text
 
 
+def test_table_report_shows_the_convergence_evidence(tmp_path):
+    import kd_cells
+
+    table = _table(tmp_path)
+    s, e = K.CPU2.input_size, K.CPU2.epochs
+    store = kd_cells.CellStore(tmp_path / "results" / "convergence")
+    for epochs, acc, tpr in ((e, 0.82, 0.20), (2 * e, 0.823, 0.205)):
+        for seed in range(2):
+            store.write(f"{s}px-{epochs}ep-T2-no_kd-s{seed}-x",
+                        {"input_size": s, "epochs": epochs, "seed": seed, "train_seconds": 60.0, "eval_seconds": 0.0,
+                         "metrics": {"lfw_acc": acc, "lfw_tpr@1e-3": tpr, "lfw_tpr@1e-4": tpr / 2, "lfw_tpr@1e-5": None}},
+                        None)
+    store.write("40px-12ep-T2-no_kd-s0-y", {"input_size": 40, "epochs": 12, "seed": 0, "train_seconds": 1.0,
+                                            "eval_seconds": 0.0, "metrics": {}}, None)  # another size: left out
+    lines = R.convergence_section(table)
+    text = "\n".join(lines)
+    assert lines[0] == "## Convergence of the no-KD student"
+    assert f"The schedule ({e} epochs at {s} px) is converged by the criterion" in text
+    assert f"| {s} | {e} → {2 * e} | +0.0030 | +0.0050 (2.5%) | 0.0000 | yes |" in text
+    assert "| 40 |" not in text
+    assert R.convergence_section(_table(tmp_path, K.CPU)) == []  # the v1 table has no sweep
+
+
 def test_smoke_profile_and_limited_table(tmp_path):
     tiny = K.smoke(K.GPU)
     assert (tiny.device, tiny.input_size, tiny.epochs, tiny.steps_per_epoch, tiny.t1["epochs"]) == ("cpu", 32, 1, 2, 1)
