@@ -59,12 +59,20 @@ def recorded_channels_last(record: dict) -> bool:
     return bool(record.get("config", {}).get("train", {}).get("channels_last", False))
 
 
+def recorded_compile(record: dict) -> bool:
+    """Whether a committed cell trained its student under ``torch.compile`` (``train.compile``
+    in its config; records without the key ran eager)."""
+    return bool(record.get("config", {}).get("train", {}).get("compile", False))
+
+
 def layout_summary(runs: list[dict]) -> str:
-    """One report line: how many cells ran with the student in NHWC and how many in NCHW."""
+    """One report line: how many cells ran with the student in NHWC / NCHW, and compiled."""
     nhwc = sum(recorded_channels_last(r) for r in runs)
+    compiled = sum(recorded_compile(r) for r in runs)
     return (f"- Student memory layout: {nhwc} cell(s) NHWC (`train.channels_last`), {len(runs) - nhwc} "
-            "NCHW. Not part of a cell's hash: it changes the order of summation only, which training "
-            "amplifies as any rounding change does (docs/benchmark.md, 'Reproducing a cell').")
+            f"NCHW; {compiled} compiled (`train.compile`), {len(runs) - compiled} eager. Neither is part "
+            "of a cell's hash: they change the order of summation only, which training amplifies as any "
+            "rounding change does (docs/benchmark.md, 'Reproducing a cell').")
 
 
 class CellStore:
@@ -250,15 +258,16 @@ def run_all(table, jobs: int, budget_s: float | None = None) -> float:  # noqa: 
     failed: set[str] = set()
     bar = tqdm(desc=f"KD cells ({table.profile.name})", unit="cell", dynamic_ncols=True)
     start = time.perf_counter()
+    replan = True  # planning reads every committed record: only when a cell has ended
     while True:
         over = budget_s is not None and time.perf_counter() - start > budget_s
-        pending = [] if over else [job for job in table.pending()
-                                   if str(job[1]) not in running and str(job[1]) not in failed]
-        plan = table.plan()
-        done = sum(1 for c in plan if table.result(c))
-        if (bar.total, bar.n) != (len(plan), done):
-            bar.total, bar.n = len(plan), done
+        pending = []
+        if replan and not over:
+            pending = [job for job in table.pending() if str(job[1]) not in running and str(job[1]) not in failed]
+            plan = table.plan()
+            bar.total, bar.n = len(plan), sum(1 for c in plan if table.result(c))
             bar.refresh()
+        replan = False
         while pending and len(running) < jobs:
             name, d, spec = pending.pop(0)
             table.write_cell(d, spec)
@@ -280,6 +289,7 @@ def run_all(table, jobs: int, budget_s: float | None = None) -> float:  # noqa: 
         for key, (proc, name, t0) in list(running.items()):
             if proc.poll() is not None:
                 del running[key]
+                replan = True
                 if over and proc.returncode != 0:
                     tqdm.write(f"cell {name} stopped at the time budget; rerun to resume")
                 elif proc.returncode != 0:

@@ -49,6 +49,10 @@ class Profile:
     # only, and is recorded in each cell's config (absent = NCHW, the trainer before it honoured
     # the key on CPU). 24-32% shorter CPU steps for MobileFaceNet at 32 px.
     channels_last: bool = True
+    # train.compile (the student's training step under torch.compile). Like the layout: not in the
+    # hash, recorded in each cell's config (absent = eager). 28% shorter cpu2 steps, half and full
+    # width (bench/results/compile_speed_*.md).
+    compile: bool = False
 
 
 HEAD_COSFACE = {"kind": "cosface", "scale": 32.0, "margin": 0.2}
@@ -74,7 +78,7 @@ WEAKEST_V1 = ("kd", "margin_distill", "fitnet")
 CPU2 = Profile(name="cpu2", teachers=("T2",), input_size=CPU2_INPUT_SIZE, epochs=CPU2_EPOCHS,
                random_size=64, identities_per_batch=16, samples_per_identity=4,
                head=dict(HEAD_COSFACE), optim=dict(OPTIM_CPU), device="cpu", jobs=2, threads=1,
-               plan="v2", students=(1.0, 0.5), preload=True, drop=WEAKEST_V1)
+               plan="v2", students=(1.0, 0.5), preload=True, drop=WEAKEST_V1, compile=True)
 
 # GPU: the paper's scale (112 px, ArcFace s=64 m=0.5, batch 128 random + 128 balanced), 24
 # epochs of train/ (12,316 images, ~0.3M images per run). Target: T1 + the T1 key rows in 9 min

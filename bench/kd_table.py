@@ -45,14 +45,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kd_cells import RESULTS, CellStore, recorded_channels_last, run_all, run_cell  # noqa: E402,F401
+from kd_cells import (RESULTS, CellStore, recorded_channels_last, recorded_compile, run_all,  # noqa: E402,F401
+                      run_cell)
 from kd_profiles import (CPU, CPU2, EKD_OURS, GPU, NEEDS_CENTERS, OTHERS, PLANS,  # noqa: E402,F401
                          PROFILES, SEEDED, Cell, Profile, best_of, method_distill, zoo_distill)
 
 REPO = Path(__file__).resolve().parents[1]
 HASH_VERSION = 1  # bump when the evaluation of a cell changes
 LOADER_KEYS = ("num_workers", "preload", "preload_max_gb")  # how data is loaded, not what
-LAYOUT_KEYS = ("channels_last",)  # train.*: memory layout (rounding only), recorded, not hashed
+LAYOUT_KEYS = ("channels_last", "compile")  # train.*: layout, compiled step (rounding only), recorded, not hashed
 
 
 def preload_supported() -> bool:
@@ -99,7 +100,8 @@ class Table:
             "optim": dict(p.optim),
             "train": {"epochs": p.epochs, "device": p.device, "seed": cell.seed, "ce_on": "all",
                       "progress": False, "log_every": 20, "amp": "bf16" if p.device == "cuda" else "none",
-                      "max_steps_per_epoch": p.steps_per_epoch, "channels_last": p.channels_last},
+                      "max_steps_per_epoch": p.steps_per_epoch, "channels_last": p.channels_last,
+                      "compile": p.compile},
         }
 
     def portable(self, tree: dict) -> dict:
@@ -344,8 +346,9 @@ def reproduce(table: Table, name: str, run=run_cell) -> dict:  # noqa: ANN001 - 
     shutil.rmtree(scratch, ignore_errors=True)
     meta = {k: committed[k] for k in ("teacher", "method", "seed", "width")}
     tree = table.config_tree(cell)
-    # the committed cell's memory layout (records without the key ran NCHW)
+    # the committed cell's memory layout and step (records without the keys ran NCHW, eager)
     tree["train"]["channels_last"] = recorded_channels_last(committed)
+    tree["train"]["compile"] = recorded_compile(committed)
     spec = table.spec(name, tree, meta)
     spec["results"] = str(scratch / "results")
     table.write_cell(scratch, spec)

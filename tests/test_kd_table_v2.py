@@ -98,6 +98,62 @@ def test_memory_layout_is_recorded_but_outside_the_hash(tmp_path):
     assert "1 cell(s) NHWC" in layout_summary([old, new]) and "1 NCHW" in layout_summary([old, new])
 
 
+def test_compiled_step_is_recorded_but_outside_the_hash(tmp_path):
+    from kd_cells import layout_summary, recorded_compile
+
+    cell = K.Cell("T2", "EKD (ours)", 0)
+    tree = _table(tmp_path).config_tree(cell)
+    assert tree["train"]["compile"] is True  # cpu2 cells compile the student's step
+    assert _table(tmp_path, K.CPU).config_tree(cell)["train"]["compile"] is False  # v1 as run
+    eager = {**tree, "train": {**tree["train"], "compile": False}}
+    assert _table(tmp_path).digest(eager) == _table(tmp_path).digest(tree)
+    assert _table(tmp_path).cell_name(cell).endswith(_table(tmp_path).digest(eager))
+    old, new = {"config": {"train": {"seed": 0}}}, {"config": {"train": {"compile": True}}}
+    assert not recorded_compile(old) and recorded_compile(new)
+    assert "1 compiled (`train.compile`), 1 eager" in layout_summary([old, new])
+
+
+def test_cell_runner_replans_only_when_a_cell_ends(tmp_path, monkeypatch):
+    """run_all starts ``jobs`` cells at a time and reads the plan again only when one ends (it
+    used to re-plan, reading every committed record, every 2 s while cells ran)."""
+    import types
+
+    import kd_cells
+
+    real_sleep = kd_cells.time.sleep
+    monkeypatch.setattr(kd_cells.time, "sleep", lambda s: real_sleep(0.02))  # poll often
+
+    runner = tmp_path / "runner.py"
+    runner.write_text("import pathlib, sys, time\nd = pathlib.Path(sys.argv[2])\ntime.sleep(0.5)\n"
+                      "(d / 'done').write_text('1')\n")
+
+    class FakeTable:
+        profile = types.SimpleNamespace(name="fake", threads=1)
+
+        def __init__(self):
+            self.runner, self.calls, self.started = runner, 0, []
+            self.dirs = [tmp_path / f"c{i}" for i in range(5)]
+
+        def pending(self):
+            self.calls += 1
+            return [(d.name, d, {}) for d in self.dirs if not (d / "done").exists()]
+
+        def plan(self):
+            return self.dirs
+
+        def result(self, d):
+            return (d / "done").exists()
+
+        def write_cell(self, d, spec):
+            d.mkdir(exist_ok=True)
+            self.started.append(d.name)
+
+    table = FakeTable()
+    kd_cells.run_all(table, jobs=2)
+    assert all((d / "done").exists() for d in table.dirs) and sorted(table.started) == [d.name for d in table.dirs]
+    assert table.calls <= 1 + len(table.dirs)  # the start, then once per ended cell
+
+
 def _commit(table, cell, tpr, acc=0.8, boot_shift=None, seconds=100.0):
     """A committed cell (record + bootstrap samples) as kd_cells writes it."""
     name = table.cell_name(cell)

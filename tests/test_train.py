@@ -97,6 +97,43 @@ def test_no_weight_decay_on_bn_and_bias():
     assert no_decay["weight_decay"] == 0.0
 
 
+def test_compiled_student_trains_the_same_model(folder, tmp_path):
+    """``train.compile``: the training forward runs under torch.compile; one step (with the
+    diagnostics' gradient probes on the compiled graph's output) gives the eager model up to
+    rounding (~2e-5; later steps drift apart as under any change of summation order, as for
+    channels_last), and the saved model is the plain module's (no compile wrapper in its keys)."""
+    pytest.importorskip("torch._inductor")
+    from ekd.engine.build import CXX_CANDIDATES
+    import shutil
+
+    if not any(shutil.which(c) for c in CXX_CANDIDATES):
+        pytest.skip("no C++ compiler for inductor on this machine")
+    models = []
+    for name, flag in (("compiled", "true"), ("eager", "false")):
+        trainer = Trainer(_cfg(folder, tmp_path / name, "train.epochs=1", "train.max_steps_per_epoch=1",
+                                "model.width=0.25", f"train.compile={flag}"))
+        assert (trainer.student_forward is trainer.student_ddp) == (flag == "false")
+        result = trainer.fit()
+        rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert any("grad/ce" in r for r in rows)
+        saved = load_file(result.model_path)["model"]
+        assert not any("_orig_mod" in k for k in saved)
+        models.append(load_teacher(result.model_path).model)
+    images = torch.stack([trainer.dataset[i][0] for i in range(8)])
+    with torch.no_grad():
+        a, b = (torch.nn.functional.normalize(m(images)) for m in models)
+    assert torch.allclose(a, b, atol=2e-4), float((a - b).abs().max())
+
+
+def test_compile_without_a_cxx_compiler_is_a_config_error(folder, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match=r"train.compile.*C\+\+ compiler"):
+        Trainer(_cfg(folder, tmp_path / "run", "train.compile=true"))
+
+
 def test_lr_schedule_warmup_cosine_and_step():
     assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
     assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)

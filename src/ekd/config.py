@@ -142,6 +142,10 @@ class TrainConfig:
     # Student weights and input batches in NHWC (channels_last) memory format, on CPU and GPU:
     # 24-32% shorter MobileFaceNet steps at 32 px on CPU (docs/benchmark.md), Tensor Cores on GPU.
     channels_last: bool = True
+    # Compile the student's training forward and backward with torch.compile (inductor); the
+    # first step compiles (about a minute on CPU, where a C++ compiler is needed). On CPU at 32 px
+    # a MobileFaceNet step is ~35% shorter (docs/scale.md). Evaluation runs the plain module.
+    compile: bool = False
     # A non-finite loss or gradient skips the step; this many in a row stop the run.
     max_bad_steps: int = 5
     # Resume from a checkpoint ("auto" = output_dir/checkpoints/last.pt when it exists).

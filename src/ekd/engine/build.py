@@ -1,11 +1,16 @@
-"""Small builders shared by the engine: device, seeding, the training set and its loader."""
+"""Small builders shared by the engine: device, seeding, the training set and its loader, and the
+student's compiled forward."""
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ekd.config import Config
@@ -54,3 +59,21 @@ def build_train_loader(cfg: Config, dataset: Dataset, sampler: Sampler[list[int]
     return DataLoader(dataset, batch_sampler=sampler, num_workers=dc.num_workers,
                       pin_memory=device.type == "cuda", persistent_workers=dc.num_workers > 0,
                       generator=torch.Generator().manual_seed(cfg.train.seed + rank))
+
+
+CXX_CANDIDATES = ("g++", "c++", "clang++")
+
+
+def compiled_forward(module: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``train.compile``: ``module`` under ``torch.compile`` (inductor). The parameters stay the
+    module's own, so checkpoints, evaluation and DDP see the plain module.
+
+    Inductor generates C++ on CPU; without a compiler ``torch.compile`` would fail deep inside
+    torch at the first step, so that is checked here (``CXX`` or one of :data:`CXX_CANDIDATES`).
+    """
+    if device.type == "cpu":
+        named = os.environ.get("CXX")
+        if not (named and shutil.which(named)) and not any(shutil.which(c) for c in CXX_CANDIDATES):
+            raise ConfigError("train.compile=true on CPU needs a C++ compiler (g++ or clang++ on the PATH, "
+                              "or CXX); install one or set train.compile=false")
+    return torch.compile(module)

@@ -42,7 +42,8 @@ from ekd.data.sampler import BalancedBatchSampler
 from ekd.data.transforms import mirror_batch
 from ekd.distill import CLASS_EXTRAS
 from ekd.engine import distributed as D
-from ekd.engine.build import build_train_loader, build_train_set, resolve_device, seed_everything
+from ekd.engine.build import (build_train_loader, build_train_set, compiled_forward, resolve_device,
+                              seed_everything)
 from ekd.engine.diagnostics import anchor_fprs, distiller_diagnostics, set_recording, term_gradient_norms
 from ekd.engine.distill_inputs import (build_distillers, check_sharding, distiller_extras, sharded,
                                       teacher_centers_for)
@@ -103,6 +104,8 @@ class Trainer:
         self.student = student
         self.student_ddp: nn.Module = (DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
                                        if self.dist.enabled else student)
+        # the training forward: compiled (train.compile) or the (DDP-wrapped) module itself
+        self.student_forward = compiled_forward(self.student_ddp, device) if tc.compile else self.student_ddp
         hc = cfg.head
         # Partial FC (class centres sharded over ranks, negatives sampled) when sampling or
         # with several processes; a plain margin head otherwise.
@@ -169,7 +172,7 @@ class Trainer:
                       flipped: torch.Tensor) -> dict[str, torch.Tensor]:
         """All named loss terms of one batch (margin CE + every distiller on the global batch)."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            emb = self.student_ddp(images)
+            emb = self.student_forward(images)
         emb = self._embedding = emb.float()
         n_ce = self.cfg.sampler.random_size if self.cfg.train.ce_on == "random" else len(labels)
         terms: dict[str, torch.Tensor] = {}
