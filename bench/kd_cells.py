@@ -173,14 +173,42 @@ def timed(clock: Path, work):  # noqa: ANN001, ANN201
     return result, prior + time.perf_counter() - start
 
 
+LOCK = "running.pid"  # in a cell's cache folder: the process training/evaluating it
+
+
+def lock_holder(cell_dir: Path) -> int | None:
+    """The live process that holds ``cell_dir``'s lock, or None (no lock, or its process ended)."""
+    try:
+        pid = int((Path(cell_dir) / LOCK).read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def hold_lock(cell_dir: Path) -> None:
+    """Mark ``cell_dir`` as run by this process until it exits, so that a second runner on the
+    same cache skips the cell instead of training it twice into the same checkpoints."""
+    import atexit
+
+    holder = lock_holder(cell_dir)
+    if holder is not None and holder != os.getpid():
+        raise SystemExit(f"{cell_dir}: already running in process {holder}")
+    lock = Path(cell_dir) / LOCK
+    lock.write_text(str(os.getpid()))
+    atexit.register(lambda: lock.unlink(missing_ok=True))
+
+
 def train_cell(cell_dir: Path) -> tuple[dict, object, float]:
     """Train the cell of ``cell_dir/cell.json`` (resuming a half-done run): its spec, the
-    :class:`ekd.engine.trainer.TrainResult` and the training seconds of all invocations."""
+    :class:`ekd.engine.trainer.TrainResult` and the training seconds of all invocations. The
+    calling process holds the cell's lock (:func:`hold_lock`) from here until it exits."""
     import torch
 
     from ekd.config import Config, from_dict, validate
     from ekd.engine.trainer import train
 
+    hold_lock(cell_dir)
     spec = json.loads((cell_dir / "cell.json").read_text())
     torch.set_num_threads(int(spec["threads"]))
     tree = json.loads(json.dumps(spec["config"]))
@@ -263,7 +291,8 @@ def run_all(table, jobs: int, budget_s: float | None = None) -> float:  # noqa: 
         over = budget_s is not None and time.perf_counter() - start > budget_s
         pending = []
         if replan and not over:
-            pending = [job for job in table.pending() if str(job[1]) not in running and str(job[1]) not in failed]
+            pending = [job for job in table.pending() if str(job[1]) not in running and str(job[1]) not in failed
+                       and lock_holder(job[1]) is None]  # not run by another runner on this cache
             plan = table.plan()
             bar.total, bar.n = len(plan), sum(1 for c in plan if table.result(c))
             bar.refresh()

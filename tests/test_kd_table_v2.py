@@ -116,6 +116,7 @@ def test_compiled_step_is_recorded_but_outside_the_hash(tmp_path):
 def test_cell_runner_replans_only_when_a_cell_ends(tmp_path, monkeypatch):
     """run_all starts ``jobs`` cells at a time and reads the plan again only when one ends (it
     used to re-plan, reading every committed record, every 2 s while cells ran)."""
+    import os
     import types
 
     import kd_cells
@@ -149,9 +150,40 @@ def test_cell_runner_replans_only_when_a_cell_ends(tmp_path, monkeypatch):
             self.started.append(d.name)
 
     table = FakeTable()
+    elsewhere = table.dirs[0]  # run by another runner's process (this one): skipped
+    elsewhere.mkdir()
+    (elsewhere / kd_cells.LOCK).write_text(str(os.getpid()))
     kd_cells.run_all(table, jobs=2)
-    assert all((d / "done").exists() for d in table.dirs) and sorted(table.started) == [d.name for d in table.dirs]
+    assert table.started == [d.name for d in table.dirs[1:]] and not (elsewhere / "done").exists()
+    assert all((d / "done").exists() for d in table.dirs[1:])
     assert table.calls <= 1 + len(table.dirs)  # the start, then once per ended cell
+
+
+def test_a_cell_run_by_another_runner_is_skipped(tmp_path):
+    """A cell's cache folder holds the pid of the process running it: a second runner on the same
+    cache does not start it (two trainings would write the same checkpoints), a second process
+    cannot take it, and the lock of a process that has ended is free."""
+    import os
+    import subprocess
+    import sys
+
+    from kd_cells import LOCK, hold_lock, lock_holder
+
+    busy, free = tmp_path / "busy", tmp_path / "free"
+    busy.mkdir()
+    free.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (busy / LOCK).write_text(str(other.pid))
+        assert lock_holder(busy) == other.pid and lock_holder(free) is None
+        with pytest.raises(SystemExit, match=f"already running in process {other.pid}"):
+            hold_lock(busy)
+    finally:
+        other.kill()
+        other.wait()
+    assert lock_holder(busy) is None  # its process ended: free again
+    hold_lock(busy)
+    assert lock_holder(busy) == os.getpid()
 
 
 def _commit(table, cell, tpr, acc=0.8, boot_shift=None, seconds=100.0):
