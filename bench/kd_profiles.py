@@ -68,17 +68,18 @@ CPU = Profile(name="cpu", teachers=("T2",), input_size=32, epochs=2, random_size
 # Fixed by the convergence sweep (bench/kd_convergence.py, docs/results/kd_convergence.md): at
 # 32 px the no-KD MobileFaceNet is not converged at 12 epochs (12 -> 24: TPR@1e-3 +11.7%, more
 # than the seed spread) and is at 24 (24 -> 48: accuracy -0.004, TPR@1e-3 +3.2%). The sweep's
-# 24-epoch cells are the table's no-KD cells (same hash). At ~70 min per full-width cell the 44
-# cells exceed the 30 h budget, so the three weakest v1 one-seed rows are dropped (the issue's
-# rule); the rest is still over budget (docs/benchmark.md gives the arithmetic).
+# 24-epoch cells are the table's no-KD cells (same hash). At ~70 min per eager NCHW full-width
+# cell the 44 cells exceeded the 30 h budget and the three weakest v1 one-seed rows were dropped
+# (the rule); with NHWC and compiled steps a full-width cell takes ~33 min and the whole
+# table ~23 h, so every row runs again (docs/benchmark.md gives the arithmetic).
 CPU2_INPUT_SIZE = 32
 CPU2_EPOCHS = 24
-# Dropped first (in this order) if the v2 table does not fit its compute budget.
+# Dropped first (in this order, profile field `drop`) if the v2 table does not fit its budget.
 WEAKEST_V1 = ("kd", "margin_distill", "fitnet")
 CPU2 = Profile(name="cpu2", teachers=("T2",), input_size=CPU2_INPUT_SIZE, epochs=CPU2_EPOCHS,
                random_size=64, identities_per_batch=16, samples_per_identity=4,
                head=dict(HEAD_COSFACE), optim=dict(OPTIM_CPU), device="cpu", jobs=2, threads=1,
-               plan="v2", students=(1.0, 0.5), preload=True, drop=WEAKEST_V1, compile=True)
+               plan="v2", students=(1.0, 0.5), preload=True, compile=True)
 
 # GPU: the paper's scale (112 px, ArcFace s=64 m=0.5, batch 128 random + 128 balanced), 24
 # epochs of train/ (12,316 images, ~0.3M images per run). Target: T1 + the T1 key rows in 9 min

@@ -51,7 +51,8 @@ def test_adopting_a_preset_changes_ekd_ours_in_v2_only(tmp_path, monkeypatch):
 
 
 def test_cpu2_plan_two_students_rows_and_seeds(tmp_path):
-    table = _table(tmp_path, dataclasses.replace(K.CPU2, drop=()))  # every row
+    assert K.CPU2.drop == ()  # the cpu2 profile runs every row (it fits its budget)
+    table = _table(tmp_path)
     plan = table.plan()
     full = {(c.method, c.seed) for c in plan if c.width == 1.0}
     half = {(c.method, c.seed) for c in plan if c.width == 0.5}
@@ -65,10 +66,12 @@ def test_cpu2_plan_two_students_rows_and_seeds(tmp_path):
         _commit(table, K.Cell("T2", m, 0), tpr={"icd_face": 0.3}.get(m, 0.1 + 0.01 * i))
     plan = table.plan()
     assert len(plan) == 44 and {c.seed for c in plan if c.method == "icd_face"} == {0, 1, 2}
-    # the cpu2 profile itself drops the three weakest v1 one-seed rows to hold its budget
-    dropped = _table(tmp_path).plan()
-    assert K.CPU2.drop == ("kd", "margin_distill", "fitnet")
-    assert not {c.method for c in dropped} & set(K.CPU2.drop) and len(dropped) == 41
+    # over budget, `drop` removes the three weakest v1 one-seed rows first, no three-seed row
+    from kd_profiles import WEAKEST_V1
+
+    dropped = _table(tmp_path, dataclasses.replace(K.CPU2, drop=WEAKEST_V1)).plan()
+    assert WEAKEST_V1 == ("kd", "margin_distill", "fitnet")
+    assert not {c.method for c in dropped} & set(WEAKEST_V1) and len(dropped) == 41
     assert {c.method for c in dropped if c.seed == 0} >= {"no KD", "EKD (ours)", "proxylesskd", "rkd", "EKD + AdaDistill"}
 
 
