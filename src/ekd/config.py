@@ -144,7 +144,7 @@ class TrainConfig:
     channels_last: bool = True
     # Compile the student's training forward and backward with torch.compile (inductor); the
     # first step compiles (about a minute on CPU, where a C++ compiler is needed). On CPU at 32 px
-    # a MobileFaceNet step is ~35% shorter (docs/scale.md). Evaluation runs the plain module.
+    # a MobileFaceNet EKD step is ~28% shorter (docs/scale.md). Evaluation runs the plain module.
     compile: bool = False
     # A non-finite loss or gradient skips the step; this many in a row stop the run.
     max_bad_steps: int = 5
