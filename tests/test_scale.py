@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 
@@ -13,6 +14,7 @@ import torch.multiprocessing as mp
 from ekd.config import load_config
 from ekd.data import generate_identity_folder
 from ekd.engine import distributed as D
+from ekd.engine.build import CXX_CANDIDATES
 from ekd.engine.checkpoint import load_file
 from ekd.engine.teacher_cache import TeacherCache, build_cache, dataset_fingerprint, import_npz
 from ekd.engine.trainer import Trainer, train
@@ -165,11 +167,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, folder, out, ekd_params=""):
+def _ddp_worker(rank, world, port, folder, out, ekd_params="", extra=()):
     torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     try:
-        trainer = Trainer(load_config(None, _ddp_overrides(folder, out / f"r{rank}", ekd_params)))
+        trainer = Trainer(load_config(None, _ddp_overrides(folder, out / f"r{rank}", ekd_params, *extra)))
         trainer.train_step(*_fixed_batch(trainer, rank, world))
         torch.save({k: v.detach() for k, v in trainer.student.named_parameters()}, out / f"rank{rank}.pt")
         torch.save(trainer.diagnostics, out / f"diagnostics{rank}.pt")
@@ -177,14 +179,14 @@ def _ddp_worker(rank, world, port, folder, out, ekd_params=""):
         D.shutdown()
 
 
-def _ddp_overrides(folder, out, ekd_params=""):
+def _ddp_overrides(folder, out, ekd_params="", *extra):
     # BatchNorm would see per-rank statistics; freeze it (eval mode) so that the comparison is
     # about the loss and the gradient, which must be world-size invariant.
     return _overrides(folder, out, "train.ce_on=all", "sampler.random_size=0",
                       "teacher.kind=checkpoint", f"teacher.path={out.parent / 't' / 'model.pt'}",
                       f"distill=[{{name: ekd, weight: 10.0, params: {{top_k: 20, temperature: 0.1{ekd_params}}}}}, "
                       "{name: sp, weight: 10.0}, {name: cosine}]", "optim.lr=0.01",
-                      "train.log_every=1")  # step 1 is logged: diagnostics on the global batch
+                      "train.log_every=1", *extra)  # step 1 is logged: diagnostics on the global batch
 
 
 def calibrate_and_freeze_bn(student: torch.nn.Module, images: torch.Tensor) -> None:
@@ -209,19 +211,24 @@ def _fixed_batch(trainer, rank, world):
     return images[sl], labels[sl], torch.arange(8)[sl], torch.zeros(per, dtype=torch.bool)
 
 
-# the paper's EKD, and a loss variant (one_sided: the variants' code path) on the gathered pairs
-@pytest.mark.parametrize("ekd_params", ["", ", one_sided: true"], ids=["paper", "one_sided"])
-def test_two_process_step_equals_one_process_on_concatenated_batch(folder, tmp_path, ekd_params):
+# the paper's EKD, a loss variant (one_sided: the variants' code path) on the gathered pairs, and
+# the paper's EKD with the student's step compiled (train.compile: DDP under torch.compile)
+@pytest.mark.parametrize(("ekd_params", "extra"), [("", ()), (", one_sided: true", ()),
+                                                   ("", ("train.compile=true",))],
+                         ids=["paper", "one_sided", "compiled"])
+def test_two_process_step_equals_one_process_on_concatenated_batch(folder, tmp_path, ekd_params, extra):
+    if extra and not any(shutil.which(c) for c in CXX_CANDIDATES):
+        pytest.skip("no C++ compiler for inductor on this machine")
     _teacher(folder, tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: NHWC kernels split their sums by thread
     try:
-        single = Trainer(load_config(None, _ddp_overrides(folder, tmp_path / "single", ekd_params)))
+        single = Trainer(load_config(None, _ddp_overrides(folder, tmp_path / "single", ekd_params, *extra)))
         single.train_step(*_fixed_batch(single, 0, 1))
     finally:
         torch.set_num_threads(threads)
     expected = {k: v.detach() for k, v in single.student.named_parameters()}
-    mp.spawn(_ddp_worker, args=(2, _free_port(), folder, tmp_path, ekd_params), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), folder, tmp_path, ekd_params, extra), nprocs=2, join=True)
     results = {r: torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)}
     for rank in (0, 1):
         got = results[rank]
