@@ -202,7 +202,9 @@ def plan_v2(profile: Profile, result: Result) -> list[Cell]:
         best = best_of(ZOO_V2, t, result, 1)
         if best:
             cells += [Cell(t, best[0], s) for s in (1, 2)]
-    return sorted(cells, key=lambda c: (c.method in ZOO_V2 and c.seed > 0, c.seed, c.width != 1.0))
+    # the 3-seed rows first (their intervals carry the table's claims), then the one-seed rows
+    return sorted(cells, key=lambda c: (c.method in ZOO_V2 and c.seed > 0, c.method not in V2_SEEDED,
+                                        c.seed, c.width != 1.0))
 
 
 def plan_key(profile: Profile, result: Result) -> list[Cell]:  # noqa: ARG001

@@ -20,6 +20,7 @@ import kd_significance as S  # noqa: E402
 import kd_table as K  # noqa: E402
 import kd_table_report as R  # noqa: E402
 import kd_table_summary as M  # noqa: E402
+from kd_profiles import V2_SEEDED  # noqa: E402
 from kd_table_eval import METRICS  # noqa: E402
 
 
@@ -62,10 +63,14 @@ def test_cpu2_plan_two_students_rows_and_seeds(tmp_path):
     for m in ("EKD + AdaDistill", "rkd", "kd", "coupleface", "gkd", "icd_face", "unified_kd"):
         assert {s for mm, s in full if mm == m} == {0}
     assert len(plan) == 15 + 12 + 11 + 4
+    # every seed of the three-seed rows runs before the one-seed rows
+    seeded = [i for i, c in enumerate(plan) if c.method in V2_SEEDED or c.width == 0.5]
+    assert seeded == list(range(len(seeded))) and plan[len(seeded)].method not in V2_SEEDED
     for i, m in enumerate(("coupleface", "gkd", "icd_face", "unified_kd")):
         _commit(table, K.Cell("T2", m, 0), tpr={"icd_face": 0.3}.get(m, 0.1 + 0.01 * i))
     plan = table.plan()
     assert len(plan) == 44 and {c.seed for c in plan if c.method == "icd_face"} == {0, 1, 2}
+    assert [(c.method, c.seed) for c in plan[-2:]] == [("icd_face", 1), ("icd_face", 2)]
     # over budget, `drop` removes the three weakest v1 one-seed rows first, no three-seed row
     from kd_profiles import WEAKEST_V1
 
