@@ -19,7 +19,7 @@ import numpy as np
 from kd_cells import environment, git, layout_summary
 from kd_significance import REFERENCES, significance
 from kd_table_eval import METRICS
-from kd_table_summary import summary_block
+from kd_table_summary import at_chance, summary_block
 
 LABELS = {"lfw_acc": "LFW acc", "lfw_tpr@1e-3": "TPR@1e-3", "lfw_tpr@1e-4": "TPR@1e-4",
           "lfw_tpr@1e-5": "TPR@1e-5", "cfp_ff_acc": "CFP-FF", "cfp_fp_acc": "CFP-FP"}
@@ -270,6 +270,9 @@ def student_section(table, t: str, width: float, params: int, summary: dict, tm:
         s = summary[method]
         lines.append(f"| {method} | {len(s['seeds'])} | "
                      + " | ".join(_cell(s["mean"][m], s["std"][m]) for m in METRICS) + " |")
+    failed = at_chance(runs)
+    if failed:
+        lines += ["", failed]
     gaps = gap_closed(summary, tm)
     lines += ["", "Share of the teacher − no-KD gap closed ((student − no KD) / (teacher − no KD)):", ""]
     if not gaps:

@@ -17,6 +17,19 @@ from kd_significance import significance
 
 KEY = "lfw_tpr@1e-4"
 NAMED = ("EKD (authors)", "EKD (ours)")
+CHANCE_ACC = 0.55  # LFW pairs are half genuine: below this a student has learnt nothing usable
+
+
+def at_chance(runs: list[dict]) -> str:
+    """A sentence naming the runs whose LFW accuracy is at chance (a training that diverged; kept
+    in the means, since dropping them would hide a method's instability), or ""."""
+    bad = sorted((r["method"], r["seed"], r["metrics"]["lfw_acc"]) for r in runs
+                 if r["metrics"]["lfw_acc"] < CHANCE_ACC)
+    if not bad:
+        return ""
+    named = ", ".join(f"{m} seed {s} (LFW accuracy {a:.4f})" for m, s, a in bad)
+    return (f"Trained to chance: {named} - the training diverged; the run stays in the means and "
+            "intervals, a seed that fails is part of a method's result.")
 
 
 def markers(profile: str) -> tuple[str, str]:
@@ -93,8 +106,10 @@ def summary_block(profile: str, summaries: dict, teachers: dict, runs: list[dict
         t, width = key
         if t not in teachers or "no KD" not in summary:
             continue
-        sig = significance([r for r in runs if r["teacher"] == t and r.get("width", 1.0) == width], boots)
-        r, w = student_summary(labels[key], summary, teachers[t], sig)
+        own = [run for run in runs if run["teacher"] == t and run.get("width", 1.0) == width]
+        r, w = student_summary(labels[key], summary, teachers[t], significance(own, boots))
+        failed = at_chance(own)
+        w = f"{w} {failed}" if failed else w
         rows += r
         paragraphs.append(w)
     lines = [begin, head, ""]

@@ -301,6 +301,26 @@ def test_report_from_synthetic_committed_cells(tmp_path):
     assert "EKD (authors) closes +0.0%; EKD (ours) closes +20.0%." in half
     assert "Really better than no KD at TPR@1e-4 (every seed's interval): EKD (ours)." in half
     assert "| T2 → MobileFaceNet ×0.5 width (0.33 M parameters) | EKD (authors) | 3 | 0.8000 | 0.1000 ± 0.0000 | +0.0% | not real |" in summary
+    assert "Trained to chance" not in text + summary
+
+
+def test_a_run_at_chance_is_named_in_report_and_summary(tmp_path):
+    """A diverged seed (LFW accuracy at chance) stays in the means and is named, per student."""
+    table = _table(tmp_path)
+    teacher = {m: 0.9 for m in METRICS} | {"lfw_tpr@1e-4": 0.6, "roc_fpr": [1e-4, 1.0], "roc_tpr": [0.6, 1.0]}
+    table.store.write("T2-teacher", {"teacher": "T2", "method": "teacher", "metrics": teacher}, None)
+    for seed in range(2):
+        _commit(table, K.Cell("T2", "no KD", seed), 0.2)
+        _commit(table, K.Cell("T2", "no KD", seed, 0.5), 0.1)
+    _commit(table, K.Cell("T2", "AdaDistill", 0), 0.2)
+    _commit(table, K.Cell("T2", "AdaDistill", 1), 0.0003, acc=0.5005)
+    out = R.write_report(table, tmp_path / "out", 0.0, ["python", "bench/kd_table.py"])
+    said = "Trained to chance: AdaDistill seed 1 (LFW accuracy 0.5005)"
+    sections = out.read_text().split("## ")
+    assert [said in sec for sec in sections if sec.startswith("T2")] == [True, False]  # full, half width
+    summary = (tmp_path / "out" / "kd_table_cpu2_summary.md").read_text()
+    assert summary.count(said) == 1
+    assert "| AdaDistill | 2 | " in out.read_text()  # kept in the means
 
 
 def test_summary_says_when_no_distiller_wins_and_readme_block_is_replaced(tmp_path):
