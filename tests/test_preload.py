@@ -169,12 +169,15 @@ def _two_process_worker(rank, world, port, folder, out):
     torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", CorruptSampleWarning)
+    trainers = []  # one process group for both: the first trainer joined it, closes it last
     try:
         for name, extra in (("plain", ()), ("pre", ("data.preload=true",))):
-            trainer = Trainer(_cfg(folder, out / name, "train.epochs=1", *extra))
-            trainer.fit()
-            torch.save(trainer.student.state_dict(), out / f"{name}{rank}.pt")
+            trainers.append(Trainer(_cfg(folder, out / name, "train.epochs=1", *extra)))
+            trainers[-1].fit()
+            torch.save(trainers[-1].student.state_dict(), out / f"{name}{rank}.pt")
     finally:
+        for trainer in reversed(trainers):
+            trainer.close()
         D.shutdown()
 
 

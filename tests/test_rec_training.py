@@ -295,9 +295,9 @@ def _train_worker(rank, world, port, rec, out):
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     try:
-        trainer = Trainer(load_config(None, _overrides(rec, out / "run")))
-        images, labels, indices = next(iter(trainer.loader))
-        trainer.train_step(images, labels, indices, torch.zeros(len(labels), dtype=torch.bool))
+        with Trainer(load_config(None, _overrides(rec, out / "run"))) as trainer:
+            images, labels, indices = next(iter(trainer.loader))
+            trainer.train_step(images, labels, indices, torch.zeros(len(labels), dtype=torch.bool))
         torch.save({"images": images, "labels": labels, "indices": indices}, out / f"batch{rank}.pt")
     finally:
         D.shutdown()

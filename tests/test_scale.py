@@ -171,10 +171,10 @@ def _ddp_worker(rank, world, port, folder, out, ekd_params="", extra=()):
     torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     try:
-        trainer = Trainer(load_config(None, _ddp_overrides(folder, out / f"r{rank}", ekd_params, *extra)))
-        trainer.train_step(*_fixed_batch(trainer, rank, world))
-        torch.save({k: v.detach() for k, v in trainer.student.named_parameters()}, out / f"rank{rank}.pt")
-        torch.save(trainer.diagnostics, out / f"diagnostics{rank}.pt")
+        with Trainer(load_config(None, _ddp_overrides(folder, out / f"r{rank}", ekd_params, *extra))) as trainer:
+            trainer.train_step(*_fixed_batch(trainer, rank, world))
+            torch.save({k: v.detach() for k, v in trainer.student.named_parameters()}, out / f"rank{rank}.pt")
+            torch.save(trainer.diagnostics, out / f"diagnostics{rank}.pt")
     finally:
         D.shutdown()
 
@@ -297,6 +297,7 @@ def _resume_worker(rank, world, port, folder, out):
     try:
         result = train(load_config(None, _overrides(folder, out, "train.resume=auto")))
         assert not result.interrupted
+        assert not D.is_initialized()  # train() left the group it joined: the process exits cleanly
     finally:
         D.shutdown()
 

@@ -170,11 +170,11 @@ def _trainer_worker(rank: int, world: int, port: int, folder: Path, teacher: Pat
     torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     try:
-        trainer = Trainer(load_config(None, _overrides(folder, teacher, out / f"r{rank}")))
-        assert trainer.class_shard is not None and trainer.class_shard.size == IDS // world
-        terms = trainer.train_step(*_fixed_batch(trainer, rank, world))
-        torch.save({"terms": terms, "model": {k: v.detach() for k, v in trainer.student.named_parameters()},
-                    "centres": trainer.distillers[3].full_centres()}, out / f"rank{rank}.pt")
+        with Trainer(load_config(None, _overrides(folder, teacher, out / f"r{rank}"))) as trainer:
+            assert trainer.class_shard is not None and trainer.class_shard.size == IDS // world
+            terms = trainer.train_step(*_fixed_batch(trainer, rank, world))
+            torch.save({"terms": terms, "model": {k: v.detach() for k, v in trainer.student.named_parameters()},
+                        "centres": trainer.distillers[3].full_centres()}, out / f"rank{rank}.pt")
     finally:
         D.shutdown()
 

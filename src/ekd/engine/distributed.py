@@ -16,6 +16,7 @@ summing instead of averaging would scale it by W.)
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -61,8 +62,15 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group. Unreachable objects that still hold it (a dropped DDP wrapper
+    in a reference cycle) are collected first, so that destroying it joins its threads."""
+    if is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -76,6 +76,7 @@ class Trainer:
         self.cfg = cfg
         tc = cfg.train
         device = resolve_device(tc.device)
+        self._owns_group = D.env_info().enabled and not D.is_initialized()  # close() leaves it
         self.dist = D.init_distributed(device.type)
         if device.type == "cuda" and self.dist.enabled:
             device = torch.device("cuda", self.dist.local_rank)
@@ -279,6 +280,21 @@ class Trainer:
         log.warning("interrupt: finishing the current step, then saving a resumable checkpoint "
                     "(press Ctrl-C again to abort at once)")
 
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the DDP wrapper and leave the process group this trainer joined. The wrapper
+        holds the group: a group still alive when the interpreter exits takes its Gloo threads
+        down with the process ("terminate called without an active exception")."""
+        self.student_ddp = self.student_forward = self.student
+        if self._owns_group:
+            self._owns_group = False
+            D.shutdown()
+
     def fit(self) -> TrainResult:
         cfg = self.cfg
         main = self.dist.is_main
@@ -374,5 +390,7 @@ class Trainer:
 
 
 def train(cfg: Config) -> TrainResult:
-    """Train a student (or a teacher, without distillers) as configured."""
-    return Trainer(cfg).fit()
+    """Train a student (or a teacher, without distillers) as configured; under ``torchrun`` the
+    process group is left when training ends."""
+    with Trainer(cfg) as trainer:
+        return trainer.fit()
