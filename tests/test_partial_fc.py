@@ -3,6 +3,7 @@ negative-centre sampling, a 2-process gloo run, and checkpoint resharding."""
 
 from __future__ import annotations
 
+import gc
 import math
 from pathlib import Path
 
@@ -173,6 +174,8 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         sampled.weight.add_(rank + 1.0)
     result["shard"] = sampled.weight.detach().clone()
     result["full"] = sampled.full_weight()
+    del ddp, local, glob_emb  # DDP holds the group: release it first, or the exit may abort
+    gc.collect()
     dist.destroy_process_group()
     torch.save(result, f"{out}/rank{rank}.pt")
 
