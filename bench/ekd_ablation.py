@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kd_cells import (CellStore, common_arguments, environment, git, layout_summary,  # noqa: E402
                       run_and_report, train_cell)
-from kd_profiles import CPU2, Cell, Profile  # noqa: E402
+from kd_choices import choose_preset  # noqa: E402
+from kd_profiles import CPU2, TEACHER_EMBEDDINGS, Cell, Profile  # noqa: E402
 from kd_table import REPO, Table, reproduce, smoke  # noqa: E402
 
 SPLIT_SEED = 20221  # fixed: the split never changes between machines or sessions
@@ -111,20 +112,27 @@ class Ablation(Table):
     runner = Path(__file__)
 
     def __init__(self, profile: Profile, faces: Path, cache: Path, results: Path, rows: list[str],
-                 seeds: int) -> None:
+                 seeds: int, teacher: str = "T2", row_configs: dict | None = None) -> None:
         super().__init__(dataclasses.replace(profile, name=f"ablation-{profile.name}", students=(WIDTH,)),
                          faces, cache, results)
         self.split = self.cache / "ablation"
-        self.rows, self.seeds = rows, seeds
+        self.rows, self.seeds, self.teacher = rows, seeds, teacher
+        self.row_configs = ROWS if row_configs is None else row_configs  # row name -> distill (None = no KD)
+
+    @property
+    def teacher_cache(self) -> Path:
+        """The embedding cache of the split's train part for this teacher (``teacher_t2``, ...)."""
+        return self.split / f"teacher_{self.teacher.lower()}"
 
     # -- configs ------------------------------------------------------------------------
     def config_tree(self, cell: Cell) -> dict:
-        base = "no KD" if ROWS[cell.method] is None else "EKD (authors)"  # teacher section of a KD row
+        distill = self.row_configs[cell.method]
+        base = "no KD" if distill is None else "EKD (authors)"  # teacher section of a KD row
         tree = super().config_tree(dataclasses.replace(cell, method=base))
         tree["data"]["root"] = str(self.split / "train")
         if tree["teacher"].get("kind") == "cache":
-            tree["teacher"]["path"] = str(self.split / "teacher_t2")
-        tree["distill"] = json.loads(json.dumps(ROWS[cell.method] or []))
+            tree["teacher"]["path"] = str(self.teacher_cache)
+        tree["distill"] = json.loads(json.dumps(distill or []))
         # validation at every epoch end, so `ekd diagnose` sets EKD's anchors next to the
         # thresholds of the student's evaluation (the cell's score is computed after training)
         tree["val"] = {"sets": [{"path": str(self.split / "val"), "name": "val", "kind": "folder"}],
@@ -132,7 +140,7 @@ class Ablation(Table):
         return tree
 
     def plan(self) -> list[Cell]:  # type: ignore[override]
-        return [Cell("T2", row, seed, WIDTH) for seed in range(self.seeds) for row in self.rows]
+        return [Cell(self.teacher, row, seed, WIDTH) for seed in range(self.seeds) for row in self.rows]
 
     def result(self, cell: Cell) -> dict | None:
         return self.store.load(self.cell_name(cell))
@@ -142,7 +150,7 @@ class Ablation(Table):
         for cell in self.plan():
             name = self.cell_name(cell)
             if self.store.load(name) is None:
-                meta = {"teacher": "T2", "method": cell.method, "seed": cell.seed, "width": WIDTH}
+                meta = {"teacher": self.teacher, "method": cell.method, "seed": cell.seed, "width": WIDTH}
                 jobs.append((name, self.cell_dir(cell), self.spec(name, self.config_tree(cell), meta)))
         return jobs
 
@@ -160,16 +168,18 @@ class Ablation(Table):
                 link = folder / i
                 if not link.exists():
                     os.symlink(self.faces / "train" / i, link, target_is_directory=True)
-        if not (self.split / "teacher_t2" / "manifest.json").is_file():
+        npz = TEACHER_EMBEDDINGS[self.teacher]
+        if not (self.teacher_cache / "manifest.json").is_file():
             dataset = ImageFolderDataset(self.split / "train", input_size=self.profile.input_size)
-            import_npz(self.faces / "teacher_dlib_r29" / "train.npz", dataset, self.split / "teacher_t2")
-        if self.store.load("T2-teacher") is None:
+            import_npz(self.faces / npz / "train.npz", dataset, self.teacher_cache)
+        record = f"{self.teacher}-teacher"
+        if self.store.load(record) is None:
             t0 = time.perf_counter()
-            metrics = score(teacher_val_embeddings(self.faces, self.split / "val"), self.split / "val")
-            self.store.write("T2-teacher", {"method": "teacher", "name": "T2-teacher", "metrics": metrics,
-                                            "eval_seconds": time.perf_counter() - t0,
-                                            "split": split_record(self.faces), "git_commit": git("rev-parse", "HEAD"),
-                                            "environment": environment()}, None)
+            metrics = score(teacher_val_embeddings(self.faces, self.split / "val", npz), self.split / "val")
+            self.store.write(record, {"method": "teacher", "name": record, "source": f"{npz}/train.npz",
+                                      "metrics": metrics, "eval_seconds": time.perf_counter() - t0,
+                                      "split": split_record(self.faces), "git_commit": git("rev-parse", "HEAD"),
+                                      "environment": environment()}, None)
 
 
 def split_record(faces: Path) -> dict:
@@ -200,10 +210,12 @@ def score(emb: np.ndarray, val_root: Path) -> dict:
     return out
 
 
-def teacher_val_embeddings(faces: Path, val_root: Path) -> np.ndarray:
+def teacher_val_embeddings(faces: Path, val_root: Path, folder: str = "teacher_dlib_r29") -> np.ndarray:
+    """The stored teacher's unit embeddings (``emb + emb_flip`` of ``faces/<folder>/train.npz``) of
+    every validation image, in :func:`val_images` order."""
     from ekd.eval.metrics import l2_normalize
 
-    data = np.load(faces / "teacher_dlib_r29" / "train.npz")
+    data = np.load(faces / folder / "train.npz")
     row = {str(p): i for i, p in enumerate(data["paths"])}
     rels, _ = val_images(val_root)
     idx = np.array([row[r] for r in rels])
@@ -231,62 +243,16 @@ def run_cell(cell_dir: Path) -> None:
     CellStore(Path(spec["results"])).write(spec["name"], record, None)
 
 
-PRIMARY, SECONDARY = "val_tpr@1e-4", "val_tpr@1e-3"
-
-
-def _seed_stats(rs: list[dict], key: str) -> tuple[float, float]:
-    vals = [r["metrics"][key] for r in rs]
-    return statistics.mean(vals), max(vals) - min(vals)
-
-
-def choose_preset(rows: dict[str, list[dict]], seeds: int) -> tuple[str | None, list[str]]:
-    """The row that becomes "EKD (ours)", by a rule fixed before any variant cell finished, on
-    validation numbers only: a variant *helps* when its seed-mean TPR@1e-4 beats the plain "EKD (ours)"
-    row's by more than the seed spread (the larger max - min over seeds of the two rows) and its
-    TPR@1e-3 is not lower by more than that row pair's spread at 1e-3. The preset is the helping
-    variant with the highest TPR@1e-4; with none, the better of "EKD (ours)" and
-    "EKD (authors)" at TPR@1e-4. Returns ``(None, reasons)`` until every EKD row has all its
-    seeds. ``rows``: row name -> committed cell records."""
-    ekd_rows = [r for r in rows if r != "no KD"]
-    missing = [r for r in ekd_rows if len(rows.get(r) or []) < seeds]
-    if missing or "EKD (ours)" not in rows:
-        return None, [f"not chosen yet: {len(missing)} EKD row(s) lack a seed "
-                      f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"]
-    base = rows["EKD (ours)"]
-    b1, s1 = _seed_stats(base, PRIMARY)
-    b3, s3 = _seed_stats(base, SECONDARY)
-    helping, reasons = [], []
-    for name in ekd_rows:
-        if name in ("EKD (ours)", "EKD (authors)"):
-            continue
-        v1, t1 = _seed_stats(rows[name], PRIMARY)
-        v3, t3 = _seed_stats(rows[name], SECONDARY)
-        spread1, spread3 = max(s1, t1), max(s3, t3)
-        ok = v1 - b1 > spread1 and v3 - b3 >= -spread3
-        if ok:
-            helping.append((v1, name))
-        reasons.append(f"{name}: TPR@1e-4 {v1 - b1:+.4f} (spread {spread1:.4f}), "
-                       f"TPR@1e-3 {v3 - b3:+.4f} (spread {spread3:.4f}) -> "
-                       f"{'helps' if ok else 'does not help'}")
-    if helping:
-        chosen = max(helping)[1]
-        if len(helping) > 1:
-            reasons.append("several variants help: "
-                           + ", ".join(n for _, n in sorted(helping, reverse=True))
-                           + "; their combination is worth a row of its own before adopting")
-    else:
-        authors = _seed_stats(rows["EKD (authors)"], PRIMARY)[0] if rows.get("EKD (authors)") else b1
-        chosen = "EKD (ours)" if b1 >= authors else "EKD (authors)"
-        reasons.append("no variant helps: the better of EKD (ours) and EKD (authors) at TPR@1e-4")
-    return chosen, reasons
-
-
-def report(table: Ablation, out: Path) -> Path:
-    """``ekd_ablation.md`` from the committed cells: one row per variant, mean ± std over seeds,
-    gap closed (teacher - no KD) at 1e-3 / 1e-4 on the validation split."""
-    teacher = table.store.load("T2-teacher")
-    rows = {r: [x for s in range(table.seeds) if (x := table.result(Cell("T2", r, s, WIDTH)))]
+def collect_rows(table: Ablation) -> dict[str, list[dict]]:
+    """Committed records of each row of ``table`` (row name -> its seeds' records)."""
+    return {r: [x for s in range(table.seeds) if (x := table.result(Cell(table.teacher, r, s, WIDTH)))]
             for r in table.rows}
+
+
+def rows_section(table: Ablation, rows: dict[str, list[dict]], title: str, command: str) -> list[str]:
+    """The report's head and its table: one line per row, mean ± std over seeds, gap closed
+    (teacher - no KD) at 1e-3 / 1e-4 on the validation split."""
+    teacher = table.store.load(f"{table.teacher}-teacher")
     keys = ("val_tpr@1e-3", "val_tpr@1e-4", "val_tpr@1e-5", "val_auc")
 
     def mean(rs: list[dict], k: str) -> float | None:
@@ -294,14 +260,14 @@ def report(table: Ablation, out: Path) -> Path:
         return statistics.mean(vals) if vals else None
 
     base = rows.get("no KD") or []
-    lines = ["# EKD ablation on a validation split of the training identities", "",
-             f"Half-width MobileFaceNet, T2, the `{table.profile.name.removeprefix('ablation-')}` schedule "
+    lines = [f"# {title}", "",
+             f"Half-width MobileFaceNet, {table.teacher}, the `{table.profile.name.removeprefix('ablation-')}` schedule "
              f"({table.profile.input_size} px, {table.profile.epochs} epochs); split seed {SPLIT_SEED}, "
-             f"{VAL_SHARE:.0%} of the identities held out (`bench/ekd_ablation.py`). All pairs over every "
+             f"{VAL_SHARE:.0%} of the identities held out (`{command}`). All pairs over every "
              "validation image; nothing here looks at LFW or CFP.", ""]
     if teacher:
         m = teacher["metrics"]
-        lines.append(f"Teacher (T2) on the validation split: TPR@1e-3 {m['val_tpr@1e-3']:.4f}, "
+        lines.append(f"Teacher ({table.teacher}) on the validation split: TPR@1e-3 {m['val_tpr@1e-3']:.4f}, "
                      f"TPR@1e-4 {m['val_tpr@1e-4']:.4f}, AUC {m['val_auc']:.4f}; "
                      f"{m['val_images']} images, {m['val_pairs']:,} pairs.")
         lines.append("")
@@ -322,15 +288,29 @@ def report(table: Ablation, out: Path) -> Path:
             gaps.append(f"{(v - b) / (t - b):+.0%}" if None not in (t, b, v) and t != b else "n/a")
         minutes = statistics.mean(x["train_seconds"] + x["eval_seconds"] for x in rs) / 60
         lines.append(f"| {r} | {len(rs)} | " + " | ".join(cells + gaps) + f" | {minutes:.0f} |")
+    return lines
+
+
+def compute_lines(table: Ablation, rows: dict[str, list[dict]]) -> list[str]:
+    """How many cells are committed, their summed time, their memory layout."""
+    compute = sum(x["train_seconds"] + x["eval_seconds"] for rs in rows.values() for x in rs)
+    done = sum(len(rs) for rs in rows.values())
+    return [f"{done} of {len(table.plan())} cells committed; {compute / 3600:.2f} h of cell time.",
+            layout_summary([x for rs in rows.values() for x in rs])]
+
+
+def report(table: Ablation, out: Path) -> Path:
+    """``ekd_ablation.md`` from the committed cells (:func:`rows_section`), the late rows' reasons
+    and the preset chosen by :func:`kd_choices.choose_preset`."""
+    rows = collect_rows(table)
+    lines = rows_section(table, rows, "EKD ablation on a validation split of the training identities",
+                         "bench/ekd_ablation.py")
     lines += [""] + [f"- *{r}*: {why}." for r, why in LATE_ROWS.items() if r in rows]
     chosen, reasons = choose_preset(rows, table.seeds)
     lines += ["", "## The preset (`choose_preset`: rule fixed before any variant cell finished)", "",
               f"Chosen: **{chosen}**." if chosen else "Chosen: none yet.", ""]
     lines += [f"- {r}" for r in reasons]
-    compute = sum(x["train_seconds"] + x["eval_seconds"] for rs in rows.values() for x in rs)
-    done = sum(len(rs) for rs in rows.values())
-    lines += ["", f"{done} of {len(table.plan())} cells committed; {compute / 3600:.2f} h of cell time.",
-              layout_summary([x for rs in rows.values() for x in rs]), ""]
+    lines += [""] + compute_lines(table, rows) + [""]
     lines += tail_section(TAIL_RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ekd_ablation.md").write_text("\n".join(lines))

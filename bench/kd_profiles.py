@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,16 @@ GPU = Profile(name="gpu", teachers=("T1", "T2"), input_size=112, epochs=GPU_EPOC
               optim={"lr": 0.1, "scheduler": "cosine", "warmup_epochs": 1.0, "weight_decay": 5e-4},
               device="cuda", jobs=1, threads=4, num_workers=8, plan="key", preload=True,
               t1={"backbone": "iresnet50", "embedding_size": 512, "epochs": GPU_EPOCHS})
-PROFILES = {p.name: p for p in (CPU, CPU2, GPU)}
+# cpu3: the cpu2 students, schedule, batches, head and protocols with teacher T3 - the same dlib
+# network run on the crop as a 32-px student sees it (faces README, "A second teacher view") -
+# through the embedding cache exactly as T2. Rows and seeds: plan_v3; the weights of the feature
+# baselines and the "EKD (ours)" preset are chosen on the validation split (bench/kd_tuning.py).
+CPU3 = replace(CPU2, name="cpu3", teachers=("T3",), plan="v3")
+PROFILES = {p.name: p for p in (CPU, CPU2, CPU3, GPU)}
+
+#: Teachers known only by their stored embeddings: folder of the faces tree holding
+#: ``{train,lfw,cfp}.npz`` (``paths``, ``emb``, ``emb_flip``), used through the embedding cache.
+TEACHER_EMBEDDINGS = {"T2": "teacher_dlib_r29", "T3": "teacher_dlib_r29_view32"}
 
 # EKD (ours): bias-corrected threshold EMA, thresholds from a 4096-embedding cross-batch memory,
 # and the weights the authors' 8-GPU runs effectively used. Their AllGather backward multiplies

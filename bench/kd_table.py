@@ -47,8 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kd_cells import (RESULTS, CellStore, recorded_channels_last, recorded_compile, run_all,  # noqa: E402,F401
                       run_cell)
-from kd_profiles import (CPU, CPU2, EKD_OURS, GPU, NEEDS_CENTERS, OTHERS, PLANS,  # noqa: E402,F401
-                         PROFILES, SEEDED, Cell, Profile, best_of, method_distill, zoo_distill)
+from kd_profiles import (CPU, CPU2, CPU3, EKD_OURS, GPU, NEEDS_CENTERS, OTHERS, PLANS,  # noqa: E402,F401
+                         PROFILES, SEEDED, TEACHER_EMBEDDINGS, Cell, Profile, best_of, method_distill,
+                         zoo_distill)
 
 REPO = Path(__file__).resolve().parents[1]
 HASH_VERSION = 1  # bump when the evaluation of a cell changes
@@ -74,14 +75,14 @@ class Table:
     def teacher_section(self, teacher: str, method: str) -> dict:
         if method == "no KD":
             return {"kind": "none"}
-        if teacher == "T2":
-            return {"kind": "cache", "path": str(self.cache / "teacher_t2"),
+        if teacher in TEACHER_EMBEDDINGS:
+            return {"kind": "cache", "path": str(self.cache / f"teacher_{teacher.lower()}"),
                     "centers": "mean_embedding" if method in NEEDS_CENTERS else "classifier"}
         return {"kind": "checkpoint", "path": str(self.t1_dir() / "run" / "model.pt")}
 
     def config_tree(self, cell: Cell) -> dict:
         p = self.profile
-        emb = 128 if cell.teacher == "T2" else p.t1.get("embedding_size", 512)
+        emb = 128 if cell.teacher in TEACHER_EMBEDDINGS else p.t1.get("embedding_size", 512)
         model = {"backbone": "mobilefacenet", "embedding_size": emb}
         if cell.width != 1.0:  # absent at full width, so v1 hashes are unchanged
             model["width"] = cell.width

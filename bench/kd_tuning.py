@@ -1,0 +1,178 @@
+"""The cpu3 table's settings, chosen on the validation split of the training identities under T3.
+
+The teacher T3 (``teacher_dlib_r29_view32``) sees each crop as the 32-px student does, so what it
+knows is carried by the student's input. Before the table spends its budget, each setting a
+method could lose for is chosen here, on the split of ``bench/ekd_ablation.py`` (10% of the
+training identities held out; never LFW or CFP), with the half-width student and the cpu2
+schedule:
+
+1. **Feature baselines** (cosine, FitNet): one seed at each weight of
+   :data:`kd_choices.WEIGHT_GRID` (1 / 10 / 100), extended x10 while the best weight is the largest
+   tried; :func:`kd_choices.choose_weight` picks the weight.
+2. **EKD (ours)**: EKD (authors), EKD (ours) and the variants that helped under T2, plus the
+   preset's weight on the same grid, 2 seeds each; :func:`kd_choices.choose_preset` (the rule of
+   the T2 ablation) picks the preset.
+
+No-KD cells are the T2 ablation's (a no-KD cell has no teacher: same config, same hash; adopted
+with ``adopted_from``). Committed cells: ``bench/results/kd_tuning/cpu3/``; report:
+``docs/results/kd_tuning_cpu3.md``. The cpu3 table (``bench/kd_table.py --profile cpu3``) reads
+the choices from the committed cells.
+
+    python bench/kd_tuning.py [--phase grid|preset|all] [--budget S] [--jobs 2]
+    python bench/kd_tuning.py --smoke          # 2 steps per cell: the path
+    python bench/kd_tuning.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ekd_ablation import ROWS as ABLATION_ROWS  # noqa: E402
+from ekd_ablation import WIDTH, Ablation, collect_rows, compute_lines, rows_section  # noqa: E402
+from kd_cells import CellStore, common_arguments, run_and_report  # noqa: E402
+from kd_choices import (FEATURE_BASELINES, WEIGHT_GRID, choose_preset, choose_weight,  # noqa: E402
+                        grid_records, tuned_settings, weight_row)
+from kd_profiles import CPU3, Cell  # noqa: E402
+from kd_table import REPO, smoke  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "kd_tuning"
+TEACHER = "T3"
+PRESET_SEEDS = 2
+#: The EKD rows of phase 2: the T2 ablation's configs (pinned there) of EKD (authors), EKD (ours)
+#: and the variants that helped under T2 ...
+PRESET_VARIANTS = ("EKD (authors)", "EKD (ours)", "ours + one-sided", "ours + spread T", "ours + active mean",
+                   "ours + one-sided, negatives x8", "ours + one-sided + spread T")
+#: ... and the cpu2 preset ("ours + one-sided") at the larger weights of the grid.
+PRESET_BASE = "ours + one-sided"
+
+
+def preset_weight_row(weight: float) -> str:
+    return f"{PRESET_BASE}, weight x{weight:g}"
+
+
+def feature_row(method: str, weight: float) -> list[dict]:
+    return [{"name": method, "weight": float(weight), "params": {}}]
+
+
+def row_configs(extra_weights: dict[str, list[float]] | None = None) -> dict[str, list[dict] | None]:
+    """Every tuning row: name -> ``distill`` section (None = no KD). ``extra_weights``: weights
+    past the grid that :func:`kd_choices.choose_weight` asked for, by method."""
+    rows: dict[str, list[dict] | None] = {"no KD": None}
+    for method in FEATURE_BASELINES:
+        for w in (*WEIGHT_GRID, *(extra_weights or {}).get(method, [])):
+            rows[weight_row(method, w)] = feature_row(method, w)
+    for name in PRESET_VARIANTS:
+        rows[name] = ABLATION_ROWS[name]
+    for w in WEIGHT_GRID[1:]:
+        rows[preset_weight_row(w)] = [{**ABLATION_ROWS[PRESET_BASE][0], "weight": w}]
+    return rows
+
+
+PRESET_ROWS = [*PRESET_VARIANTS, *(preset_weight_row(w) for w in WEIGHT_GRID[1:])]
+
+
+class Tuning(Ablation):
+    """The tuning cells under T3 as a table for :func:`kd_cells.run_all`; planned by phase."""
+
+    def __init__(self, faces: Path, cache: Path, results: Path, phases: tuple[str, ...], profile=CPU3) -> None:  # noqa: ANN001
+        super().__init__(profile, faces, cache, results, [], PRESET_SEEDS, teacher=TEACHER,
+                         row_configs=row_configs())
+        self.store = CellStore(results / profile.name)
+        self.phases = phases
+
+    def extra_weights(self) -> dict[str, list[float]]:
+        """Weights past the grid that the weight rule asks for (grown one x10 step at a time)."""
+        records = [r for r in self.store_records()]
+        out: dict[str, list[float]] = {}
+        for method in FEATURE_BASELINES:
+            by_weight = grid_records(records, method)
+            tried = [w for w in by_weight if w not in WEIGHT_GRID]
+            _, nxt, _ = choose_weight(by_weight)
+            out[method] = sorted(set(tried) | ({nxt} if nxt else set()))
+        return out
+
+    def store_records(self) -> list[dict]:
+        from kd_choices import tuning_records
+
+        return tuning_records(self.store.root)
+
+    def plan(self) -> list[Cell]:  # type: ignore[override]
+        self.row_configs = row_configs(self.extra_weights())
+        grid = [r for r in self.row_configs if r.split(" x")[0] in FEATURE_BASELINES]
+        cells = [Cell(TEACHER, "no KD", s, WIDTH) for s in range(PRESET_SEEDS)]
+        if "grid" in self.phases:
+            cells += [Cell(TEACHER, r, 0, WIDTH) for r in grid]
+        if "preset" in self.phases:
+            cells += [Cell(TEACHER, r, s, WIDTH) for s in range(PRESET_SEEDS) for r in PRESET_ROWS]
+        self.rows = list(dict.fromkeys(c.method for c in cells))
+        return cells
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.adopt_no_kd()
+
+    def adopt_no_kd(self) -> list[str]:
+        """Commit the T2 ablation's no-KD cells as this table's (same config and hash: a no-KD
+        cell has no teacher); returns the names written."""
+        source = CellStore(self.store.root.parent.parent / "ekd_ablation" / "ablation-cpu2")
+        written = []
+        for cell in self.plan():
+            name = self.cell_name(cell)
+            if cell.method != "no KD" or self.store.load(name) is not None:
+                continue
+            origin = name.replace(f"{TEACHER}-", "T2-", 1)
+            record = source.load(origin)
+            if record is None or record.get("hash") != name.rsplit("-", 1)[1]:
+                continue
+            self.store.write(name, {**record, "name": name, "teacher": TEACHER, "profile": self.profile.name,
+                                    "adopted_from": f"ekd_ablation/ablation-cpu2/{origin}"}, None)
+            written.append(name)
+        return written
+
+
+def report(table: Tuning, out: Path) -> Path:
+    """``kd_tuning_cpu3.md``: every row (validation split), then each rule's choice and why."""
+    table.plan()
+    rows = collect_rows(table)
+    lines = rows_section(table, rows, "cpu3 settings chosen on the validation split (teacher T3)",
+                         "bench/kd_tuning.py")
+    settings, reasons = tuned_settings(table.store_records(), PRESET_ROWS, PRESET_SEEDS)
+    lines += ["", "## What the rules chose (`bench/kd_choices.py`, fixed before the cells finished)", ""]
+    for method in (*FEATURE_BASELINES, "EKD (ours)"):
+        chosen = settings.get(method)
+        lines.append(f"- **{method}**: " + (f"`{json.dumps(chosen)}`" if chosen else "not chosen yet"))
+    lines += [""] + [f"- {r}" for r in reasons]
+    preset_rows = {r: rows.get(r, []) for r in PRESET_ROWS}
+    if all(len(v) >= PRESET_SEEDS for v in preset_rows.values()):
+        lines.append(f"- EKD preset row: {choose_preset(preset_rows, PRESET_SEEDS)[0]}")
+    lines += [""] + compute_lines(table, rows) + [""]
+    out.mkdir(parents=True, exist_ok=True)
+    file = out / f"kd_tuning_{table.profile.name.removeprefix('ablation-')}.md"
+    file.write_text("\n".join(lines))
+    return file
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common_arguments(ap, RESULTS)
+    ap.add_argument("--phase", choices=("grid", "preset", "all"), default="all",
+                    help="grid: the feature baselines' weights; preset: the EKD rows; all: both")
+    ap.add_argument("--smoke", action="store_true", help="2 steps per cell, results in the cache")
+    args = ap.parse_args(argv)
+    profile = CPU3
+    if args.smoke:
+        profile = smoke(CPU3)
+        args.results, args.out = args.cache / "smoke-results", args.cache / "smoke-report"
+    phases = ("grid", "preset") if args.phase == "all" else (args.phase,)
+    table = Tuning(args.faces, args.cache, args.results, phases, profile)
+    return run_and_report(table, args.faces, args.jobs, args.budget, args.report_only,
+                          lambda: report(table, args.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
