@@ -23,8 +23,22 @@ PRIMARY, SECONDARY = "val_tpr@1e-4", "val_tpr@1e-3"
 WEIGHT_GRID = (1.0, 10.0, 100.0)
 WEIGHT_CAP = 1e4
 FEATURE_BASELINES = ("cosine", "fitnet")
-#: The tuning rows judged by choose_preset (EKD variants; see bench/kd_tuning.py).
 EKD_PRESET_ROW = "EKD (ours)"
+PRESET_SEEDS = 2
+#: The EKD rows judged by choose_preset under T3 (bench/kd_tuning.py): EKD (authors), EKD (ours)
+#: and the variants that helped under T2 (their configs pinned in bench/ekd_ablation.py) ...
+PRESET_VARIANTS = ("EKD (authors)", "EKD (ours)", "ours + one-sided", "ours + spread T", "ours + active mean",
+                   "ours + one-sided, negatives x8", "ours + one-sided + spread T")
+#: ... and the cpu2 preset ("ours + one-sided") at the larger weights of the grid.
+PRESET_BASE = "ours + one-sided"
+
+
+def preset_weight_row(weight: float) -> str:
+    """The tuning row name of the cpu2 preset at ``weight``."""
+    return f"{PRESET_BASE}, weight x{weight:g}"
+
+
+PRESET_ROWS = [*PRESET_VARIANTS, *(preset_weight_row(w) for w in WEIGHT_GRID[1:])]
 
 
 def weight_row(method: str, weight: float) -> str:
@@ -130,15 +144,23 @@ def grid_records(records: list[dict], method: str) -> dict[float, dict]:
 
 def tuned_settings(records: list[dict], preset_rows: list[str], seeds: int) -> tuple[dict[str, list[dict]], list[str]]:
     """What the validation split chose, as ``distill`` sections by table method (``cosine``,
-    ``fitnet``, ``EKD (ours)``; a method is absent until its rule has chosen), and the reasons.
+    ``fitnet``, ``EKD (ours)``; a method is absent until its rule has chosen) plus
+    ``"better baseline"`` (the feature baseline with the higher validation TPR@1e-4 at its chosen
+    weight, once both are chosen), and the reasons.
     ``preset_rows``: the EKD rows judged by :func:`choose_preset`, each with ``seeds`` seeds."""
     settings, reasons = {}, []
+    at_chosen = {}
     for method in FEATURE_BASELINES:
         by_weight = grid_records(records, method)
         chosen, _, why = choose_weight(by_weight)
         reasons.append(f"{method}: {why}")
         if chosen is not None:
             settings[method] = by_weight[chosen]["config"]["distill"]
+            at_chosen[method] = by_weight[chosen]
+    if len(at_chosen) == len(FEATURE_BASELINES):  # the half-width student's feature baseline
+        better = max(FEATURE_BASELINES, key=lambda m: _score(at_chosen[m]))
+        settings["better baseline"] = better
+        reasons.append(f"better feature baseline at its chosen weight (validation TPR@1e-4): {better}")
     rows: dict[str, list[dict]] = {r: [] for r in preset_rows}
     for r in records:
         if r["method"] in rows and r["seed"] < seeds:

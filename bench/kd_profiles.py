@@ -53,6 +53,10 @@ class Profile:
     # hash, recorded in each cell's config (absent = eager). 28% shorter cpu2 steps, half and full
     # width (bench/results/compile_speed_*.md).
     compile: bool = False
+    # Settings chosen on the validation split (cpu3: bench/kd_tuning.py via kd_choices.tuned_settings):
+    # table method -> its ``distill`` section, and "better baseline" -> "cosine" | "fitnet". Attached
+    # by the table when it starts (kd_table.Table); empty for the other profiles.
+    tuned: dict = field(default_factory=dict)
 
 
 HEAD_COSFACE = {"kind": "cosface", "scale": 32.0, "margin": 0.2}
@@ -130,6 +134,16 @@ ZOO_V2 = ("coupleface", "gkd", "icd_face", "unified_kd")
 V2_ONE_SEED = ("EKD + AdaDistill",) + tuple(m for m in OTHERS if m != "proxylesskd")
 V2_HALF = ("no KD", "EKD (authors)", "EKD (ours)", "proxylesskd")  # half width, 3 seeds
 KEY = ("no KD", "EKD (authors)", "EKD (ours)", "AdaDistill", "proxylesskd")  # gpu, 1 seed
+# v3 rows (cpu3, teacher T3). The sanity gate runs first: the two feature baselines against no KD,
+# full width, 3 seeds. Then full width V3_SEEDED + the best of ZOO_V2 at 3 seeds, every other
+# distiller at 1 seed with weight auto; half width V3_HALF + the better feature baseline at 3 seeds.
+V3_GATE = ("no KD", "cosine", "fitnet")
+V3_SEEDED = V3_GATE + ("EKD (authors)", "EKD (ours)", "AdaDistill", "proxylesskd")
+V3_TUNED = ("cosine", "fitnet", "EKD (ours)")  # chosen on the validation split (bench/kd_tuning.py)
+V3_ONE_SEED = tuple(m for m in V2_ONE_SEED if m not in V3_SEEDED)
+V3_AUTO = tuple(m for m in V3_ONE_SEED + ZOO_V2 if m != "EKD + AdaDistill")  # weight auto
+V3_HALF = ("no KD", "EKD (authors)", "EKD (ours)")
+V3_SEEDS = 3
 
 
 @dataclass(frozen=True)
@@ -153,8 +167,28 @@ def zoo_distill(name: str) -> list[dict]:
     return read_yaml(REPO / "configs" / "zoo" / f"{name}.yaml")["distill"]
 
 
-def method_distill(method: str, teacher: str = "T2", plan: str = "v2") -> list[dict]:
-    """A row's ``distill`` section; ``plan`` v1 keeps the v1 "EKD (ours)" (see EKD_OURS)."""
+def auto_weighted(terms: list[dict]) -> list[dict]:
+    """``terms`` with ``weight: auto`` (ekd.engine.auto_weight; each term a 1/n share of the default
+    target), unless a term replaces the margin softmax (auto measures a share of its gradient):
+    then unchanged."""
+    if any(t.get("params", {}).get("replace_ce") for t in terms):
+        return terms
+    from ekd.engine.auto_weight import DEFAULT_TARGET_SHARE
+
+    share = DEFAULT_TARGET_SHARE / len(terms)
+    return [{**t, "weight": "auto", "target_share": share} for t in terms]
+
+
+def method_distill(method: str, teacher: str = "T2", plan: str = "v2", tuned: dict | None = None) -> list[dict]:
+    """A row's ``distill`` section; ``plan`` v1 keeps the v1 "EKD (ours)" (see EKD_OURS); ``plan``
+    v3 takes the feature baselines and "EKD (ours)" from ``tuned`` (chosen on the validation
+    split) and gives the one-seed rows ``weight: auto`` (:data:`V3_AUTO`)."""
+    if plan == "v3" and method in V3_TUNED:
+        if not tuned or method not in tuned:
+            raise KeyError(f"{method}: not chosen on the validation split yet (bench/kd_tuning.py)")
+        return [dict(t) for t in tuned[method]]
+    if plan == "v3" and method in V3_AUTO:
+        return auto_weighted(method_distill(method, teacher, "v2"))
     ours = EKD_OURS_V1 if plan == "v1" else EKD_OURS
     if method == "no KD":
         return []
@@ -167,7 +201,7 @@ def method_distill(method: str, teacher: str = "T2", plan: str = "v2") -> list[d
     if method == "EKD + AdaDistill":
         return [ours] + zoo_distill("adadistill")
     terms = zoo_distill(method)
-    if method == "gkd" and teacher == "T2":  # an embedding cache has no classifier
+    if method == "gkd" and teacher in TEACHER_EMBEDDINGS:  # an embedding cache has no classifier
         terms = [{**t, "params": {**t["params"], "logits": "teacher_centers"}} for t in terms]
     return terms
 
@@ -221,4 +255,50 @@ def plan_key(profile: Profile, result: Result) -> list[Cell]:  # noqa: ARG001
     return [Cell(t, m, 0) for t in profile.teachers for m in KEY]
 
 
-PLANS = {"v1": plan_v1, "v2": plan_v2, "key": plan_key}
+def gate_verdict(profile: Profile, result: Result) -> tuple[bool | None, list[str]]:
+    """The cpu3 sanity gate: does cosine or FitNet (full width, 3 seeds) beat no KD *really* at
+    both LFW accuracy and TPR@1e-3 - its seed-mean difference larger than the larger max - min
+    spread over seeds of the two rows, on each metric? ``(None, why)`` until every gate cell has
+    a result; ``(passed, reasons)`` after."""
+    t = profile.teachers[0]
+    rows = {m: [result(Cell(t, m, s)) for s in range(V3_SEEDS)] for m in V3_GATE if m == "no KD" or m in profile.tuned}
+    if len(rows) < len(V3_GATE) or any(r is None for rs in rows.values() for r in rs):
+        return None, ["the gate's cells are not all in"]
+    base, reasons, passed = rows["no KD"], [], False
+    for m in V3_GATE[1:]:
+        ahead = True
+        for key in ("lfw_acc", "lfw_tpr@1e-3"):
+            b = [r["metrics"][key] or 0.0 for r in base]
+            v = [r["metrics"][key] or 0.0 for r in rows[m]]
+            diff = sum(v) / len(v) - sum(b) / len(b)
+            spread = max(max(v) - min(v), max(b) - min(b))
+            ahead &= diff > spread
+            reasons.append(f"{m} vs no KD, {key}: {diff:+.4f} (seed spread {spread:.4f})")
+        passed |= ahead
+    return passed, reasons
+
+
+def plan_v3(profile: Profile, result: Result) -> list[Cell]:
+    """v3 (cpu3): the sanity gate (:func:`gate_verdict`) first and alone; once it has passed, the
+    3-seed rows at both widths, the one-seed rows and the best ZOO_V2 method's seeds 1-2. A gate
+    that fails stops the plan there (the report says why)."""
+    t, tuned = profile.teachers[0], profile.tuned
+    gate = [Cell(t, m, s) for s in range(V3_SEEDS) for m in V3_GATE if m == "no KD" or m in tuned]
+    passed, _ = gate_verdict(profile, result)
+    if not passed:
+        return gate
+    seeded = [m for m in V3_SEEDED if m not in V3_TUNED or m in tuned]
+    cells = gate + [Cell(t, m, s) for s in range(V3_SEEDS) for m in seeded if m not in V3_GATE]
+    if 0.5 in profile.students:
+        half = [m for m in V3_HALF if m not in V3_TUNED or m in tuned]
+        half += [tuned["better baseline"]] if "better baseline" in tuned else []
+        cells += [Cell(t, m, s, 0.5) for s in range(V3_SEEDS) for m in half]
+    cells += [Cell(t, m, 0) for m in V3_ONE_SEED + ZOO_V2 if m not in profile.drop]
+    best = best_of(ZOO_V2, t, result, 1)
+    if best:
+        cells += [Cell(t, best[0], s) for s in (1, 2)]
+    return sorted(cells, key=lambda c: (c.method not in V3_GATE or c.width != 1.0, c.method in ZOO_V2 and c.seed > 0,
+                                        c.method not in V3_SEEDED + V3_HALF, c.seed, c.width != 1.0))
+
+
+PLANS = {"v1": plan_v1, "v2": plan_v2, "key": plan_key, "v3": plan_v3}

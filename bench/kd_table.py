@@ -45,6 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from kd_choices import PRESET_ROWS, PRESET_SEEDS, tuned_settings, tuning_records  # noqa: E402
 from kd_cells import (RESULTS, CellStore, recorded_channels_last, recorded_compile, run_all,  # noqa: E402,F401
                       run_cell)
 from kd_profiles import (CPU, CPU2, CPU3, EKD_OURS, GPU, NEEDS_CENTERS, OTHERS, PLANS,  # noqa: E402,F401
@@ -52,6 +53,7 @@ from kd_profiles import (CPU, CPU2, CPU3, EKD_OURS, GPU, NEEDS_CENTERS, OTHERS, 
                          zoo_distill)
 
 REPO = Path(__file__).resolve().parents[1]
+TUNING = REPO / "bench" / "results" / "kd_tuning"  # the validation-split choices (bench/kd_tuning.py)
 HASH_VERSION = 1  # bump when the evaluation of a cell changes
 LOADER_KEYS = ("num_workers", "preload", "preload_max_gb")  # how data is loaded, not what
 LAYOUT_KEYS = ("channels_last", "compile")  # train.*: layout, compiled step (rounding only), recorded, not hashed
@@ -67,7 +69,11 @@ def preload_supported() -> bool:
 class Table:
     """Builds cell configs for a profile and runs/collects its cells (cache + committed store)."""
 
-    def __init__(self, profile: Profile, faces: Path, cache: Path, results: Path | None = None) -> None:
+    def __init__(self, profile: Profile, faces: Path, cache: Path, results: Path | None = None,
+                 tuning: Path | None = None) -> None:
+        if profile.plan == "v3":  # the settings chosen on the validation split (bench/kd_tuning.py)
+            tuned, _ = tuned_settings(tuning_records((tuning or TUNING) / profile.name), PRESET_ROWS, PRESET_SEEDS)
+            profile = dataclasses.replace(profile, tuned=tuned)
         self.profile, self.faces, self.cache = profile, faces.resolve(), cache.resolve()
         self.store = CellStore((results or RESULTS) / profile.name)
 
@@ -97,7 +103,7 @@ class Table:
             "model": model,
             "head": dict(p.head),
             "teacher": self.teacher_section(cell.teacher, cell.method),
-            "distill": method_distill(cell.method, cell.teacher, p.plan),
+            "distill": method_distill(cell.method, cell.teacher, p.plan, p.tuned),
             "optim": dict(p.optim),
             "train": {"epochs": p.epochs, "device": p.device, "seed": cell.seed, "ce_on": "all",
                       "progress": False, "log_every": 20, "amp": "bf16" if p.device == "cuda" else "none",
@@ -158,39 +164,46 @@ class Table:
         """Committed teacher records by teacher name (T2 written by :meth:`prepare`)."""
         out = {}
         for t in self.profile.teachers:
-            r = self.store.load(self.t1_name() if t == "T1" else "T2-teacher")
+            r = self.store.load(self.t1_name() if t == "T1" else f"{t}-teacher")
             if r is not None:
                 out[t] = r
         return out
 
     # -- preparation ----------------------------------------------------------------------
     def prepare(self) -> None:
-        """The T2 embedding cache and committed T2 record, the decoded evaluation images (once)."""
+        """The embedding caches and committed records of the stored-embedding teachers (T2, T3),
+        the decoded evaluation images (once)."""
         from ekd.data import ImageFolderDataset
         from ekd.engine.teacher_cache import import_npz
 
         self.cache.mkdir(parents=True, exist_ok=True)
-        if "T2" in self.profile.teachers and not (self.cache / "teacher_t2" / "manifest.json").is_file():
-            dataset = ImageFolderDataset(self.faces / "train", input_size=self.profile.input_size)
-            import_npz(self.faces / "teacher_dlib_r29" / "train.npz", dataset, self.cache / "teacher_t2")
+        stored = [t for t in self.profile.teachers if t in TEACHER_EMBEDDINGS]
+        for t in stored:
+            if not (self.cache / f"teacher_{t.lower()}" / "manifest.json").is_file():
+                dataset = ImageFolderDataset(self.faces / "train", input_size=self.profile.input_size)
+                import_npz(self.faces / TEACHER_EMBEDDINGS[t] / "train.npz", dataset, self.cache / f"teacher_{t.lower()}")
         from kd_table_eval import load_eval_images, load_protocols
 
         protocols = load_protocols(self.faces)
         load_eval_images(protocols, self.profile.input_size, self.cache)
-        if "T2" in self.profile.teachers and self.store.load("T2-teacher") is None:
-            self.write_t2_record(protocols)
+        for t in stored:
+            if self.store.load(f"{t}-teacher") is None:
+                self.write_teacher_record(t, protocols)
 
-    def write_t2_record(self, protocols) -> None:  # noqa: ANN001
+    def write_teacher_record(self, teacher: str, protocols) -> None:  # noqa: ANN001
+        """``<teacher>-teacher``: a stored-embedding teacher's metrics and bootstrap samples."""
         from kd_cells import all_pairs_tail, bootstrap_record, environment, git
         from kd_table_eval import metrics_from_embeddings, teacher_lookup
 
-        lookup = teacher_lookup(self.faces)
+        folder = TEACHER_EMBEDDINGS[teacher]
+        lookup = teacher_lookup(self.faces, folder)
         boot, seconds = bootstrap_record(all_pairs_tail(protocols, lookup))
-        record = {"teacher": "T2", "method": "teacher", "seed": None, "name": "T2-teacher",
+        name = f"{teacher}-teacher"
+        record = {"teacher": teacher, "method": "teacher", "seed": None, "name": name,
                   "metrics": metrics_from_embeddings(protocols, lookup),
-                  "source": "teacher_dlib_r29/{lfw,cfp}.npz (emb + emb_flip)", "bootstrap_seconds": seconds,
+                  "source": f"{folder}/{{lfw,cfp}}.npz (emb + emb_flip)", "bootstrap_seconds": seconds,
                   "git_commit": git("rev-parse", "HEAD"), "environment": environment()}
-        self.store.write("T2-teacher", record, boot)
+        self.store.write(name, record, boot)
 
     def spec(self, name: str, tree: dict, meta: dict) -> dict:
         p = self.profile
@@ -260,6 +273,27 @@ class Table:
             written.append(name)
         return written
 
+    def adopt_no_kd(self, source_profile: str = "cpu2") -> list[str]:
+        """Commit ``source_profile``'s no-KD cells as this table's where the config is the same (a
+        no-KD cell has no teacher, so it has the same hash under another teacher); the record and
+        its bootstrap samples are copied with ``adopted_from``. Returns the names written."""
+        source = CellStore(self.store.root.parent / source_profile)
+        written = []
+        for cell in self.plan():
+            name = self.cell_name(cell)
+            if cell.method != "no KD" or self.store.load(name) is not None:
+                continue
+            origin = "T2-" + name.split("-", 1)[1]
+            record = source.load(origin)
+            if record is None or record.get("hash") != name.rsplit("-", 1)[1] or source.root == self.store.root:
+                continue
+            boot = source.root / f"{origin}.boot.json"
+            self.store.write(name, {**record, "name": name, "profile": self.profile.name, "teacher": cell.teacher,
+                                    "adopted_from": f"{source_profile}/{origin}"},
+                             json.loads(boot.read_text()) if boot.is_file() else None)
+            written.append(name)
+        return written
+
     def write_cell(self, cell_dir: Path, spec: dict) -> None:
         cell_dir.mkdir(parents=True, exist_ok=True)
         (cell_dir / "cell.json").write_text(json.dumps(spec, indent=1))
@@ -312,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"committed {name} from the cache (no bootstrap samples)")
         for name in table.adopt_convergence():
             print(f"committed {name} from the convergence sweep")
+        if profile.plan == "v3":
+            for name in table.adopt_no_kd():
+                print(f"committed {name} from the cpu2 table (no KD: same config, same hash)")
         if args.only is not None or args.match:
             table = LimitedTable(table, args.only, args.match)
         wall = run_all(table, args.jobs or profile.jobs, args.budget)

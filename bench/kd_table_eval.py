@@ -53,10 +53,10 @@ class Protocols:
         return list(seen)
 
 
-def teacher_npz(faces: Path, name: str) -> tuple[np.ndarray, list[str]]:
-    """The shared teacher's unit embeddings (``emb + emb_flip``) in ``teacher_dlib_r29/{name}.npz``
-    and their image paths (relative to ``faces/name``)."""
-    data = np.load(faces / "teacher_dlib_r29" / f"{name}.npz")
+def teacher_npz(faces: Path, name: str, folder: str = "teacher_dlib_r29") -> tuple[np.ndarray, list[str]]:
+    """A stored teacher's unit embeddings (``emb + emb_flip``) in ``<folder>/{name}.npz`` (T2's
+    folder by default) and their image paths (relative to ``faces/name``)."""
+    data = np.load(faces / folder / f"{name}.npz")
     emb = l2_normalize(data["emb"] + data["emb_flip"]).astype(np.float32)
     return emb, [str(p) for p in data["paths"]]
 
@@ -134,11 +134,12 @@ def evaluate_student(model: torch.nn.Module, protocols: Protocols, paths: list[s
     return metrics_from_embeddings(protocols, embed_student(model, paths, images))
 
 
-def teacher_lookup(faces: Path) -> dict[str, np.ndarray]:
-    """The shared teacher's unit embeddings (``emb + emb_flip``) by normalised image path."""
+def teacher_lookup(faces: Path, folder: str = "teacher_dlib_r29") -> dict[str, np.ndarray]:
+    """A stored teacher's unit embeddings (``emb + emb_flip`` of ``<folder>/{lfw,cfp}.npz``) by
+    normalised image path."""
     lookup: dict[str, np.ndarray] = {}
     for name in ("lfw", "cfp"):
-        emb, paths = teacher_npz(faces, name)
+        emb, paths = teacher_npz(faces, name, folder)
         for p, e in zip(paths, emb):
             lookup[os.path.normpath(faces / name / p)] = e
     return lookup

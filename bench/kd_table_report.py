@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kd_cells import environment, git, layout_summary
+from kd_profiles import TEACHER_EMBEDDINGS
 from kd_significance import REFERENCES, significance
 from kd_table_eval import METRICS
 from kd_table_summary import at_chance, summary_block
@@ -25,7 +26,8 @@ LABELS = {"lfw_acc": "LFW acc", "lfw_tpr@1e-3": "TPR@1e-3", "lfw_tpr@1e-4": "TPR
           "lfw_tpr@1e-5": "TPR@1e-5", "cfp_ff_acc": "CFP-FF", "cfp_fp_acc": "CFP-FP"}
 SMALL_GAP = 0.05  # teacher - no-KD differences below this make the "gap closed" share noise
 TEACHER_NAMES = {"T1": "T1: IResNet-50 trained here (ArcFace)",
-                 "T2": "T2: dlib ResNet-29 (pretrained, 128-d, embeddings only)"}
+                 "T2": "T2: dlib ResNet-29 (pretrained, 128-d, embeddings only)",
+                 "T3": "T3: the same dlib ResNet-29 on the crop as a 32-px student sees it (embeddings only)"}
 
 
 def collect(table) -> tuple[list[dict], dict[str, dict], list[str]]:  # noqa: ANN001
@@ -199,7 +201,7 @@ def markdown(table, runs: list[dict], teachers: dict, missing: list[str], wall: 
               "Mean ± std (ddof 1) over seeds; LFW all-pairs TPR at FPR; CFP fold 10.", ""]
     summaries, params = {}, {}
     for t in p.teachers:
-        emb = 128 if t == "T2" else p.t1.get("embedding_size", 512)
+        emb = 128 if t in TEACHER_EMBEDDINGS else p.t1.get("embedding_size", 512)
         for width in p.students:
             params[width] = student_parameters(width, emb, p.input_size)
             summary = summarise(runs, t, width)
@@ -320,7 +322,7 @@ def write_report(table, out: Path, wall: float, command: list[str]) -> Path:  # 
     (out / f"{name}.md").write_text(text)
     params = {}
     for (t, width), summary in summaries.items():
-        params[width] = student_parameters(width, 128 if t == "T2" else table.profile.t1.get("embedding_size", 512),
+        params[width] = student_parameters(width, 128 if t in TEACHER_EMBEDDINGS else table.profile.t1.get("embedding_size", 512),
                                            table.profile.input_size)
         if not summary or t not in teachers:
             continue

@@ -35,24 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ekd_ablation import ROWS as ABLATION_ROWS  # noqa: E402
 from ekd_ablation import WIDTH, Ablation, collect_rows, compute_lines, rows_section  # noqa: E402
 from kd_cells import CellStore, common_arguments, run_and_report  # noqa: E402
-from kd_choices import (FEATURE_BASELINES, WEIGHT_GRID, choose_preset, choose_weight,  # noqa: E402
-                        grid_records, tuned_settings, weight_row)
+from kd_choices import (FEATURE_BASELINES, PRESET_BASE, PRESET_ROWS, PRESET_SEEDS,  # noqa: E402
+                        PRESET_VARIANTS, WEIGHT_GRID, choose_preset, choose_weight, grid_records,
+                        preset_weight_row, tuned_settings, tuning_records, weight_row)
 from kd_profiles import CPU3, Cell  # noqa: E402
 from kd_table import REPO, smoke  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "kd_tuning"
 TEACHER = "T3"
-PRESET_SEEDS = 2
-#: The EKD rows of phase 2: the T2 ablation's configs (pinned there) of EKD (authors), EKD (ours)
-#: and the variants that helped under T2 ...
-PRESET_VARIANTS = ("EKD (authors)", "EKD (ours)", "ours + one-sided", "ours + spread T", "ours + active mean",
-                   "ours + one-sided, negatives x8", "ours + one-sided + spread T")
-#: ... and the cpu2 preset ("ours + one-sided") at the larger weights of the grid.
-PRESET_BASE = "ours + one-sided"
-
-
-def preset_weight_row(weight: float) -> str:
-    return f"{PRESET_BASE}, weight x{weight:g}"
 
 
 def feature_row(method: str, weight: float) -> list[dict]:
@@ -73,9 +63,6 @@ def row_configs(extra_weights: dict[str, list[float]] | None = None) -> dict[str
     return rows
 
 
-PRESET_ROWS = [*PRESET_VARIANTS, *(preset_weight_row(w) for w in WEIGHT_GRID[1:])]
-
-
 class Tuning(Ablation):
     """The tuning cells under T3 as a table for :func:`kd_cells.run_all`; planned by phase."""
 
@@ -87,7 +74,7 @@ class Tuning(Ablation):
 
     def extra_weights(self) -> dict[str, list[float]]:
         """Weights past the grid that the weight rule asks for (grown one x10 step at a time)."""
-        records = [r for r in self.store_records()]
+        records = self.store_records()
         out: dict[str, list[float]] = {}
         for method in FEATURE_BASELINES:
             by_weight = grid_records(records, method)
@@ -97,8 +84,6 @@ class Tuning(Ablation):
         return out
 
     def store_records(self) -> list[dict]:
-        from kd_choices import tuning_records
-
         return tuning_records(self.store.root)
 
     def plan(self) -> list[Cell]:  # type: ignore[override]

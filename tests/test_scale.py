@@ -175,6 +175,7 @@ def _ddp_worker(rank, world, port, folder, out, ekd_params="", extra=()):
             trainer.train_step(*_fixed_batch(trainer, rank, world))
             torch.save({k: v.detach() for k, v in trainer.student.named_parameters()}, out / f"rank{rank}.pt")
             torch.save(trainer.diagnostics, out / f"diagnostics{rank}.pt")
+            torch.save(trainer.state.auto_weights, out / f"auto_weights{rank}.pt")
     finally:
         D.shutdown()
 
@@ -213,9 +214,12 @@ def _fixed_batch(trainer, rank, world):
 
 # the paper's EKD, a loss variant (one_sided: the variants' code path) on the gathered pairs, and
 # the paper's EKD with the student's step compiled (train.compile: DDP under torch.compile)
+# the cosine term with weight auto (calibrated on this one step: measured on the global batch,
+# not applied, then fixed) is the last
 @pytest.mark.parametrize(("ekd_params", "extra"), [("", ()), (", one_sided: true", ()),
-                                                   ("", ("train.compile=true",))],
-                         ids=["paper", "one_sided", "compiled"])
+                                                   ("", ("train.compile=true",)),
+                                                   ("", ("distill.2.weight=auto", "train.auto_weight_steps=1"))],
+                         ids=["paper", "one_sided", "compiled", "auto_weight"])
 def test_two_process_step_equals_one_process_on_concatenated_batch(folder, tmp_path, ekd_params, extra):
     if extra and not any(shutil.which(c) for c in CXX_CANDIDATES):
         pytest.skip("no C++ compiler for inductor on this machine")
@@ -241,6 +245,12 @@ def test_two_process_step_equals_one_process_on_concatenated_batch(folder, tmp_p
         assert diagnostics.keys() == single.diagnostics.keys()
         for k, v in single.diagnostics.items():
             assert diagnostics[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (rank, k)
+        auto_weights = torch.load(tmp_path / f"auto_weights{rank}.pt", weights_only=True)
+        assert auto_weights.keys() == single.state.auto_weights.keys()
+        for k, v in single.state.auto_weights.items():
+            assert auto_weights[k] == pytest.approx(v, rel=1e-4), (rank, k)
+    if "train.auto_weight_steps=1" in extra:
+        assert set(single.state.auto_weights) == {"2"}
 
 
 def test_teacher_cache_cli_and_training_from_it(folder, tmp_path):

@@ -8,6 +8,7 @@ Every section is a dataclass; loading is strict: an unknown key or a value of th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,12 @@ class DistillerConfig:
     """One distiller of the registry, its overall weight and its own parameters."""
 
     name: str = "ekd"
-    weight: float = 1.0
+    # A number, or "auto": the weight that gives the distiller's terms ``target_share`` of the
+    # margin softmax's gradient into the embedding, measured over the first
+    # ``train.auto_weight_steps`` steps, then fixed and logged (ekd.engine.auto_weight).
+    weight: float | str = 1.0
+    # With weight "auto": the target share (null = ekd.engine.auto_weight.DEFAULT_TARGET_SHARE).
+    target_share: float | None = None
     params: dict = field(default_factory=dict)
 
 
@@ -154,6 +160,9 @@ class TrainConfig:
     tensorboard: bool | None = None
     # Per-term gradient shares and distiller internals on logged steps (ekd.engine.diagnostics).
     diagnostics: bool = True
+    # Steps over which a distiller with weight "auto" measures its gradient share before its
+    # weight is fixed (its terms are computed, not applied, until then).
+    auto_weight_steps: int = 20
 
 
 @dataclass
@@ -356,8 +365,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"distill lists {names} but teacher.kind is 'none': "
                           "a distiller needs a teacher (set teacher.kind and teacher.path)")
     for i, d in enumerate(cfg.distill):
-        if d.weight < 0:
-            raise ConfigError(f"distill[{i}].weight must be >= 0, got {d.weight}")
+        if isinstance(d.weight, str):
+            if d.weight != "auto":
+                raise ConfigError(f"distill[{i}].weight must be a number or 'auto', got {d.weight!r}")
+            if d.target_share is not None and not (math.isfinite(d.target_share) and d.target_share > 0):
+                raise ConfigError(f"distill[{i}].target_share must be a number > 0, got {d.target_share}")
+        else:
+            if d.weight < 0:
+                raise ConfigError(f"distill[{i}].weight must be >= 0, got {d.weight}")
+            if d.target_share is not None:
+                raise ConfigError(f"distill[{i}].target_share is used with weight: auto only "
+                                  f"(weight is {d.weight:g})")
+    if cfg.train.auto_weight_steps < 1:
+        raise ConfigError(f"train.auto_weight_steps must be >= 1, got {cfg.train.auto_weight_steps}")
     from ekd.config_checks import check_more  # needs the model/distiller registries
 
     check_more(cfg)

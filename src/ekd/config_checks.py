@@ -42,7 +42,7 @@ def check_more(cfg: Config) -> None:
             if not math.isfinite(value):
                 raise ConfigError(f"{key} must be a finite number, got {value}")
     for i, d in enumerate(cfg.distill):
-        if not math.isfinite(d.weight):
+        if not isinstance(d.weight, str) and not math.isfinite(d.weight):
             raise ConfigError(f"distill[{i}].weight must be a finite number, got {d.weight}")
     _check_model(cfg)
     _check_optim_train(cfg)

@@ -38,7 +38,8 @@ def build_distillers(cfg: Config, teacher_dim: int | None, num_classes: int,
     def build(d: DistillerConfig) -> Distiller:
         accepted = distiller_params(d.name)
         auto = {k: v for k, v in known.items() if k in accepted and k not in d.params and v is not None}
-        return build_distiller(d.name, d.weight, **auto, **d.params)
+        weight = 1.0 if d.weight == "auto" else d.weight  # "auto": fixed after calibration (auto_weight.py)
+        return build_distiller(d.name, weight, **auto, **d.params)
 
     return nn.ModuleList(build(d) for d in cfg.distill)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,6 +55,8 @@ class TrainState:
     best_metric: str | None = None
     best_value: float | None = None
     best_step: int | None = None
+    # distill weight "auto": the weight each such distiller was given (its index as a string)
+    auto_weights: dict = field(default_factory=dict)
 
 
 class MetricsLog:

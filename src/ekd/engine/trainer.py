@@ -44,6 +44,7 @@ from ekd.distill import CLASS_EXTRAS
 from ekd.engine import distributed as D
 from ekd.engine.build import (build_train_loader, build_train_set, compiled_forward, resolve_device,
                               seed_everything)
+from ekd.engine.auto_weight import AutoWeights
 from ekd.engine.diagnostics import anchor_fprs, distiller_diagnostics, set_recording, term_gradient_norms
 from ekd.engine.distill_inputs import (build_distillers, check_sharding, distiller_extras, sharded,
                                       teacher_centers_for)
@@ -135,6 +136,9 @@ class Trainer:
                 self.teacher.head_state = None  # type: ignore[union-attr]  # frees the full matrix
         self.teacher_centers = centers.to(device) if centers is not None else None
         self.ce_replaced = any(getattr(d, "replaces_ce", False) for d in self.distillers)
+        self.auto_weights = AutoWeights(cfg.distill, self.distillers, tc.auto_weight_steps, not self.ce_replaced)
+        self._term_owner: dict[str, int] = {}  # loss term name -> index of the distiller that made it
+        self._auto_weight_events: list[dict] = []  # weights fixed this step, for the log
         if self.validator is not None and tc.diagnostics:
             self.validator.threshold_fprs = anchor_fprs(self.distillers)
             self.validator.teacher_model = getattr(self.teacher, "model", None)
@@ -158,6 +162,7 @@ class Trainer:
             resume = str(candidate) if candidate.is_file() else None
         if resume:
             load_training_state(self, resume)
+            self.auto_weights.restore(self.state.auto_weights)
             if self.validator is not None:
                 self.validator.restore_best(self.state, self.run_dir)
 
@@ -193,7 +198,9 @@ class Trainer:
                                       self.class_shard)
             for i, (distiller, given) in enumerate(zip(self.distillers, extras)):
                 for name, value in distiller(all_emb, teacher_emb, all_labels, **given).items():
-                    terms[name if name not in terms else f"{name}_{i}"] = value
+                    key = name if name not in terms else f"{name}_{i}"
+                    terms[key] = value
+                    self._term_owner[key] = i
         return terms
 
     def _sync_small_grads(self) -> None:
@@ -229,7 +236,8 @@ class Trainer:
         terms = self.compute_terms(images, labels, indices, flipped)
         set_recording(self.distillers, False)
         embedding, self._embedding = self._embedding, None  # not kept (with its graph) past the step
-        total = sum(terms.values())
+        held = self.auto_weights.held_back(self._term_owner) if self.auto_weights.calibrating else set()
+        total = sum(v for k, v in terms.items() if k not in held)  # weight "auto": measured, not applied yet
         self.optimizer.zero_grad(set_to_none=True)
         bad = [k for k, v in terms.items() if not torch.isfinite(v)]
         if bad:
@@ -238,6 +246,10 @@ class Trainer:
         if diagnose and embedding is not None:
             self.diagnostics = {**term_gradient_norms(terms, embedding, self.dist),
                                 **distiller_diagnostics(self.distillers)}
+        if held and embedding is not None:
+            for event in self.auto_weights.observe(terms, self._term_owner, embedding, self.dist, self.state.step):
+                self.state.auto_weights[str(event["index"])] = event["weight"]
+                self._auto_weight_events.append(event)
         self.scaler.scale(total).backward()
         self._sync_small_grads()
         self.scaler.unscale_(self.optimizer)
@@ -328,6 +340,16 @@ class Trainer:
             log.info("finished %d epochs in %.1f s; model saved to %s", cfg.train.epochs, seconds, model_path)
         return TrainResult(self.run_dir, model_path, seconds, last, self._stop_requested)
 
+    def _log_auto_weights(self, metrics: MetricsLog) -> None:
+        """Log and record (``metrics.jsonl`` row ``auto_weight``) each weight fixed this step."""
+        for event in self._auto_weight_events:
+            metrics.write({"epoch": self.state.epoch, "step": self.state.step, "auto_weight": event})
+            if self.dist.is_main:
+                log.info("distill[%d] %s: weight auto -> %.4g (gradient share %.4g at weight 1, median "
+                         "of %d steps; target %.3g)", event["index"], event["name"], event["weight"],
+                         event["share_at_weight_1"], event["steps"], event["target_share"])
+        self._auto_weight_events.clear()
+
     def _run_epoch(self, metrics: MetricsLog) -> dict:
         cfg, st = self.cfg, self.state
         self.student.train()
@@ -350,6 +372,7 @@ class Trainer:
             waited, epoch_waited = waited + got - tick, epoch_waited + got - tick
             images, flipped = self._mirror(images)
             terms = self.train_step(images, labels, indices, flipped)
+            self._log_auto_weights(metrics)
             st.batch_in_epoch += 1
             seen += len(labels) * self.dist.world_size
             now = time.perf_counter()

@@ -1,0 +1,168 @@
+"""KD table v3 (cpu3, teacher T3) without real faces: the validation-split choices of the feature
+baselines' weights and of the EKD preset (bench/kd_choices.py), the tuning plan
+(bench/kd_tuning.py), the sanity gate and the cpu3 plan (bench/kd_profiles.py), and the no-KD
+cells shared with cpu2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import kd_choices as H  # noqa: E402
+import kd_table as K  # noqa: E402
+import kd_tuning as T  # noqa: E402
+from kd_cells import CellStore  # noqa: E402
+from kd_profiles import V3_AUTO, V3_GATE, ZOO_V2, gate_verdict  # noqa: E402
+
+from ekd.config import Config, from_dict, validate  # noqa: E402
+
+
+def _val(tpr4, tpr3=0.2):
+    return {"val_tpr@1e-4": tpr4, "val_tpr@1e-3": tpr3, "val_tpr@1e-5": tpr4 / 2, "val_auc": 0.9}
+
+
+def _tuning(tmp_path, phases=("grid", "preset")):
+    return T.Tuning(tmp_path / "faces", tmp_path / "cache", tmp_path / "tuning", phases)
+
+
+def _commit_tuning(table, row, seed, tpr4, tpr3=0.2):
+    cell = K.Cell("T3", row, seed, 0.5)
+    name = table.cell_name(cell)
+    table.store.write(name, {"teacher": "T3", "method": row, "seed": seed, "width": 0.5, "name": name,
+                             "config": table.portable(table.config_tree(cell)), "metrics": _val(tpr4, tpr3),
+                             "train_seconds": 60.0, "eval_seconds": 1.0}, None)
+
+
+def test_weight_rule_waits_for_the_grid_and_extends_it_past_a_best_largest_weight():
+    rec = lambda t: {"metrics": _val(t)}  # noqa: E731
+    assert H.choose_weight({1.0: rec(0.1), 10.0: rec(0.2)})[:2] == (None, None)
+    chosen, nxt, why = H.choose_weight({1.0: rec(0.1), 10.0: rec(0.3), 100.0: rec(0.2)})
+    assert (chosen, nxt) == (10.0, None) and "x10 chosen" in why
+    chosen, nxt, _ = H.choose_weight({1.0: rec(0.1), 10.0: rec(0.2), 100.0: rec(0.3)})
+    assert (chosen, nxt) == (None, 1000.0)
+    chosen, nxt, _ = H.choose_weight({1.0: rec(0.1), 10.0: rec(0.2), 100.0: rec(0.3), 1000.0: rec(0.25)})
+    assert (chosen, nxt) == (100.0, None)
+    # ties at TPR@1e-4 go to the higher TPR@1e-3
+    tie = {1.0: {"metrics": _val(0.2, 0.3)}, 10.0: {"metrics": _val(0.2, 0.5)}, 100.0: {"metrics": _val(0.1)}}
+    assert H.choose_weight(tie)[0] == 10.0
+
+
+def test_tuning_rows_are_valid_t3_configs_and_no_kd_shares_the_t2_ablation_hash(tmp_path):
+    import ekd_ablation as A
+
+    table = _tuning(tmp_path)
+    cells = table.plan()
+    rows = {c.method for c in cells}
+    assert {"cosine x1", "cosine x10", "cosine x100", "fitnet x1", "fitnet x10", "fitnet x100"} <= rows
+    assert set(H.PRESET_ROWS) <= rows and {c.seed for c in cells if c.method in H.PRESET_ROWS} == {0, 1}
+    assert {c.seed for c in cells if c.method.startswith(("cosine", "fitnet"))} == {0}
+    for cell in cells:
+        cfg = from_dict(Config, table.config_tree(cell))
+        validate(cfg)
+        assert cfg.model.width == 0.5 and cfg.data.root == str(table.split / "train")
+        if cell.method != "no KD":
+            assert cfg.teacher.path == str(table.split / "teacher_t3")
+    assert [d.weight for d in from_dict(Config, table.config_tree(K.Cell("T3", "cosine x100", 0, 0.5))).distill] == [100.0]
+    ablation = A.Ablation(A.CPU2, tmp_path / "faces", tmp_path / "cache", tmp_path / "r", ["no KD"], 2)
+    for seed in (0, 1):
+        t3 = table.cell_name(K.Cell("T3", "no KD", seed, 0.5))
+        assert t3 == "T3-" + ablation.cell_name(K.Cell("T2", "no KD", seed, 0.5)).split("-", 1)[1]
+    # only the grid phase: no EKD rows
+    assert {c.method for c in _tuning(tmp_path, ("grid",)).plan()} & set(H.PRESET_ROWS) == set()
+
+
+def test_the_grid_grows_while_its_largest_weight_is_best_and_the_choice_reaches_the_table(tmp_path):
+    table = _tuning(tmp_path, ("grid",))
+    for w, t in ((1, 0.10), (10, 0.12), (100, 0.15)):
+        _commit_tuning(table, f"cosine x{w}", 0, t)
+    for w, t in ((1, 0.10), (10, 0.20), (100, 0.05)):
+        _commit_tuning(table, f"fitnet x{w}", 0, t)
+    assert "cosine x1000" in {c.method for c in table.plan()}
+    settings, reasons = H.tuned_settings(table.store_records(), H.PRESET_ROWS, 2)
+    assert "cosine" not in settings and settings["fitnet"] == [{"name": "fitnet", "weight": 10.0, "params": {}}]
+    _commit_tuning(table, "cosine x1000", 0, 0.14)
+    settings, reasons = H.tuned_settings(table.store_records(), H.PRESET_ROWS, 2)
+    assert settings["cosine"][0]["weight"] == 100.0
+    assert settings["better baseline"] == "fitnet"  # 0.20 vs 0.15 at the chosen weights
+    # the cpu3 table reads the choices from the committed tuning cells
+    cpu3 = K.Table(K.CPU3, tmp_path / "faces", tmp_path / "cache", tmp_path / "results", tuning=tmp_path / "tuning")
+    assert cpu3.profile.tuned["cosine"][0]["weight"] == 100.0
+    tree = cpu3.config_tree(K.Cell("T3", "fitnet", 0))
+    assert tree["distill"] == [{"name": "fitnet", "weight": 10.0, "params": {}}]
+    assert tree["teacher"] == {"kind": "cache", "path": str((tmp_path / "cache" / "teacher_t3").resolve()),
+                               "centers": "classifier"}
+    assert "EKD (ours)" not in cpu3.profile.tuned  # the EKD rows have no cells yet
+
+
+def _commit_table(table, cell, acc, tpr3):
+    name = table.cell_name(cell)
+    metrics = {"lfw_acc": acc, "lfw_tpr@1e-3": tpr3, "lfw_tpr@1e-4": tpr3 / 2, "lfw_tpr@1e-5": tpr3 / 4}
+    table.store.write(name, {"teacher": cell.teacher, "method": cell.method, "seed": cell.seed,
+                             "width": cell.width, "name": name, "metrics": metrics}, None)
+
+
+def _cpu3(tmp_path, tuned):
+    table = K.Table(K.CPU3, tmp_path / "faces", tmp_path / "cache", tmp_path / "results", tuning=tmp_path / "none")
+    table.profile = K.dataclasses.replace(table.profile, tuned=tuned)
+    return table
+
+
+TUNED = {"cosine": [{"name": "cosine", "weight": 10.0, "params": {}}],
+         "fitnet": [{"name": "fitnet", "weight": 100.0, "params": {}}],
+         "EKD (ours)": [{"name": "ekd", "weight": 1.0, "params": {"one_sided": True}}], "better baseline": "cosine"}
+
+
+def test_the_gate_runs_alone_first_and_a_failed_gate_stops_the_plan(tmp_path):
+    table = _cpu3(tmp_path, TUNED)
+    gate = {(c.method, c.seed, c.width) for c in table.plan()}
+    assert gate == {(m, s, 1.0) for m in V3_GATE for s in range(3)}
+    for s in range(3):  # cosine ahead at both metrics by more than the seed spread; FitNet not
+        _commit_table(table, K.Cell("T3", "no KD", s), 0.80 + 0.001 * s, 0.20 + 0.001 * s)
+        _commit_table(table, K.Cell("T3", "cosine", s), 0.84 + 0.001 * s, 0.25 + 0.001 * s)
+        _commit_table(table, K.Cell("T3", "fitnet", s), 0.80 + 0.001 * s, 0.30 + 0.001 * s)
+    passed, reasons = gate_verdict(table.profile, table.result)
+    assert passed and any(r.startswith("fitnet vs no KD, lfw_acc: +0.0000") for r in reasons)
+    plan = table.plan()
+    assert {(c.method, c.seed, c.width) for c in plan[:9]} == gate  # the gate's cells stay first
+    full = {(c.method, c.seed) for c in plan if c.width == 1.0}
+    for m in ("EKD (authors)", "EKD (ours)", "AdaDistill", "proxylesskd"):
+        assert {(m, s) for s in range(3)} <= full
+    half = {(c.method, c.seed) for c in plan if c.width == 0.5}
+    assert half == {(m, s) for m in ("no KD", "EKD (authors)", "EKD (ours)", "cosine") for s in range(3)}
+    assert {m for m, s in full if s == 0} >= set(ZOO_V2) | set(V3_AUTO)
+    # one-seed rows get weight auto unless the term replaces the margin softmax
+    darkrank = table.config_tree(K.Cell("T3", "darkrank", 0))["distill"]
+    assert darkrank[0]["weight"] == "auto" and darkrank[0]["target_share"] > 0
+    validate(from_dict(Config, table.config_tree(K.Cell("T3", "darkrank", 0))))
+    assert table.config_tree(K.Cell("T3", "margin_distill", 0))["distill"][0]["weight"] == 1.0
+    assert table.config_tree(K.Cell("T3", "EKD (ours)", 0))["distill"] == TUNED["EKD (ours)"]
+    # a gate that fails: neither baseline ahead
+    failed = _cpu3(tmp_path / "f", TUNED)
+    for s in range(3):
+        for m in V3_GATE:
+            _commit_table(failed, K.Cell("T3", m, s), 0.80 + 0.01 * s, 0.20 + 0.01 * s)
+    assert gate_verdict(failed.profile, failed.result)[0] is False
+    assert {c.method for c in failed.plan()} == set(V3_GATE)
+
+
+def test_cpu3_adopts_cpu2_no_kd_cells_and_keeps_cpu2_hashes(tmp_path):
+    results = tmp_path / "results"
+    cpu2 = K.Table(K.CPU2, tmp_path / "faces", tmp_path / "cache", results)
+    cpu3 = _cpu3(tmp_path, {})
+    cpu3.store = CellStore(results / "cpu3")
+    source = cpu2.cell_name(K.Cell("T2", "no KD", 1))
+    cpu2.store.write(source, {"name": source, "hash": source.rsplit("-", 1)[1], "teacher": "T2",
+                              "method": "no KD", "seed": 1, "metrics": {"lfw_acc": 0.8}},
+                     {"protocol": "p", "seed": 0, "fprs": [1e-3], "tpr_millionths": [[1]]})
+    assert cpu3.adopt_no_kd() == ["T3-" + source.split("-", 1)[1]]
+    record = cpu3.result(K.Cell("T3", "no KD", 1))
+    assert record["teacher"] == "T3" and record["adopted_from"] == f"cpu2/{source}"
+    assert cpu3.store.load_boot(record["name"]) is not None
+    assert cpu3.adopt_no_kd() == []  # once
+    with pytest.raises(KeyError, match="not chosen on the validation split yet"):
+        cpu3.config_tree(K.Cell("T3", "cosine", 0))
