@@ -301,4 +301,26 @@ def plan_v3(profile: Profile, result: Result) -> list[Cell]:
                                         c.method not in V3_SEEDED + V3_HALF, c.seed, c.width != 1.0))
 
 
+def plan_stage(profile: Profile, result: Result) -> list[str]:
+    """What a v3 plan still waits for before its later cells are known (empty when nothing, and
+    for the other plans): the settings not yet chosen on the validation split, the sanity gate."""
+    if profile.plan != "v3":
+        return []
+    waiting = [m for m in (*V3_TUNED, "better baseline") if m not in profile.tuned]
+    lines = []
+    if waiting:
+        lines.append("not chosen on the validation split yet (`bench/kd_tuning.py`, "
+                     f"docs/results/kd_tuning_cpu3.md): {', '.join(waiting)}")
+    passed, reasons = gate_verdict(profile, result)
+    if passed is None:
+        lines.append("sanity gate (no KD, cosine, FitNet; full width, 3 seeds): waiting for its cells; "
+                     "the rest of the table is planned once it has passed")
+    elif not passed:
+        lines.append("**sanity gate failed**: neither feature baseline beats no KD at LFW accuracy and "
+                     "TPR@1e-3 by more than the seed spread; the plan stops here (" + "; ".join(reasons) + ")")
+    elif waiting:
+        lines.append("sanity gate passed (" + "; ".join(reasons) + ")")
+    return lines
+
+
 PLANS = {"v1": plan_v1, "v2": plan_v2, "key": plan_key, "v3": plan_v3}

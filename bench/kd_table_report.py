@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kd_cells import environment, git, layout_summary
-from kd_profiles import TEACHER_EMBEDDINGS
+from kd_profiles import TEACHER_EMBEDDINGS, plan_stage
 from kd_significance import REFERENCES, significance
 from kd_table_eval import METRICS
 from kd_table_summary import at_chance, summary_block
@@ -187,12 +187,14 @@ def plot_capacity(points: dict[str, list[tuple[int, float]]], title: str, out_pn
 
 
 def markdown(table, runs: list[dict], teachers: dict, missing: list[str], wall: float,  # noqa: ANN001
-             command: list[str], boots: dict | None = None) -> tuple[str, dict]:
+             command: list[str], boots: dict | None = None, stage: list[str] | None = None) -> tuple[str, dict]:
     p = table.profile
     boots = boots or {}
     lines = [f"# KD table on real faces — {p.name.upper()} profile", ""]
     if missing:
         lines += [f"**Incomplete: {len(missing)} cell(s) not run yet** ({', '.join(missing)}).", ""]
+    if stage:
+        lines += ["**Later cells not planned yet** (`plan_v3`):", ""] + [f"- {s}" for s in stage] + [""]
     lines += [f"Students MobileFaceNet (width {', '.join(f'{w:g}' for w in p.students)}) at "
               f"{p.input_size}×{p.input_size}, {p.epochs} epochs of "
               f"{p.random_size} random + {p.identities_per_batch}×{p.samples_per_identity} balanced "
@@ -318,7 +320,8 @@ def write_report(table, out: Path, wall: float, command: list[str]) -> Path:  # 
         for r in sorted(runs, key=lambda r: (r["teacher"], -r["width"], r["method"], r["seed"])):
             w.writerow([r["teacher"], r["width"], r["method"], r["seed"], *(r["metrics"][m] for m in METRICS),
                         round(r["train_seconds"], 1)])
-    text, summaries = markdown(table, runs, teachers, missing, wall, command, boots)
+    stage = plan_stage(table.profile, table.result)
+    text, summaries = markdown(table, runs, teachers, missing, wall, command, boots, stage)
     (out / f"{name}.md").write_text(text)
     params = {}
     for (t, width), summary in summaries.items():
@@ -336,7 +339,7 @@ def write_report(table, out: Path, wall: float, command: list[str]) -> Path:  # 
                   out / f"{name}_capacity.png")
     labels = {key: f"{key[0]} → {_student_label(key[1], params[key[1]])}" for key in summaries}
     (out / f"{name}_summary.md").write_text(
-        summary_block(table.profile.name, summaries, teachers, runs, boots, labels, missing) + "\n")
+        summary_block(table.profile.name, summaries, teachers, runs, boots, labels, missing, stage) + "\n")
     (out / f"{name}.json").write_text(json.dumps(
         {"teachers": teachers, "missing": missing,
          "summaries": {f"{t}/w{w:g}" if w != 1.0 else t: s for (t, w), s in summaries.items()}},

@@ -95,12 +95,16 @@ def student_summary(label: str, summary: dict, teacher: dict, sig: dict) -> list
 
 
 def summary_block(profile: str, summaries: dict, teachers: dict, runs: list[dict], boots: dict,
-                  labels: dict, missing: list[str]) -> str:
+                  labels: dict, missing: list[str], stage: list[str] | None = None) -> str:
     """The README block: one table over the students, then one paragraph per student.
-    ``summaries``/``labels`` are keyed by (teacher, width)."""
+    ``summaries``/``labels`` are keyed by (teacher, width); ``stage``: what a plan still waits
+    for before its later cells are known (the table is then not complete)."""
     begin, end = markers(profile)
     head = (f"{len(runs)} cells committed" + (f", **{len(missing)} still to run** — the numbers below "
                                               f"are partial" if missing else ", table complete") + ".")
+    if stage:
+        head = (f"{len(runs)} cells committed, **{len(missing)} planned cells still to run and later cells "
+                "not planned yet** — the numbers below are partial.")
     rows, paragraphs = [], []
     for key, summary in summaries.items():
         t, width = key

@@ -22,7 +22,8 @@ from kd_profiles import V3_AUTO, V3_GATE, ZOO_V2, gate_verdict  # noqa: E402
 from ekd.config import Config, from_dict, validate  # noqa: E402
 
 
-def _val(tpr4, tpr3=0.2):
+def _val(tpr3, tpr4=0.05):
+    """Validation metrics; the weight rule ranks by TPR@1e-3, then TPR@1e-4."""
     return {"val_tpr@1e-4": tpr4, "val_tpr@1e-3": tpr3, "val_tpr@1e-5": tpr4 / 2, "val_auc": 0.9}
 
 
@@ -30,11 +31,11 @@ def _tuning(tmp_path, phases=("grid", "preset")):
     return T.Tuning(tmp_path / "faces", tmp_path / "cache", tmp_path / "tuning", phases)
 
 
-def _commit_tuning(table, row, seed, tpr4, tpr3=0.2):
+def _commit_tuning(table, row, seed, tpr3, tpr4=0.05):
     cell = K.Cell("T3", row, seed, 0.5)
     name = table.cell_name(cell)
     table.store.write(name, {"teacher": "T3", "method": row, "seed": seed, "width": 0.5, "name": name,
-                             "config": table.portable(table.config_tree(cell)), "metrics": _val(tpr4, tpr3),
+                             "config": table.portable(table.config_tree(cell)), "metrics": _val(tpr3, tpr4),
                              "train_seconds": 60.0, "eval_seconds": 1.0}, None)
 
 
@@ -47,8 +48,8 @@ def test_weight_rule_waits_for_the_grid_and_extends_it_past_a_best_largest_weigh
     assert (chosen, nxt) == (None, 1000.0)
     chosen, nxt, _ = H.choose_weight({1.0: rec(0.1), 10.0: rec(0.2), 100.0: rec(0.3), 1000.0: rec(0.25)})
     assert (chosen, nxt) == (100.0, None)
-    # ties at TPR@1e-4 go to the higher TPR@1e-3
-    tie = {1.0: {"metrics": _val(0.2, 0.3)}, 10.0: {"metrics": _val(0.2, 0.5)}, 100.0: {"metrics": _val(0.1)}}
+    # ties at TPR@1e-3 go to the higher TPR@1e-4
+    tie = {1.0: {"metrics": _val(0.2, 0.03)}, 10.0: {"metrics": _val(0.2, 0.05)}, 100.0: {"metrics": _val(0.1)}}
     assert H.choose_weight(tie)[0] == 10.0
 
 
