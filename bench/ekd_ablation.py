@@ -37,8 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kd_cells import (CellStore, common_arguments, environment, git, layout_summary,  # noqa: E402
-                      run_and_report, train_cell)
+from kd_cells import (CellStore, auto_weight_events, common_arguments, environment, git,  # noqa: E402
+                      layout_summary, run_and_report, train_cell)
 from kd_choices import choose_preset  # noqa: E402
 from kd_profiles import CPU2, TEACHER_EMBEDDINGS, Cell, Profile  # noqa: E402
 from kd_table import REPO, Table, reproduce, smoke  # noqa: E402
@@ -239,6 +239,7 @@ def run_cell(cell_dir: Path) -> None:
     record = {**spec["meta"], "name": spec["name"], "hash": spec["hash"], "profile": spec["profile"],
               "config": spec["portable_config"], "metrics": metrics, "train_seconds": train_s,
               "eval_seconds": time.perf_counter() - t0, "final_terms": trained.final_terms,
+              "auto_weights": auto_weight_events(trained.run_dir),
               "git_commit": git("rev-parse", "HEAD"), "environment": environment()}
     CellStore(Path(spec["results"])).write(spec["name"], record, None)
 

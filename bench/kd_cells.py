@@ -150,6 +150,16 @@ def all_pairs_tail(protocols, lookup: dict):  # noqa: ANN001
     raise DataError("LFW all-pairs: even a 64x tail does not hold every resample's threshold")
 
 
+def auto_weight_events(run_dir: Path) -> list[dict]:
+    """The weights a run fixed for its ``weight: auto`` distillers (``auto_weight`` rows of its
+    ``metrics.jsonl``; ekd.engine.auto_weight)."""
+    file = Path(run_dir) / "metrics.jsonl"
+    if not file.is_file():
+        return []
+    return [row["auto_weight"] for line in file.read_text().splitlines()
+            if line.strip() and "auto_weight" in (row := json.loads(line))]
+
+
 def cell_record(spec: dict, metrics: dict, seconds: dict, tail_n: int, extra: dict) -> dict:
     """The committed JSON of one finished cell."""
     return {"schema": SCHEMA, **spec["meta"], "name": spec["name"], "hash": spec["hash"],
@@ -269,7 +279,7 @@ def run_cell(cell_dir: Path) -> None:
     boot, boot_s = bootstrap_record(tail)
     seconds = {"train": train_s, "eval": eval_s, "bootstrap": boot_s}
     record = cell_record(spec, metrics, seconds, int(tail.neg_scores.size),
-                         {"final_terms": trained.final_terms})
+                         {"final_terms": trained.final_terms, "auto_weights": auto_weight_events(trained.run_dir)})
     CellStore(Path(spec["results"])).write(spec["name"], record, boot)
     _atomic(cell_dir / "result.json", json.dumps(record, indent=1, default=float))
 

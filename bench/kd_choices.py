@@ -144,6 +144,7 @@ def grid_records(records: list[dict], method: str) -> dict[float, dict]:
     for r in records:
         distill = r.get("config", {}).get("distill") or []
         if (r.get("seed") == 0 and len(distill) == 1 and distill[0]["name"] == method
+                and not isinstance(distill[0]["weight"], str)  # weight auto is no grid point
                 and r["method"] == weight_row(method, float(distill[0]["weight"]))):
             out[float(distill[0]["weight"])] = r
     return out

@@ -38,11 +38,15 @@ from kd_cells import CellStore, common_arguments, run_and_report  # noqa: E402
 from kd_choices import (FEATURE_BASELINES, PRESET_BASE, PRESET_ROWS, PRESET_SEEDS,  # noqa: E402
                         PRESET_VARIANTS, WEIGHT_GRID, choose_preset, choose_weight, grid_records,
                         preset_weight_row, tuned_settings, tuning_records, weight_row)
-from kd_profiles import CPU3, Cell  # noqa: E402
+from kd_profiles import CPU3, Cell, auto_weighted  # noqa: E402
 from kd_table import REPO, smoke  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "kd_tuning"
 TEACHER = "T3"
+
+
+def auto_row(method: str) -> str:
+    return f"{method} auto"
 
 
 def feature_row(method: str, weight: float) -> list[dict]:
@@ -56,6 +60,8 @@ def row_configs(extra_weights: dict[str, list[float]] | None = None) -> dict[str
     for method in FEATURE_BASELINES:
         for w in (*WEIGHT_GRID, *(extra_weights or {}).get(method, [])):
             rows[weight_row(method, w)] = feature_row(method, w)
+    for method in FEATURE_BASELINES:  # does weight auto land where the grid's choice does?
+        rows[auto_row(method)] = auto_weighted(feature_row(method, 1.0))
     for name in PRESET_VARIANTS:
         rows[name] = ABLATION_ROWS[name]
     for w in WEIGHT_GRID[1:]:
@@ -89,6 +95,7 @@ class Tuning(Ablation):
     def plan(self) -> list[Cell]:  # type: ignore[override]
         self.row_configs = row_configs(self.extra_weights())
         grid = [r for r in self.row_configs if r.split(" x")[0] in FEATURE_BASELINES]
+        grid += [auto_row(m) for m in FEATURE_BASELINES]  # after the fixed weights
         cells = [Cell(TEACHER, "no KD", s, WIDTH) for s in range(PRESET_SEEDS)]
         if "grid" in self.phases:
             cells += [Cell(TEACHER, r, 0, WIDTH) for r in grid]
@@ -132,6 +139,19 @@ def report(table: Tuning, out: Path) -> Path:
         chosen = settings.get(method)
         lines.append(f"- **{method}**: " + (f"`{json.dumps(chosen)}`" if chosen else "not chosen yet"))
     lines += [""] + [f"- {r}" for r in reasons]
+    lines += ["", "## Does `weight: auto` land where the grid's choice does?", ""]
+    for method in FEATURE_BASELINES:
+        auto = rows.get(auto_row(method)) or []
+        fixed = [e["weight"] for r in auto for e in r.get("auto_weights", [])]
+        chosen = settings.get(method)
+        if not auto:
+            lines.append(f"- {method}: the auto cell is not in yet")
+            continue
+        m = auto[0]["metrics"]
+        lines.append(f"- {method}: auto fixed weight {', '.join(f'{w:.3g}' for w in fixed) or 'n/a'} "
+                     f"(target share {auto[0]['config']['distill'][0]['target_share']:g}), validation "
+                     f"TPR@1e-3 {m['val_tpr@1e-3']:.4f}, TPR@1e-4 {m['val_tpr@1e-4']:.4f}; the grid chose "
+                     + (f"x{chosen[0]['weight']:g}" if chosen else "nothing yet"))
     preset_rows = {r: rows.get(r, []) for r in PRESET_ROWS}
     if all(len(v) >= PRESET_SEEDS for v in preset_rows.values()):
         lines.append(f"- EKD preset row: {choose_preset(preset_rows, PRESET_SEEDS)[0]}")

@@ -60,6 +60,9 @@ def test_tuning_rows_are_valid_t3_configs_and_no_kd_shares_the_t2_ablation_hash(
     cells = table.plan()
     rows = {c.method for c in cells}
     assert {"cosine x1", "cosine x10", "cosine x100", "fitnet x1", "fitnet x10", "fitnet x100"} <= rows
+    assert {"cosine auto", "fitnet auto"} <= rows  # weight auto beside the grid it is compared with
+    auto = from_dict(Config, table.config_tree(K.Cell("T3", "cosine auto", 0, 0.5))).distill[0]
+    assert auto.weight == "auto" and auto.target_share > 0
     assert set(H.PRESET_ROWS) <= rows and {c.seed for c in cells if c.method in H.PRESET_ROWS} == {0, 1}
     assert {c.seed for c in cells if c.method.startswith(("cosine", "fitnet"))} == {0}
     for cell in cells:
@@ -86,6 +89,7 @@ def test_the_grid_grows_while_its_largest_weight_is_best_and_the_choice_reaches_
     assert "cosine x1000" in {c.method for c in table.plan()}
     settings, reasons = H.tuned_settings(table.store_records(), H.PRESET_ROWS, 2)
     assert "cosine" not in settings and settings["fitnet"] == [{"name": "fitnet", "weight": 10.0, "params": {}}]
+    _commit_tuning(table, "cosine auto", 0, 0.5)  # not a grid point, whatever it scores
     _commit_tuning(table, "cosine x1000", 0, 0.14)
     settings, reasons = H.tuned_settings(table.store_records(), H.PRESET_ROWS, 2)
     assert settings["cosine"][0]["weight"] == 100.0
