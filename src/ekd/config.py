@@ -113,9 +113,9 @@ class DistillerConfig:
     # margin softmax's gradient into the embedding, measured over the first
     # ``train.auto_weight_steps`` steps, then fixed and logged (ekd.engine.auto_weight).
     weight: float | str = 1.0
+    params: dict = field(default_factory=dict)
     # With weight "auto": the target share (null = ekd.engine.auto_weight.DEFAULT_TARGET_SHARE).
     target_share: float | None = None
-    params: dict = field(default_factory=dict)
 
 
 @dataclass
