@@ -256,40 +256,31 @@ class Table:
     def adopt_convergence(self) -> list[str]:
         """Commit the convergence sweep's no-KD cells at this profile's size and epochs as this
         table's no-KD cells (same config, same hash: ``kd_convergence.py``); returns the names."""
-        sweep = CellStore(self.store.root.parent / "convergence")
-        written = []
-        for cell in self.plan():
-            name = self.cell_name(cell)
-            if cell.method != "no KD" or self.store.load(name) is not None:
-                continue
-            source = f"{self.profile.input_size}px-{self.profile.epochs}ep-{name}"
-            record = sweep.load(source)
-            if record is None or record.get("hash") != name.rsplit("-", 1)[1]:
-                continue
-            boot = sweep.root / f"{source}.boot.json"
-            self.store.write(name, {**record, "name": name, "profile": self.profile.name, "teacher": cell.teacher,
-                                    "adopted_from": f"convergence/{source}"},
-                             json.loads(boot.read_text()) if boot.is_file() else None)
-            written.append(name)
-        return written
+        prefix = f"{self.profile.input_size}px-{self.profile.epochs}ep-"
+        return self._adopt_no_kd(self.store.root.parent, "convergence", lambda name: prefix + name)
 
     def adopt_no_kd(self, source_profile: str = "cpu2") -> list[str]:
         """Commit ``source_profile``'s no-KD cells as this table's where the config is the same (a
-        no-KD cell has no teacher, so it has the same hash under another teacher); the record and
-        its bootstrap samples are copied with ``adopted_from``. Returns the names written."""
-        source = CellStore(self.store.root.parent / source_profile)
+        no-KD cell has no teacher, so it has the same hash under another teacher); returns the
+        names written."""
+        return self._adopt_no_kd(self.store.root.parent, source_profile, lambda name: "T2-" + name.split("-", 1)[1])
+
+    def _adopt_no_kd(self, results: Path, folder: str, origin_of) -> list[str]:  # noqa: ANN001 - name -> str
+        """Copy each no-KD cell of ``results/folder`` named ``origin_of(name)`` whose hash is this
+        table's cell's, with its bootstrap samples and ``adopted_from: folder/origin``."""
+        source = CellStore(results / folder)
         written = []
         for cell in self.plan():
             name = self.cell_name(cell)
-            if cell.method != "no KD" or self.store.load(name) is not None:
+            if cell.method != "no KD" or self.store.load(name) is not None or source.root == self.store.root:
                 continue
-            origin = "T2-" + name.split("-", 1)[1]
+            origin = origin_of(name)
             record = source.load(origin)
-            if record is None or record.get("hash") != name.rsplit("-", 1)[1] or source.root == self.store.root:
+            if record is None or record.get("hash") != name.rsplit("-", 1)[1]:
                 continue
             boot = source.root / f"{origin}.boot.json"
             self.store.write(name, {**record, "name": name, "profile": self.profile.name, "teacher": cell.teacher,
-                                    "adopted_from": f"{source_profile}/{origin}"},
+                                    "adopted_from": f"{folder}/{origin}"},
                              json.loads(boot.read_text()) if boot.is_file() else None)
             written.append(name)
         return written

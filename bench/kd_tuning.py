@@ -108,23 +108,11 @@ class Tuning(Ablation):
         super().prepare()
         self.adopt_no_kd()
 
-    def adopt_no_kd(self) -> list[str]:
+    def adopt_no_kd(self, source_profile: str = "ablation-cpu2") -> list[str]:
         """Commit the T2 ablation's no-KD cells as this table's (same config and hash: a no-KD
         cell has no teacher); returns the names written."""
-        source = CellStore(self.store.root.parent.parent / "ekd_ablation" / "ablation-cpu2")
-        written = []
-        for cell in self.plan():
-            name = self.cell_name(cell)
-            if cell.method != "no KD" or self.store.load(name) is not None:
-                continue
-            origin = name.replace(f"{TEACHER}-", "T2-", 1)
-            record = source.load(origin)
-            if record is None or record.get("hash") != name.rsplit("-", 1)[1]:
-                continue
-            self.store.write(name, {**record, "name": name, "teacher": TEACHER, "profile": self.profile.name,
-                                    "adopted_from": f"ekd_ablation/ablation-cpu2/{origin}"}, None)
-            written.append(name)
-        return written
+        return self._adopt_no_kd(self.store.root.parent.parent, f"ekd_ablation/{source_profile}",
+                                 lambda name: name.replace(f"{TEACHER}-", "T2-", 1))
 
 
 def report(table: Tuning, out: Path) -> Path:

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from conftest import synthetic_run_tree
 from ekd.config import Config, from_dict, validate
 from ekd.engine.diagnostics import term_gradient_norms
 from ekd.engine.distributed import DistInfo
@@ -18,21 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tree(tmp_path, name, distill, teacher=None, **train):
-    data = tmp_path / "data"
-    tree = {
-        "data": {"kind": "synthetic", "input_size": 32,
-                 "synthetic": {"train_identities": 16, "train_images": 8, "eval_identities": 8,
-                               "eval_images": 4, "num_pairs": 120, "image_size": 32, "seed": 0,
-                               "cache_dir": str(data)}},
-        "sampler": {"random_size": 16, "identities_per_batch": 4, "samples_per_identity": 4},
-        "model": {"backbone": "mobilefacenet", "embedding_size": 64},
-        "train": {"epochs": 1, "device": "cpu", "output_dir": str(tmp_path / name), "log_every": 1,
-                  "progress": False, "max_steps_per_epoch": 6, "tensorboard": False, **train},
-        "distill": distill,
-    }
-    if teacher:
-        tree["teacher"] = {"kind": "checkpoint", "path": str(teacher)}
-    return tree
+    return synthetic_run_tree(tmp_path, name, distill, teacher, log_every=1, **train)
 
 
 def _config(*args, **kwargs) -> Config:

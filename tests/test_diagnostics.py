@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from conftest import synthetic_run_tree
 from ekd.cli import main
 from ekd.config import Config, from_dict
 from ekd.distill import build_distiller
@@ -86,24 +87,7 @@ def test_ekd_diagnostics_use_each_models_temperature_under_spread():
 
 
 def _config(tmp_path, name, distill, teacher=None, val=True, **train):
-    data = tmp_path / "data"
-    tree = {
-        "data": {"kind": "synthetic", "input_size": 32,
-                 "synthetic": {"train_identities": 16, "train_images": 8, "eval_identities": 8,
-                               "eval_images": 4, "num_pairs": 120, "image_size": 32, "seed": 0,
-                               "cache_dir": str(data)}},
-        "sampler": {"random_size": 16, "identities_per_batch": 4, "samples_per_identity": 4},
-        "model": {"backbone": "mobilefacenet", "embedding_size": 64},
-        "train": {"epochs": 1, "device": "cpu", "output_dir": str(tmp_path / name), "log_every": 2,
-                  "progress": False, "max_steps_per_epoch": 6, "tensorboard": False, **train},
-        "distill": distill,
-    }
-    if teacher:
-        tree["teacher"] = {"kind": "checkpoint", "path": str(teacher)}
-    if val:
-        tree["val"] = {"sets": [{"path": str(data / "pairs.txt"), "root": str(data / "eval"),
-                                 "name": "syn"}], "every_steps": 3}
-    return from_dict(Config, tree)
+    return from_dict(Config, synthetic_run_tree(tmp_path, name, distill, teacher, val, **train))
 
 
 @pytest.fixture(scope="module")

@@ -171,3 +171,17 @@ def test_cpu3_adopts_cpu2_no_kd_cells_and_keeps_cpu2_hashes(tmp_path):
     assert cpu3.adopt_no_kd() == []  # once
     with pytest.raises(KeyError, match="not chosen on the validation split yet"):
         cpu3.config_tree(K.Cell("T3", "cosine", 0))
+
+
+def test_tuning_adopts_the_t2_ablations_no_kd_cells(tmp_path):
+    import ekd_ablation as A
+
+    ablation = A.Ablation(A.CPU2, tmp_path / "faces", tmp_path / "cache", tmp_path / "ekd_ablation", ["no KD"], 2)
+    source = ablation.cell_name(K.Cell("T2", "no KD", 0, 0.5))
+    ablation.store.write(source, {"name": source, "hash": source.rsplit("-", 1)[1], "method": "no KD",
+                                  "seed": 0, "metrics": _val(0.13)}, None)
+    table = _tuning(tmp_path, ("grid",))  # results: tmp_path/"tuning"/cpu3, beside tmp_path/"ekd_ablation"
+    table.store = CellStore(tmp_path / "kd_tuning" / "cpu3")
+    assert table.adopt_no_kd() == ["T3-" + source.split("-", 1)[1]]
+    record = table.result(K.Cell("T3", "no KD", 0, 0.5))
+    assert record["adopted_from"] == f"ekd_ablation/ablation-cpu2/{source}" and record["teacher"] == "T3"
