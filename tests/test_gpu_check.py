@@ -1,0 +1,113 @@
+"""bench/gpu_check.py: the CPU dry run end to end (every row, CUDA-only rows skipped, the
+GPU-profile cells timed with the smoke profile, files written where --out says), a failing row
+not stopping the others, and the projection arithmetic behind the GPU_EPOCHS recommendation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import gpu_check  # noqa: E402
+from kd_profiles import GPU_EPOCHS  # noqa: E402
+
+CUDA_ONLY = {name for name, _, cuda_only, _ in gpu_check.ROWS if cuda_only}
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu-dry-run", "--out", str(out)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text(), proc.stdout
+
+
+def test_dry_run_checks_every_path_and_skips_the_cuda_only_ones(dry_run):
+    _, result, _, stdout = dry_run
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == [name for name, *_ in gpu_check.ROWS]
+    assert {"bf16 autocast", "fp16 autocast + grad scaler", "NCCL under torchrun"} <= CUDA_ONLY
+    for name, row in rows.items():
+        assert row["status"] == (gpu_check.SKIPPED_NO_CUDA if name in CUDA_ONLY else "pass"), row
+    reference = rows["fp32 reference (CPU)"]["figures"]["first_step_terms"]
+    assert {"ce", "loss"} <= set(reference) and all(math.isfinite(v) for v in reference.values())
+    for name in ("channels_last", "preloaded training set on the device", "Partial FC + sharded centres (proxylesskd)"):
+        figures = rows[name]["figures"]
+        assert figures["steps"] >= 1 and figures["step_ms"] > 0 and figures["images_per_s"] > 0
+    assert rows["preloaded training set on the device"]["figures"]["loader"] != "DataLoader"
+    sharded = rows["Partial FC + sharded centres (proxylesskd)"]["figures"]
+    assert sharded["partial_fc"] is True and sharded["class_shard"] is not None
+    assert rows["ONNX export from a CUDA model"]["figures"]["max_abs_diff"] < 1e-4
+    assert rows["evaluation on the device"]["figures"]["images_per_s"] > 0
+    assert result["environment"]["torch"] and result["dry_run"] is True
+    assert "0 row(s) failed" in stdout
+
+
+def test_dry_run_times_the_gpu_profile_cells_and_projects_the_table(dry_run):
+    _, result, _, _ = dry_run
+    timing = result["timing"]
+    assert timing["profile"] == "gpu-smoke"
+    assert set(timing["cells"]) == {gpu_check.T1_CELL, gpu_check.NO_KD_CELL, gpu_check.T1_STUDENT_CELL,
+                                    gpu_check.T2_STUDENT_CELL}
+    for cell in timing["cells"].values():
+        assert cell["status"] == "pass" and cell["epoch_s"] > 0 and 0 <= cell["data_wait"] <= 1
+    assert timing["eval"]["total_s"] > 0
+    epochs = [p["epochs"] for p in result["projection"]]
+    assert GPU_EPOCHS in epochs and 1 in epochs
+    assert isinstance(result["recommended_epochs"], int) and result["gpu_epochs"] == GPU_EPOCHS
+
+
+def test_dry_run_writes_the_report_where_out_says(dry_run):
+    out, result, md, _ = dry_run
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md"]
+    assert "CPU dry run" in md and "GPU_EPOCHS recommendation" in md
+    for name, *_ in gpu_check.ROWS:
+        assert f"| {name} |" in md
+    assert md.count(gpu_check.SKIPPED_NO_CUDA) == len(CUDA_ONLY)
+    assert "driver" in md and result["environment"]["torch"] in md
+
+
+def test_a_failing_row_is_recorded_and_the_next_one_runs(monkeypatch, tmp_path):
+    def broken(ctx):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    rows = [("fp32 reference (CPU)", lambda ctx: {"step_ms": 1.0}, False, "the reference"),
+            ("broken path", broken, False, "x"), ("next path", lambda ctx: {"images_per_s": 5.0}, False, "x"),
+            ("cuda path", broken, True, "x")]
+    monkeypatch.setattr(gpu_check, "ROWS", rows)
+    ctx = gpu_check.Context("cpu", gpu_check.DRY_SHAPES, tmp_path, reference_model=tmp_path / "model.pt")
+    logged = []
+    got = {r.name: r for r in gpu_check.run_rows(ctx, logged.append)}
+    assert got["broken path"].status == "fail"
+    assert got["broken path"].error == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert got["next path"].status == "pass" and got["next path"].figures == {"images_per_s": 5.0}
+    assert got["cuda path"].status == gpu_check.SKIPPED_NO_CUDA
+    assert any("Traceback" in line for line in logged)
+
+
+def test_projection_and_recommended_epochs():
+    cell = lambda epoch_s: {"status": "pass", "epoch_s": epoch_s, "setup_s": 2.0}  # noqa: E731
+    timing = {"import_s": 3.0, "eval": {"total_s": 5.0},
+              "cells": {gpu_check.T1_CELL: cell(10.0), gpu_check.NO_KD_CELL: cell(1.0),
+                        gpu_check.T1_STUDENT_CELL: cell(3.0), gpu_check.T2_STUDENT_CELL: cell(2.0)}}
+    p = gpu_check.project(timing, 4)
+    fixed = 3.0 + 5.0 + 2.0  # Python start, evaluation, setup: per cell
+    assert p["t1_s"] == pytest.approx(fixed + 40.0)
+    assert p["t1_key_rows_s"] == pytest.approx(5 * fixed + 4 * (1.0 + 4 * 3.0))  # no KD + 4 rows with T1
+    assert p["t2_key_rows_s"] == pytest.approx(5 * fixed + 4 * (1.0 + 4 * 2.0))
+    assert p["table_s"] == pytest.approx(p["t1_s"] + p["t1_key_rows_s"] + p["t2_key_rows_s"])
+    # T1 + T1 rows = 6 * 10 s fixed + 23 s per epoch: 540 s hold 20 epochs, not 21
+    assert gpu_check.recommend_epochs(timing) == 20
+    assert gpu_check.project(timing, 20)["t1_and_t1_rows_s"] <= 540 < gpu_check.project(timing, 21)["t1_and_t1_rows_s"]
+    timing["cells"][gpu_check.T1_CELL] = {"status": "fail", "error": "x"}
+    assert gpu_check.project(timing, 4) is None and gpu_check.recommend_epochs(timing) is None
