@@ -299,8 +299,32 @@ def row_partial_fc(ctx: Context) -> dict:
     return train_figures(ctx, "partial fc", partial_fc_tree(ctx, ctx.device), reference=reference, inspect=sharding)
 
 
+NCCL_ALL_REDUCE = """
+import os, torch, torch.distributed as dist
+torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+dist.init_process_group("nccl")
+x = torch.ones(4, device="cuda") * (dist.get_rank() + 1)
+dist.all_reduce(x)
+assert x[0].item() == sum(range(1, dist.get_world_size() + 1)), x
+dist.destroy_process_group()
+"""
+
+
+def torchrun(ctx: Context, world: int, args: list[str], log_name: str) -> float:
+    """Run ``python -m torch.distributed.run --standalone --nproc_per_node=world ARGS``; seconds."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    (ctx.work / f"{log_name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun ({log_name}) exited {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}")
+    return time.perf_counter() - start
+
+
 def row_nccl(ctx: Context) -> dict:
-    """``ekd train`` under torchrun with the NCCL backend (the trainer picks it on CUDA)."""
+    """``ekd train`` under torchrun on min(2, GPUs) processes (the trainer joins an NCCL group
+    when there are several), and an NCCL all_reduce in a group of the same size."""
     import torch
     import yaml
 
@@ -310,22 +334,22 @@ def row_nccl(ctx: Context) -> dict:
     tree["train"]["output_dir"] = str(run_dir)
     config = ctx.work / "nccl.yaml"
     config.write_text(yaml.safe_dump(tree))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           "-m", "ekd", "train", str(config)]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
-    wall = time.perf_counter() - start
-    (ctx.work / "nccl.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun exited {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}")
+    wall = torchrun(ctx, world, ["-m", "ekd", "train", str(config)], "nccl_train")
+    script = ctx.work / "nccl_all_reduce.py"
+    script.write_text(NCCL_ALL_REDUCE)
+    torchrun(ctx, world, [str(script)], "nccl_all_reduce")
     steps, end = read_metrics(run_dir)
-    figures = {"world_size": world, "backend": "nccl", "wall_s": wall, "steps": len(steps),
+    figures = {"world_size": world, "wall_s": wall, "steps": len(steps),
                "step_ms": 1000 * end["seconds"] / max(len(steps), 1), "images_per_s": end["images_per_s"],
-               "data_wait": end["data_wait"]}
-    if world == 1 and steps:  # rank 0 of one sees the single-process batch and flips
-        logged = {k: v for k, v in steps[0].items() if k in ctx.reference}
-        figures["max_abs_diff"] = max_abs_diff(logged, ctx.reference)
+               "data_wait": end["data_wait"], "nccl_all_reduce": "pass"}
+    if world == 1:
+        figures["note"] = ("one GPU: world size 1, where the trainer joins no process group "
+                           "(ekd.engine.distributed); NCCL checked by a 1-process all_reduce only")
+        if steps:  # rank 0 of one sees the single-process batch and flips
+            logged = {k: v for k, v in steps[0].items() if k in ctx.reference}
+            figures["max_abs_diff"] = max_abs_diff(logged, ctx.reference)
+    else:
+        figures["note"] = f"NCCL group of {world} in the trainer (DDP, Partial FC, gathers)"
     return figures
 
 
@@ -521,7 +545,7 @@ def project(timing: dict, epochs: int) -> dict | None:
     from kd_profiles import GPU, plan_key
 
     cells = timing["cells"]
-    if any(c.get("status") != "pass" for c in cells.values()) or "eval" not in timing:
+    if not cells or any(c.get("status") != "pass" for c in cells.values()) or "eval" not in timing:
         return None
     fixed = timing["import_s"] + timing["eval"]["total_s"]
 
@@ -591,17 +615,19 @@ def write_report(out: Path, result: dict) -> tuple[Path, Path]:
              f"- torch {env['torch']}, CUDA {env['cuda'] or '—'}, cuDNN {env['cudnn'] or '—'}, NCCL {env['nccl'] or '—'}",
              f"- Python {env['python']}, {env['platform']}, {env['cpu_count']} CPUs; git {env['git_commit']}",
              f"- Check shapes: {result['shapes']}", "",
-             "| path | status | step ms | images/s | peak MiB | max abs diff | compared | error |",
+             "| path | status | step ms | images/s | peak MiB | max abs diff | compared | error or note |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         f = r["figures"]
         lines.append(f"| {r['name']} | {r['status']} | {_fmt(f.get('step_ms'))} | {_fmt(f.get('images_per_s'))} | "
                      f"{_fmt(f.get('peak_mib'))} | {_fmt(f.get('max_abs_diff'), 2)} | {r['note']} | "
-                     f"{(r['error'] or '').replace('|', '/')[:300]} |")
+                     f"{(r['error'] or f.get('note') or '').replace('|', '/')[:300]} |")
     timing = result.get("timing") or {}
     lines += ["", f"## GPU profile: one epoch of each kind of cell ({timing.get('profile', '—')}, "
-              f"{timing.get('faces', '—')} data)", "",
-              "| cell | status | epoch s | setup s | images/s | data wait | peak MiB |", "|---|---|---|---|---|---|---|"]
+              f"{timing.get('faces', '—')} data)", ""]
+    if timing.get("error"):
+        lines += [f"Cell timing failed: {timing['error']}", ""]
+    lines += ["| cell | status | epoch s | setup s | images/s | data wait | peak MiB |", "|---|---|---|---|---|---|---|"]
     for label, c in (timing.get("cells") or {}).items():
         lines.append(f"| {label} | {c['status']}{' - ' + c['error'] if c.get('error') else ''} | {_fmt(c.get('epoch_s'))} | "
                      f"{_fmt(c.get('setup_s'))} | {_fmt(c.get('images_per_s'))} | {_fmt(c.get('data_wait'))} | "
@@ -676,7 +702,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 log(f"writing a stand-in train/ of {TRAIN_SET[1]} images")
                 faces, label = make_standin_faces(work / "cell_faces", *TRAIN_SET), "stand-in of train/'s size"
-            timing = time_cells(ctx, faces, label, args.cache, log)
+            try:
+                timing = time_cells(ctx, faces, label, args.cache, log)
+            except Exception as exc:  # noqa: BLE001 - e.g. no T2 cache for --faces: the rows' report is still written
+                log(traceback.format_exc())
+                timing = {"error": f"{type(exc).__name__}: {exc}", "cells": {}}
             recommended = recommend_epochs(timing)
             if project(timing, 1) is not None:
                 epochs = sorted({1, GPU_EPOCHS} | ({recommended} if recommended else set()))

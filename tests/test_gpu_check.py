@@ -111,3 +111,17 @@ def test_projection_and_recommended_epochs():
     assert gpu_check.project(timing, 20)["t1_and_t1_rows_s"] <= 540 < gpu_check.project(timing, 21)["t1_and_t1_rows_s"]
     timing["cells"][gpu_check.T1_CELL] = {"status": "fail", "error": "x"}
     assert gpu_check.project(timing, 4) is None and gpu_check.recommend_epochs(timing) is None
+
+
+def test_the_nccl_rows_config_is_one_ekd_train_reads(tmp_path):
+    """The NCCL row hands ``ekd train`` a YAML dump of the check config: it must load as is."""
+    import yaml
+
+    from ekd.config import load_config
+
+    ctx = gpu_check.Context("cuda", gpu_check.GPU_SHAPES, tmp_path, tmp_path / "faces", tmp_path / "teacher_t2")
+    tree = gpu_check.check_tree(ctx)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
+    cfg = load_config(tmp_path / "run.yaml")
+    assert cfg.train.device == "cuda" and cfg.teacher.kind == "cache" and cfg.distill[0].name == "ekd"
+    assert cfg.data.input_size == 112 and cfg.train.max_steps_per_epoch == gpu_check.GPU_SHAPES.steps
