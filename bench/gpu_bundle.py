@@ -30,7 +30,6 @@ writes ``bundle.json`` and prints each part's size plus the checkout's, against 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -117,11 +116,10 @@ def unpack_files(rec: Path, dest: Path, prefix: str = "") -> int:
 
 
 def sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """SHA-256 of a file's bytes (ekd's teacher-file fingerprint)."""
+    from ekd.engine.teacher_cache import file_fingerprint
+
+    return file_fingerprint(file)
 
 
 def write_part_manifest(part: Path, role: str) -> dict:

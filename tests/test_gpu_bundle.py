@@ -19,9 +19,15 @@ sys.path.insert(0, str(REPO / "bench"))
 import gpu_bundle  # noqa: E402
 from kd_table_eval import load_protocols  # noqa: E402
 
+from kd_profiles import GPU, Cell  # noqa: E402
+from kd_table import Table  # noqa: E402
+
+from ekd.config import Config, from_dict  # noqa: E402
 from ekd.data import ImageFolderDataset  # noqa: E402
 from ekd.data.kinds.registry import fingerprint_of  # noqa: E402
+from ekd.engine.build import build_train_set  # noqa: E402
 from ekd.engine.teacher_cache import TeacherCache  # noqa: E402
+from ekd.engine.teacher_kinds import build_teacher  # noqa: E402
 from ekd.errors import DataError  # noqa: E402
 
 # LFW: A has 3 images, B 2, C 1, D 12 (all-pairs keeps D's first 10; View-2 also reads D_0012)
@@ -136,6 +142,11 @@ def test_restore_rebuilds_the_faces_the_table_reads(packed, tmp_path):
     emb = np.load(faces / "teacher_dlib_r29" / "train.npz")["emb"]
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     assert np.allclose(cache_view.embeddings[:, 0].astype(np.float32), unit, atol=1e-3)
+    # ... and the GPU table's T2 cell config, on the restored folders, opens it
+    cfg = from_dict(Config, Table(GPU, dest, cache).config_tree(Cell("T2", "EKD (ours)", 0)))
+    assert cfg.data.root == str(dest.resolve() / "train") and cfg.teacher.path == str(cache.resolve() / "teacher_t2")
+    teacher = build_teacher(cfg.teacher, cfg.data.input_size, build_train_set(cfg), "cpu")
+    assert teacher.embedding_size == 8
 
 
 def test_restore_names_a_missing_or_changed_part(packed, tmp_path, capsys):
