@@ -65,6 +65,7 @@ def test_dry_run_times_the_gpu_profile_cells_and_projects_the_table(dry_run):
     epochs = [p["epochs"] for p in result["projection"]]
     assert GPU_EPOCHS in epochs and 1 in epochs
     assert isinstance(result["recommended_epochs"], int) and result["gpu_epochs"] == GPU_EPOCHS
+    assert isinstance(result["whole_table_epochs"], int)
 
 
 def test_dry_run_writes_the_report_where_out_says(dry_run):
@@ -109,6 +110,8 @@ def test_projection_and_recommended_epochs():
     # T1 + T1 rows = 6 * 10 s fixed + 23 s per epoch: 540 s hold 20 epochs, not 21
     assert gpu_check.recommend_epochs(timing) == 20
     assert gpu_check.project(timing, 20)["t1_and_t1_rows_s"] <= 540 < gpu_check.project(timing, 21)["t1_and_t1_rows_s"]
+    # the whole table = 11 cells * 10 s fixed + 32 s per epoch: 13 epochs
+    assert gpu_check.recommend_epochs(timing, part="table_s") == 13
     timing["cells"][gpu_check.T1_CELL] = {"status": "fail", "error": "x"}
     assert gpu_check.project(timing, 4) is None and gpu_check.recommend_epochs(timing) is None
 
