@@ -603,6 +603,14 @@ def environment(device: str) -> dict:
     return env
 
 
+def bundle_parts(bundle: Path) -> dict[str, float]:
+    """MiB of each ``bench/gpu_bundle.py`` part present under ``bundle`` (by its part.json)."""
+    parts = {}
+    for manifest in sorted(bundle.glob("part*/part.json")):
+        parts[manifest.parent.name] = json.loads(manifest.read_text())["bytes"] / 2**20
+    return parts
+
+
 def _fmt(value: object, digits: int = 3) -> str:
     if value is None:
         return "—"
@@ -619,7 +627,9 @@ def write_report(out: Path, result: dict) -> tuple[Path, Path]:
              f"- Device: {env['device']} ({env['gpus']} GPU(s)); driver {env['driver'] or '—'}",
              f"- torch {env['torch']}, CUDA {env['cuda'] or '—'}, cuDNN {env['cudnn'] or '—'}, NCCL {env['nccl'] or '—'}",
              f"- Python {env['python']}, {env['platform']}, {env['cpu_count']} CPUs; git {env['git_commit']}",
-             f"- Check shapes: {result['shapes']}", "",
+             f"- Check shapes: {result['shapes']}",
+             "- Bundle parts on this machine (bench/gpu_bundle.py): "
+             + (", ".join(f"{k} {v:.1f} MiB" for k, v in result["bundle_parts"].items()) or "none"), "",
              "| path | status | step ms | images/s | peak MiB | max abs diff | compared | error or note |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -720,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
                 projection = [project(timing, e) for e in epochs]
         result = {"dry_run": args.cpu_dry_run, "command": "python bench/gpu_check.py" + (" --cpu-dry-run" if args.cpu_dry_run else ""),
                   "environment": environment(device), "shapes": dataclasses.asdict(shapes),
-                  "rows": [dataclasses.asdict(r) for r in rows], "timing": timing, "projection": projection,
+                  "bundle_parts": bundle_parts(REPO / ".gpu_bundle"), "rows": [dataclasses.asdict(r) for r in rows], "timing": timing, "projection": projection,
                   "recommended_epochs": recommended, "whole_table_epochs": whole_table, "gpu_epochs": GPU_EPOCHS, "target_s": TABLE_TARGET_S,
                   "seconds": time.perf_counter() - start}
         md, js = write_report(out, result)

@@ -75,7 +75,7 @@ def test_dry_run_writes_the_report_where_out_says(dry_run):
     for name, *_ in gpu_check.ROWS:
         assert f"| {name} |" in md
     assert md.count(gpu_check.SKIPPED_NO_CUDA) == len(CUDA_ONLY)
-    assert "driver" in md and result["environment"]["torch"] in md
+    assert "driver" in md and result["environment"]["torch"] in md and "Bundle parts on this machine" in md
 
 
 def test_a_failing_row_is_recorded_and_the_next_one_runs(monkeypatch, tmp_path):
@@ -128,3 +128,11 @@ def test_the_nccl_rows_config_is_one_ekd_train_reads(tmp_path):
     cfg = load_config(tmp_path / "run.yaml")
     assert cfg.train.device == "cuda" and cfg.teacher.kind == "cache" and cfg.distill[0].name == "ekd"
     assert cfg.data.input_size == 112 and cfg.train.max_steps_per_epoch == gpu_check.GPU_SHAPES.steps
+
+
+def test_bundle_parts_are_listed_with_their_sizes(tmp_path):
+    for name, size in (("part1", 3 << 20), ("part2", 1 << 19)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "part.json").write_text(json.dumps({"bytes": size, "files": {}}))
+    assert gpu_check.bundle_parts(tmp_path) == {"part1": 3.0, "part2": 0.5}
+    assert gpu_check.bundle_parts(tmp_path / "absent") == {}
