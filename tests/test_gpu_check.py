@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import gpu_check  # noqa: E402
 from kd_profiles import GPU_EPOCHS  # noqa: E402
 
-CUDA_ONLY = {name for name, _, cuda_only, _ in gpu_check.ROWS if cuda_only}
+CUDA_ONLY = {spec.name for spec in gpu_check.ROWS if spec.cuda_only}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def dry_run(tmp_path_factory):
 def test_dry_run_checks_every_path_and_skips_the_cuda_only_ones(dry_run):
     _, result, _, stdout = dry_run
     rows = {r["name"]: r for r in result["rows"]}
-    assert list(rows) == [name for name, *_ in gpu_check.ROWS]
+    assert list(rows) == [spec.name for spec in gpu_check.ROWS]
     assert {"bf16 autocast", "fp16 autocast + grad scaler", "NCCL under torchrun"} <= CUDA_ONLY
     for name, row in rows.items():
         assert row["status"] == (gpu_check.SKIPPED_NO_CUDA if name in CUDA_ONLY else "pass"), row
@@ -72,8 +72,8 @@ def test_dry_run_writes_the_report_where_out_says(dry_run):
     out, result, md, _ = dry_run
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md"]
     assert "CPU dry run" in md and "GPU_EPOCHS recommendation" in md
-    for name, *_ in gpu_check.ROWS:
-        assert f"| {name} |" in md
+    for spec in gpu_check.ROWS:
+        assert f"| {spec.name} |" in md
     assert md.count(gpu_check.SKIPPED_NO_CUDA) == len(CUDA_ONLY)
     assert "driver" in md and result["environment"]["torch"] in md and "Bundle parts on this machine" in md
 
@@ -82,9 +82,12 @@ def test_a_failing_row_is_recorded_and_the_next_one_runs(monkeypatch, tmp_path):
     def broken(ctx):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    rows = [("fp32 reference (CPU)", lambda ctx: {"step_ms": 1.0}, False, "the reference"),
-            ("broken path", broken, False, "x"), ("next path", lambda ctx: {"images_per_s": 5.0}, False, "x"),
-            ("cuda path", broken, True, "x")]
+    spec = gpu_check.RowSpec
+    rows = [spec("fp32 reference (CPU)", lambda ctx: {"step_ms": 1.0}, False, "the reference"),
+            spec("broken path", broken, False, "x"), spec("next path", lambda ctx: {"images_per_s": 5.0}, False, "x"),
+            spec("off by far", lambda ctx: {"max_abs_diff": 3.0, "rel_diff": 0.3}, False, "x", 0.1),
+            spec("nan loss", lambda ctx: {"first_step_terms": {"ce": float("nan")}}, False, "x"),
+            spec("cuda path", broken, True, "x")]
     monkeypatch.setattr(gpu_check, "ROWS", rows)
     ctx = gpu_check.Context("cpu", gpu_check.DRY_SHAPES, tmp_path, reference_model=tmp_path / "model.pt")
     logged = []
@@ -93,6 +96,9 @@ def test_a_failing_row_is_recorded_and_the_next_one_runs(monkeypatch, tmp_path):
     assert got["broken path"].error == "RuntimeError: CUDA error: an illegal memory access was encountered"
     assert got["next path"].status == "pass" and got["next path"].figures == {"images_per_s": 5.0}
     assert got["cuda path"].status == gpu_check.SKIPPED_NO_CUDA
+    assert got["off by far"].status == "fail" and "relative diff 0.3 above the tolerance 0.1" in got["off by far"].error
+    assert got["nan loss"].status == "fail" and "non-finite first-step loss terms" in got["nan loss"].error
+    assert gpu_check.judge({"rel_diff": 0.05, "first_step_terms": {"ce": 1.0}}, 0.1) is None
     assert any("Traceback" in line for line in logged)
 
 
