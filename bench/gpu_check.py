@@ -253,7 +253,8 @@ def train_figures(ctx: Context, name: str, tree: dict, reference: dict | None = 
 
 # -- the rows ---------------------------------------------------------------------------------
 def row_reference(ctx: Context) -> dict:
-    figures = train_figures(ctx, "cpu fp32 reference", check_tree(ctx, device="cpu"), reference={})
+    tree = check_tree(ctx, device="cpu", epochs=1, max_steps_per_epoch=min(2, ctx.shapes.steps))
+    figures = train_figures(ctx, "cpu fp32 reference", tree, reference={})
     ctx.reference = figures["first_step_terms"]
     ctx.reference_model = Path(figures["model_path"])
     return figures
@@ -460,8 +461,11 @@ def judge(figures: dict, tolerance: float | None) -> str | None:
     return None
 
 
-def run_rows(ctx: Context, log: Callable[[str], None]) -> list[Row]:
-    """Every row in order; a failing row records its error and the next one runs."""
+def run_rows(ctx: Context, log: Callable[[str], None],
+             on_row: Callable[[list[Row]], None] | None = None) -> list[Row]:
+    """Every row in order; a failing row records its error and the next one runs. ``on_row``
+    gets the rows so far after each one (the report is rewritten, so a run stopped by a time
+    limit leaves what it checked)."""
     rows = []
     for spec in ROWS:
         row = Row(spec.name, note=spec.compared)
@@ -480,6 +484,8 @@ def run_rows(ctx: Context, log: Callable[[str], None]) -> list[Row]:
                 log(traceback.format_exc())
         log(f"  {row.status}{'' if row.error is None else ' - ' + row.error}")
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -546,9 +552,10 @@ T2_STUDENT_CELL = "student + cached T2 teacher (EKD ours)"
 
 
 def time_cells(ctx: Context, faces: Path, faces_label: str, cache: Path | None,
-               log: Callable[[str], None]) -> dict:
+               log: Callable[[str], None], on_cell: Callable[[dict], None] | None = None) -> dict:
     """One epoch of each kind of GPU-profile cell, with the configs of ``kd_table.Table``; the
-    runs go to the scratch folder (never into a table cache)."""
+    runs go to the scratch folder (never into a table cache). ``on_cell`` gets the timing so far
+    after each cell."""
     from kd_profiles import Cell
     from kd_table import Table
 
@@ -556,6 +563,7 @@ def time_cells(ctx: Context, faces: Path, faces_label: str, cache: Path | None,
     table = Table(profile, faces, ctx.work / "table_cache", ctx.work / "table_results")
     t2 = t2_cache_for(faces, cache if cache is not None else ctx.work / "table_cache")
     cells: dict[str, dict] = {}
+    timing = {"profile": profile.name, "epochs_in_profile": profile.epochs, "faces": faces_label, "cells": cells}
     trees = {T1_CELL: table.t1_tree(), NO_KD_CELL: table.config_tree(Cell("T1", "no KD", 0)),
              T1_STUDENT_CELL: table.config_tree(Cell("T1", "EKD (ours)", 0)),
              T2_STUDENT_CELL: table.config_tree(Cell("T2", "EKD (ours)", 0))}
@@ -579,8 +587,9 @@ def time_cells(ctx: Context, faces: Path, faces_label: str, cache: Path | None,
             cells[label] = {"status": "fail", "error": f"{type(exc).__name__}: {exc}"}
             log(traceback.format_exc())
         log(f"  {cells[label]['status']}")
-    timing = {"profile": profile.name, "epochs_in_profile": profile.epochs, "faces": faces_label,
-              "cells": cells, "import_s": import_seconds()}
+        if on_cell is not None:
+            on_cell(timing)
+    timing["import_s"] = import_seconds()
     if T2_STUDENT_CELL in models:
         counts = EVAL_SET if ctx.cuda else (32, 24, 6)
         timing["eval"] = eval_seconds(ctx, models[T2_STUDENT_CELL], profile.input_size, counts)
@@ -665,7 +674,11 @@ def _fmt(value: object, digits: int = 3) -> str:
 def write_report(out: Path, result: dict) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     env = result["environment"]
-    lines = [f"# GPU check{' (CPU dry run)' if result['dry_run'] else ''}", "",
+    lines = [f"# GPU check{' (CPU dry run)' if result['dry_run'] else ''}", ""]
+    if not result["complete"]:
+        lines += ["**Incomplete**: written while running; the run stopped before its end "
+                  f"(after {result['seconds']:.0f} s).", ""]
+    lines += [
              f"Written by `{result['command']}` (bench/gpu_check.py).", "",
              f"- Device: {env['device']} ({env['gpus']} GPU(s)); driver {env['driver'] or '—'}",
              f"- torch {env['torch']}, CUDA {env['cuda'] or '—'}, cuDNN {env['cudnn'] or '—'}, NCCL {env['nccl'] or '—'}",
@@ -749,10 +762,20 @@ def main(argv: list[str] | None = None) -> int:
 
         shapes = DRY_SHAPES if args.cpu_dry_run else GPU_SHAPES
         start = time.perf_counter()
+        result = {"dry_run": args.cpu_dry_run, "complete": False,
+                  "command": "python bench/gpu_check.py" + (" --cpu-dry-run" if args.cpu_dry_run else ""),
+                  "environment": environment(device), "shapes": dataclasses.asdict(shapes),
+                  "bundle_parts": bundle_parts(REPO / ".gpu_bundle"), "rows": [], "timing": None,
+                  "projection": None, "recommended_epochs": None, "whole_table_epochs": None,
+                  "gpu_epochs": GPU_EPOCHS, "target_s": TABLE_TARGET_S, "seconds": None}
+
+        def save(**changes: object) -> tuple[Path, Path]:
+            result.update(changes, seconds=time.perf_counter() - start)
+            return write_report(out, result)
+
         standin = make_standin_faces(work / "check_faces", shapes.identities, shapes.identities * shapes.images_per_identity)
         ctx = Context(device, shapes, work, standin, t2_cache_for(standin, work / "check_cache"))
-        rows = run_rows(ctx, log)
-        timing, projection, recommended, whole_table = None, None, None, None
+        rows = run_rows(ctx, log, on_row=lambda done: save(rows=[dataclasses.asdict(r) for r in done]))
         if not args.skip_cells:
             if args.faces is not None:
                 faces, label = args.faces, "given (--faces)"
@@ -762,23 +785,21 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"writing a stand-in train/ of {TRAIN_SET[1]} images")
                 faces, label = make_standin_faces(work / "cell_faces", *TRAIN_SET), "stand-in of train/'s size"
             try:
-                timing = time_cells(ctx, faces, label, args.cache, log)
+                timing = time_cells(ctx, faces, label, args.cache, log, on_cell=lambda t: save(timing=t))
             except Exception as exc:  # noqa: BLE001 - e.g. no T2 cache for --faces: the rows' report is still written
                 log(traceback.format_exc())
                 timing = {"error": f"{type(exc).__name__}: {exc}", "cells": {}}
             recommended = recommend_epochs(timing)
-            whole_table = recommend_epochs(timing, part="table_s")
+            projection = None
             if project(timing, 1) is not None:
                 epochs = sorted({1, GPU_EPOCHS} | ({recommended} if recommended else set()))
                 projection = [project(timing, e) for e in epochs]
-        result = {"dry_run": args.cpu_dry_run, "command": "python bench/gpu_check.py" + (" --cpu-dry-run" if args.cpu_dry_run else ""),
-                  "environment": environment(device), "shapes": dataclasses.asdict(shapes),
-                  "bundle_parts": bundle_parts(REPO / ".gpu_bundle"), "rows": [dataclasses.asdict(r) for r in rows], "timing": timing, "projection": projection,
-                  "recommended_epochs": recommended, "whole_table_epochs": whole_table, "gpu_epochs": GPU_EPOCHS, "target_s": TABLE_TARGET_S,
-                  "seconds": time.perf_counter() - start}
-        md, js = write_report(out, result)
+            save(timing=timing, projection=projection, recommended_epochs=recommended,
+                 whole_table_epochs=recommend_epochs(timing, part="table_s"))
+        md, js = save(complete=True)
         logfile.close()
     failed = [r.name for r in rows if r.status == "fail"]
+    recommended = result["recommended_epochs"]
     print(f"wrote {md} and {js}; {len(failed)} row(s) failed{': ' + ', '.join(failed) if failed else ''}"
           + (f"; GPU_EPOCHS recommendation: {recommended}" if recommended is not None else ""))
     return 1 if failed else 0

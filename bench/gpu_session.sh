@@ -2,8 +2,8 @@
 # The two prepared commands of a GPU session (docs/gpu.md), run in the checkout on the GPU machine.
 #   bash bench/gpu_session.sh check   # call 1, carries .gpu_bundle/part1: bench/gpu_check.py
 #   bash bench/gpu_session.sh table   # call 2, carries .gpu_bundle/part2: restore + the --profile gpu table
-# Results go to bench/results/ and docs/results/ there and are copied to $OUT (at most 8 files
-# come back: the table's per-cell files travel as one archive). TABLE_BUDGET (seconds, default
+# Results are written to $OUT (at most 8 files come back: the table's per-cell files travel as
+# one archive); copy them into bench/results/ and docs/results/ here. TABLE_BUDGET (seconds, default
 # 420) bounds the table command: no cell starts after it.
 set -uo pipefail
 stage=${1:?usage: bash bench/gpu_session.sh check|table}
@@ -14,9 +14,10 @@ py=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 case "$stage" in
   check)
-    $py bench/gpu_check.py --out bench/results 2>&1 | tee "$out/gpu_check.log"
+    # straight into $OUT: the report is rewritten after every row, so a run stopped at the
+    # time limit still brings back what it checked
+    $py bench/gpu_check.py --out "$out" 2>&1 | tee "$out/gpu_check.log"
     status=$?
-    cp bench/results/gpu_check.md bench/results/gpu_check.json "$out/" 2>/dev/null
     ;;
   table)
     $py bench/gpu_bundle.py restore --bundle .gpu_bundle --faces .gpu_faces --cache .gpu_cache 2>&1 | tee "$out/restore.log" || exit 3

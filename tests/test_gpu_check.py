@@ -71,7 +71,8 @@ def test_dry_run_times_the_gpu_profile_cells_and_projects_the_table(dry_run):
 def test_dry_run_writes_the_report_where_out_says(dry_run):
     out, result, md, _ = dry_run
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md"]
-    assert "CPU dry run" in md and "GPU_EPOCHS recommendation" in md
+    assert "CPU dry run" in md and "GPU_EPOCHS recommendation" in md and "Incomplete" not in md
+    assert result["complete"] is True
     for spec in gpu_check.ROWS:
         assert f"| {spec.name} |" in md
     assert md.count(gpu_check.SKIPPED_NO_CUDA) == len(CUDA_ONLY)
@@ -142,3 +143,19 @@ def test_bundle_parts_are_listed_with_their_sizes(tmp_path):
         (tmp_path / name / "part.json").write_text(json.dumps({"bytes": size, "files": {}}))
     assert gpu_check.bundle_parts(tmp_path) == {"part1": 3.0, "part2": 0.5}
     assert gpu_check.bundle_parts(tmp_path / "absent") == {}
+
+
+def test_a_report_written_while_running_says_it_is_incomplete(tmp_path):
+    result = {"dry_run": False, "complete": False, "command": "python bench/gpu_check.py", "seconds": 42.0,
+              "environment": {"device": "NVIDIA H200", "gpus": 1, "driver": "580", "torch": "2.11", "cuda": "13.0",
+                              "cudnn": 91000, "nccl": "2.27", "python": "3.12", "platform": "linux", "cpu_count": 16,
+                              "git_commit": "abc"},
+              "shapes": {}, "bundle_parts": {"part1": 49.9}, "timing": None, "projection": None,
+              "rows": [{"name": "bf16 autocast", "status": "pass", "figures": {"step_ms": 12.5, "rel_diff": 0.01,
+                                                                              "max_abs_diff": 0.4},
+                        "error": None, "note": "first-step loss terms vs CPU fp32"}]}
+    md, js = gpu_check.write_report(tmp_path, result)
+    text = md.read_text()
+    assert "**Incomplete**" in text and "after 42 s" in text and "Not projected" in text
+    assert "| bf16 autocast | pass | 12.5 |" in text and "part1 49.9 MiB" in text and "NVIDIA H200" in text
+    assert json.loads(js.read_text())["complete"] is False
