@@ -720,6 +720,11 @@ def write_report(out: Path, result: dict) -> tuple[Path, Path]:
                   f"the T1 key rows within {TABLE_TARGET_S / 60:.0f} min on this device; `bench/kd_profiles.py` has "
                   f"GPU_EPOCHS = {result['gpu_epochs']}, not changed by this script). The whole table (T2 rows "
                   f"too) would fit in {TABLE_TARGET_S / 60:.0f} min at {result['whole_table_epochs']} epochs."]
+        rec = result["recommended_epochs"]
+        if rec is not None:
+            verdict = ("fits: keep it, or raise it only with a convergence measurement" if rec >= result["gpu_epochs"]
+                       else f"does not fit: lower it to {rec}")
+            lines += ["", f"GPU_EPOCHS = {result['gpu_epochs']} {verdict}."]
         if result["dry_run"]:
             lines += ["", "Dry run: these numbers come from CPU runs of the smoke profile and say nothing about a GPU."]
     else:
