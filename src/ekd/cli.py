@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -17,9 +18,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ekd.config import load_config
     from ekd.engine.trainer import train
 
-    cfg = load_config(args.config, args.set)
+    overrides = [*args.set, "train.overwrite=true"] if args.overwrite else args.set
+    cfg = load_config(args.config, overrides)
     prepare_output_dir(cfg.train.output_dir, "train.output_dir")
     result = train(cfg)
+    if result.interrupted:  # Ctrl-C: a resumable checkpoint, no model
+        kept = [s for s in args.set if not s.startswith("train.resume=")]
+        again = shlex.join(["ekd", "train", args.config, *(a for s in kept for a in ("--set", s))])
+        print(f"ekd train: interrupted; resumable checkpoint {result.checkpoint_path} "
+              f"(no model written); resume with: {again} --set train.resume=auto", file=sys.stderr)
+        return 130
     print(f"run directory: {result.run_dir}\nmodel: {result.model_path}")
     return 0
 
@@ -139,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=0.05 (repeatable)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train.output_dir holds another run: delete it and start again "
+                        "(= --set train.overwrite=true)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate models on verification sets (LFW, CFP, IJB)")

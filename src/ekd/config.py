@@ -150,6 +150,9 @@ class TrainConfig:
     max_bad_steps: int = 5
     # Resume from a checkpoint ("auto" = output_dir/checkpoints/last.pt when it exists).
     resume: str | None = None
+    # Start again in an output_dir that holds another run, deleting that run's files first
+    # (`ekd train --overwrite`); without it (or train.resume) such a folder is refused.
+    overwrite: bool = False
     # Scalars under output_dir/tensorboard/ (null = when the tensorboard package is installed).
     tensorboard: bool | None = None
     # Per-term gradient shares and distiller internals on logged steps (ekd.engine.diagnostics).

@@ -48,6 +48,7 @@ from ekd.engine.diagnostics import anchor_fprs, distiller_diagnostics, set_recor
 from ekd.engine.distill_inputs import (build_distillers, check_sharding, distiller_extras, sharded,
                                       teacher_centers_for)
 from ekd.engine.optim import build_optimizer, build_scheduler, clip_grad_norm
+from ekd.engine.run_folder import claim_run_folder, continue_metrics
 from ekd.engine.state import MetricsLog, TrainState, load_training_state, save_training_checkpoint
 from ekd.engine.teacher_kinds import build_teacher
 from ekd.engine.tensorboard_log import open_tensorboard
@@ -67,6 +68,7 @@ class TrainResult:
     seconds: float
     final_terms: dict
     interrupted: bool = False
+    checkpoint_path: Path | None = None  # checkpoints/last.pt: resumable
 
 
 class Trainer:
@@ -83,6 +85,9 @@ class Trainer:
         self.device = device
         seed_everything(tc.seed)  # identical initial weights on every rank
         self.run_dir = Path(tc.output_dir)
+        # before any heavy work: the folder holds no other run (or continues/overwrites it)
+        resume = claim_run_folder(self.run_dir, tc.resume, tc.overwrite, clear=self.dist.is_main)
+        D.barrier(self.dist)
         self.dataset = build_train_set(cfg)
         self.validator = build_validator(cfg, self.dist, device)  # every val set checked and read now
         sc = cfg.sampler
@@ -152,12 +157,10 @@ class Trainer:
         seed_everything(tc.seed + self.dist.rank)  # per-rank streams (dropout)
         self.state = TrainState()
         self._stop_requested = False
-        resume = tc.resume
-        if resume == "auto":
-            candidate = self.run_dir / "checkpoints" / "last.pt"
-            resume = str(candidate) if candidate.is_file() else None
         if resume:
             load_training_state(self, resume)
+            if self.dist.is_main:  # metrics.jsonl continues from the checkpoint's step
+                continue_metrics(self.run_dir / "metrics.jsonl", self.state.step)
             if self.validator is not None:
                 self.validator.restore_best(self.state, self.run_dir)
 
@@ -326,7 +329,8 @@ class Trainer:
                         self.state.epoch + 1, self.state.step)
         else:
             log.info("finished %d epochs in %.1f s; model saved to %s", cfg.train.epochs, seconds, model_path)
-        return TrainResult(self.run_dir, model_path, seconds, last, self._stop_requested)
+        return TrainResult(self.run_dir, model_path, seconds, last, self._stop_requested,
+                           self.run_dir / "checkpoints" / "last.pt")
 
     def _run_epoch(self, metrics: MetricsLog) -> dict:
         cfg, st = self.cfg, self.state
