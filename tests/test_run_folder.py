@@ -171,3 +171,46 @@ def test_other_failures_exit_non_zero(config, tmp_path, capsys):
                   "--set", f"teacher.path={tmp_path / 'no_teacher.pt'}",
                   "--set", "distill=[{name: ekd}]") == 2
     assert "no_teacher.pt" in capsys.readouterr().err
+
+
+# -- everything a run needs is checked before heavy work -----------------------------------------
+
+@pytest.fixture()
+def no_heavy_work(monkeypatch):
+    """Reading validation sets or the training images (preload/loader) fails the test."""
+    import ekd.engine.trainer as trainer_module
+
+    def heavy(*args, **kwargs):
+        raise AssertionError("images read before the run's inputs were checked")
+
+    monkeypatch.setattr(trainer_module, "build_validator", heavy)
+    monkeypatch.setattr(trainer_module, "build_train_loader", heavy)
+
+
+def test_a_missing_teacher_is_reported_before_any_image_is_read(config, tmp_path, capsys, no_heavy_work):
+    missing = tmp_path / "teacher.pt"
+    assert _train(config, tmp_path / "run", "--set", "teacher.kind=checkpoint", "--set",
+                  f"teacher.path={missing}", "--set", "distill=[{name: ekd}]", "--set",
+                  "data.preload=true", "--set", f"val.sets=[{tmp_path}]") == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_a_teacher_of_the_wrong_kind_is_reported_before_any_image_is_read(config, tmp_path, capsys,
+                                                                          no_heavy_work):
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"not a model")
+    assert _train(config, tmp_path / "run", "--set", "teacher.kind=cache", "--set",
+                  f"teacher.path={teacher}", "--set", "distill=[{name: ekd}]",
+                  "--set", "data.preload=true") == 2
+    assert str(teacher) in capsys.readouterr().err
+
+
+def test_a_refused_run_folder_is_reported_before_the_data_is_listed(config, tmp_path, capsys, monkeypatch):
+    import ekd.engine.trainer as trainer_module
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    monkeypatch.setattr(trainer_module, "build_train_set", lambda cfg: pytest.fail("data listed first"))
+    assert _train(config, run) == 2
+    assert "holds another run (metrics.jsonl)" in capsys.readouterr().err

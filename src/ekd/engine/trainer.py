@@ -91,6 +91,10 @@ class Trainer:
         resume = claim_run_folder(self.run_dir, tc.resume, tc.overwrite, clear=self.dist.is_main)
         D.barrier(self.dist)
         self.dataset = build_train_set(cfg)
+        # the teacher (file, kind, cache match) before any image is read; its initialisation
+        # draws no numbers from the stream the student's initial weights come from
+        with torch.random.fork_rng(devices=[]):
+            self.teacher = build_teacher(cfg.teacher, cfg.data.input_size, self.dataset, device)
         self.validator = build_validator(cfg, self.dist, device)  # every val set checked and read now
         sc = cfg.sampler
         self.sampler = BalancedBatchSampler(self.dataset.labels, sc.random_size, sc.identities_per_batch,
@@ -128,7 +132,6 @@ class Trainer:
             with torch.no_grad():  # the same initial centres as Partial FC for any world size
                 self.head.weight.copy_(init_rows(0, self.dataset.num_classes, self.dataset.num_classes,
                                                  mc.embedding_size, tc.seed))
-        self.teacher = build_teacher(cfg.teacher, cfg.data.input_size, self.dataset, device)
         t_dim = self.teacher.embedding_size if self.teacher else None
         # Under sharding the classifier-based distillers hold/see this rank's class range only.
         self.class_shard = self.head.shard if self.partial_fc else None
