@@ -44,6 +44,9 @@ class DataConfig:
     num_workers: int = 0
     # An unreadable image: "skip" (replaced by a readable one, counted, warned) or "error".
     on_corrupt: str = "skip"
+    # A .rec cut short (a record or index offset past its end) is an error; true trains on the
+    # readable part, and the run's start and end say how many images and identities it lost.
+    accept_truncated: bool = False
     # Decode every image once into one uint8 tensor on the training device and build batches
     # there (no DataLoader); refused when N*3*S*S bytes exceed preload_max_gb (10**9 bytes).
     preload: bool = False

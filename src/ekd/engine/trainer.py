@@ -91,6 +91,7 @@ class Trainer:
         resume = claim_run_folder(self.run_dir, tc.resume, tc.overwrite, clear=self.dist.is_main)
         D.barrier(self.dist)
         self.dataset = build_train_set(cfg)
+        self._log_dropped_data("training on the readable part")
         # the teacher (file, kind, cache match) before any image is read; its initialisation
         # draws no numbers from the stream the student's initial weights come from
         with torch.random.fork_rng(devices=[]):
@@ -169,6 +170,13 @@ class Trainer:
                 continue_metrics(self.run_dir / "metrics.jsonl", self.state.step)
             if self.validator is not None:
                 self.validator.restore_best(self.state, self.run_dir)
+
+    def _log_dropped_data(self, when: str) -> None:
+        """``data.accept_truncated``: say (at the start and the end) what the run did not see."""
+        dropped = getattr(self.dataset, "truncated", None)
+        if dropped and self.dist.is_main:
+            log.warning("%s of %s (data.accept_truncated): %d of %d images and %d identities dropped",
+                        when, self.cfg.data.root, dropped[0], dropped[2], dropped[1])
 
     # -- one step -------------------------------------------------------------------------
     def _mirror(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,6 +345,7 @@ class Trainer:
         if not self._stop_requested:
             save_training_checkpoint(self, model_path, training_state=False)
         seconds = time.perf_counter() - start
+        self._log_dropped_data("trained on the readable part")
         if self._stop_requested:
             log.warning("stopped at epoch %d step %d; resume with --set train.resume=auto",
                         self.state.epoch + 1, self.state.step)
