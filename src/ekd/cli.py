@@ -32,11 +32,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from ekd.engine.evaluation import check_inputs, evaluate_checkpoint, write_report
-
-    out = prepare_output_dir(args.out) if args.out else None
-    sets = {}
+def _sets_from_args(args: argparse.Namespace) -> dict[str, tuple]:
+    """The evaluation sets of ``ekd eval`` / ``ekd compare`` (:func:`_add_set_arguments`)."""
+    sets: dict[str, tuple] = {}
     if args.pairs:
         sets["pairs"] = ("pairs", args.pairs, args.pairs_root)
     if args.lfw_pairs:
@@ -62,6 +60,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not sets:
         raise EkdError("give at least one of --pairs, --lfw-pairs, --folder, --bin, "
                        "--cfp, --ijb")
+    return sets
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ekd.engine.evaluation import check_inputs, evaluate_checkpoint, write_report
+
+    out = prepare_output_dir(args.out) if args.out else None
+    sets = _sets_from_args(args)
     labels = args.label or args.model
     if len(labels) != len(args.model):
         raise EkdError(f"{len(args.label)} --label for {len(args.model)} --model")
@@ -83,6 +89,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             print(write_report(results, out, plots=args.plots))
     finally:
         D.shutdown()
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from ekd.engine.compare import compare_models, compare_report
+    from ekd.engine.evaluation import check_inputs
+
+    out = prepare_output_dir(args.out) if args.out else None
+    sets = _sets_from_args(args)
+    labels = args.label or args.models
+    if len(labels) != len(args.models):
+        raise EkdError(f"{len(labels)} --label for {len(args.models)} models")
+    try:
+        fprs = tuple(float(f) for f in args.fprs.split(","))
+    except ValueError:
+        raise EkdError(f"--fprs: expected numbers like 1e-3,1e-4, got {args.fprs!r}") from None
+    check_inputs(args.models, sets)
+    report = compare_models(args.models, labels, sets, fprs=fprs, resamples=args.resamples,
+                            seed=args.seed, backbone=args.backbone,
+                            max_per_identity=args.max_per_identity, batch_size=args.batch_size,
+                            device=args.device)
+    print(compare_report(report, out))
     return 0
 
 
@@ -131,6 +159,31 @@ DESCRIPTION = ("Evaluation-oriented Knowledge Distillation (EKD, CVPR 2022) for 
                "train, evaluate and deploy face models.")
 
 
+def _add_set_arguments(p: argparse.ArgumentParser) -> None:
+    """The set options shared by ``ekd eval`` and ``ekd compare``."""
+    p.add_argument("--backbone", help="architecture of bare state_dict files, e.g. iresnet50")
+    p.add_argument("--pairs", help="generic pair list: 'path1 path2 label' per line")
+    p.add_argument("--pairs-root", help="folder the pair list's paths are relative to")
+    p.add_argument("--lfw-pairs", help="LFW View-2 pairs.txt")
+    p.add_argument("--lfw-root", help="LFW images folder (<root>/<Name>/<Name>_NNNN.jpg)")
+    p.add_argument("--folder", help="identity folder for all-pairs verification")
+    p.add_argument("--max-per-identity", type=int, default=10,
+                   help="all-pairs: first N images per identity (default 10)")
+    p.add_argument("--bin", action="append", help="InsightFace verification .bin (repeatable)")
+    p.add_argument("--bin-color", choices=("rgb", "bgr"), default="rgb",
+                   help="channel order fed to the model from .bin images (default rgb, as InsightFace)")
+    p.add_argument("--cfp", help="CFP folder (with Protocol/ and Data/): CFP-FF and CFP-FP")
+    p.add_argument("--cfp-folds", default="all", help="'all' (default) or e.g. '10' or '9,10'")
+    p.add_argument("--ijb", help="IJB-B/C folder with meta/ and loose_crop/")
+    p.add_argument("--ijb-target", choices=("IJBB", "IJBC"), default="IJBC")
+    p.add_argument("--ijb-1n", action="store_true", help="also run IJB 1:N identification")
+    p.add_argument("--ijb-no-norm-score", action="store_true",
+                   help="L2-normalise image features before aggregation (InsightFace N0)")
+    p.add_argument("--ijb-no-detector-score", action="store_true",
+                   help="do not weight by detector score (InsightFace D0)")
+    p.add_argument("--ijb-no-flip", action="store_true", help="no flip test (InsightFace F0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ekd import __version__
 
@@ -155,27 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate models on verification sets (LFW, CFP, IJB)")
     p.add_argument("--model", action="append", required=True,
                    help="ekd checkpoint or arcface_torch backbone.pth (repeatable)")
-    p.add_argument("--backbone", help="architecture of bare state_dict files, e.g. iresnet50")
-    p.add_argument("--pairs", help="generic pair list: 'path1 path2 label' per line")
-    p.add_argument("--pairs-root", help="folder the pair list's paths are relative to")
-    p.add_argument("--lfw-pairs", help="LFW View-2 pairs.txt")
-    p.add_argument("--lfw-root", help="LFW images folder (<root>/<Name>/<Name>_NNNN.jpg)")
-    p.add_argument("--folder", help="identity folder for all-pairs verification")
-    p.add_argument("--max-per-identity", type=int, default=10,
-                   help="all-pairs: first N images per identity (default 10)")
-    p.add_argument("--bin", action="append", help="InsightFace verification .bin (repeatable)")
-    p.add_argument("--bin-color", choices=("rgb", "bgr"), default="rgb",
-                   help="channel order fed to the model from .bin images (default rgb, as InsightFace)")
-    p.add_argument("--cfp", help="CFP folder (with Protocol/ and Data/): CFP-FF and CFP-FP")
-    p.add_argument("--cfp-folds", default="all", help="'all' (default) or e.g. '10' or '9,10'")
-    p.add_argument("--ijb", help="IJB-B/C folder with meta/ and loose_crop/")
-    p.add_argument("--ijb-target", choices=("IJBB", "IJBC"), default="IJBC")
-    p.add_argument("--ijb-1n", action="store_true", help="also run IJB 1:N identification")
-    p.add_argument("--ijb-no-norm-score", action="store_true",
-                   help="L2-normalise image features before aggregation (InsightFace N0)")
-    p.add_argument("--ijb-no-detector-score", action="store_true",
-                   help="do not weight by detector score (InsightFace D0)")
-    p.add_argument("--ijb-no-flip", action="store_true", help="no flip test (InsightFace F0)")
+    _add_set_arguments(p)
     p.add_argument("--label", action="append", help="display name per --model (repeatable)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")
@@ -183,6 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", action="store_true",
                    help="also write roc_<set>.png per set into --out (needs matplotlib)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("compare", help="is a model really better? paired differences with "
+                       "identity-bootstrap intervals",
+                       description="Embed every model once on the sets (the options of ekd eval), "
+                       "report ekd eval's metrics and, per TPR@FPR, each model's difference to the "
+                       "first with a 95% interval from resampling identities (the benchmark's "
+                       "bootstrap) and a verdict: better, worse or within noise.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="ekd checkpoint, arcface_torch backbone.pth or .onnx; the first is the reference")
+    _add_set_arguments(p)
+    p.add_argument("--label", action="append", help="display name per model (repeatable)")
+    p.add_argument("--fprs", default="1e-2,1e-3,1e-4", help="FPRs of the differences (default 1e-2,1e-3,1e-4)")
+    p.add_argument("--resamples", type=int, default=1000, help="identity resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the identity draws (default 0)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="write compare.json, compare.md and roc_<set>.png into this folder")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("teacher-cache", help="store a teacher's embeddings of a training set once",
                        description="Run a teacher once over a training set (identity folder or "

@@ -40,6 +40,7 @@ __all__ = [
     "identity_counts",
     "interval",
     "paired_difference",
+    "verdict",
     "weighted_tpr_at_fpr",
 ]
 
@@ -203,6 +204,14 @@ def interval(samples: np.ndarray, level: float = 0.95) -> np.ndarray:
     """Percentile interval ``[..., 2]`` (low, high) over axis 0; NaN samples are ignored."""
     tail = 50.0 * (1.0 - level)
     return np.moveaxis(np.nanpercentile(samples, [tail, 100.0 - tail], axis=0), 0, -1)
+
+
+def verdict(low: float, high: float) -> str:
+    """A paired difference's interval ``[low, high]`` in words: ``better`` (above 0), ``worse``
+    (below 0), ``within noise`` (holds 0) or ``not measurable`` (NaN: too few impostors)."""
+    if np.isnan(low) or np.isnan(high):
+        return "not measurable"
+    return "better" if low > 0 else "worse" if high < 0 else "within noise"
 
 
 # -- helpers ------------------------------------------------------------------------------------
