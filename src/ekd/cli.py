@@ -63,14 +63,21 @@ def _sets_from_args(args: argparse.Namespace) -> dict[str, tuple]:
     return sets
 
 
+def _outputs_sets_labels(args: argparse.Namespace, models: list[str],
+                         what: str) -> tuple[Path | None, dict[str, tuple], list[str]]:
+    """``--out`` (checked), the sets and one label per model (``--label`` or the paths)."""
+    out = prepare_output_dir(args.out) if args.out else None
+    sets = _sets_from_args(args)
+    labels = args.label or models
+    if len(labels) != len(models):
+        raise EkdError(f"{len(labels)} --label for {len(models)} {what}")
+    return out, sets, labels
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ekd.engine.evaluation import check_inputs, evaluate_checkpoint, write_report
 
-    out = prepare_output_dir(args.out) if args.out else None
-    sets = _sets_from_args(args)
-    labels = args.label or args.model
-    if len(labels) != len(args.model):
-        raise EkdError(f"{len(args.label)} --label for {len(args.model)} --model")
+    out, sets, labels = _outputs_sets_labels(args, args.model, "--model")
     if args.plots and not args.out:
         raise EkdError("--plots needs --out")
     check_inputs(args.model, sets)
@@ -96,11 +103,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from ekd.engine.compare import compare_models, compare_report
     from ekd.engine.evaluation import check_inputs
 
-    out = prepare_output_dir(args.out) if args.out else None
-    sets = _sets_from_args(args)
-    labels = args.label or args.models
-    if len(labels) != len(args.models):
-        raise EkdError(f"{len(labels)} --label for {len(args.models)} models")
+    out, sets, labels = _outputs_sets_labels(args, args.models, "models")
     try:
         fprs = tuple(float(f) for f in args.fprs.split(","))
     except ValueError:

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ekd.engine.build import resolve_device
-from ekd.engine.evaluation import KINDS, _public, markdown_table, verification_set
+from ekd.engine.evaluation import KINDS, _public, markdown_table, save_report, verification_set
 from ekd.engine.teacher import load_model
 from ekd.errors import ConfigError, DataError
 from ekd.eval.bootstrap import interval, paired_difference, verdict, weighted_tpr_at_fpr
@@ -173,11 +173,6 @@ def compare_report(report: dict, out_dir: Path | None, plots: bool = True) -> st
     per set) into ``out_dir`` when given; return the Markdown."""
     text = compare_table(report)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "compare.json").write_text(json.dumps(_public(report), indent=1))
-        (out_dir / "compare.md").write_text(text + "\n")
-        if plots:
-            from ekd.eval.plots import write_roc_plots
-
-            write_roc_plots(report["models"], out_dir)
+        save_report(out_dir, {"compare.json": json.dumps(_public(report), indent=1),
+                              "compare.md": text + "\n"}, report["models"], plots)
     return text

@@ -130,16 +130,23 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def save_report(out_dir: Path, files: dict[str, str], results: dict[str, dict], plots: bool) -> None:
+    """Write ``files`` (name -> text) into ``out_dir`` and, with ``plots``, one ROC PNG per set
+    of ``results`` (``roc_<set>.png``, every model on it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out_dir / name).write_text(text)
+    if plots:
+        from ekd.eval.plots import write_roc_plots
+
+        write_roc_plots(results, out_dir)
+
+
 def write_report(results: dict[str, dict], out_dir: Path | None, plots: bool = False) -> str:
     """Write ``metrics.json`` (without the private ``_`` entries) and ``results.md`` (when
     ``out_dir``), and with ``plots`` one ROC PNG per set (``roc_<set>.png``); return the table."""
     table = markdown_table(results)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(json.dumps(_public(results), indent=1))
-        (out_dir / "results.md").write_text(table + "\n")
-        if plots:
-            from ekd.eval.plots import write_roc_plots
-
-            write_roc_plots(results, out_dir)
+        save_report(out_dir, {"metrics.json": json.dumps(_public(results), indent=1),
+                              "results.md": table + "\n"}, results, plots)
     return table
