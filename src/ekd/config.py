@@ -140,7 +140,8 @@ class GuardConfig:
     loss_windows: int = 10
     # chance rule: a validation set's acc or auc at most 0.5 + chance_within after warm-up
     chance_within: float | None = 0.05
-    warmup_epochs: float = 1.0
+    # neither rule fires up to this many epochs (a short run may end near chance)
+    warmup_epochs: float = 2.0
 
 
 @dataclass

@@ -10,7 +10,8 @@ Rules, each configurable, all off with ``train.guard.enabled: false``:
   the minimum counts from the first logged step, so a blow-up during warm-up is caught when it
   ends. Only a positive minimum is used;
 - **chance**: a validation set's accuracy or AUC at or below ``0.5 + chance_within`` after
-  ``warmup_epochs`` (a collapsed model with a finite loss).
+  ``warmup_epochs`` (a collapsed model with a finite loss). Neither rule fires up to the end of
+  warm-up, so a short run that ends near chance is not an error.
 
 The guard sees the values written to ``metrics.jsonl`` (the loss averaged over ranks), so
 :func:`replay` applies it to a finished run's file. Under ``torchrun`` the stop decision is
@@ -97,7 +98,7 @@ class DivergenceGuard:
     def observe_validation(self, step: int, values: dict) -> GuardVerdict | None:
         """One validation's ``<set>/<metric>`` values; a verdict when a set is at chance."""
         cfg = self.cfg
-        if not cfg.enabled or cfg.chance_within is None or step < self.warmup_steps:
+        if not cfg.enabled or cfg.chance_within is None or step <= self.warmup_steps:
             return None
         for key, value in values.items():
             if key.rsplit("/", 1)[-1] in ("acc", "auc") and value is not None \
