@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ekd.eval.bootstrap import interval as bootstrap_interval
+
 LEVEL = 0.95
 REFERENCES = ("no KD", "EKD (authors)")
 
@@ -24,9 +26,9 @@ def _valid(samples: np.ndarray) -> np.ndarray:
 
 def interval(values: np.ndarray, level: float = LEVEL) -> np.ndarray:
     """``[F, 2]`` percentile interval of ``[R, F]`` values (NaN ignored; negative values are
-    kept, as a paired difference has them: mask TPR samples with :func:`_valid` first)."""
-    tail = 50.0 * (1.0 - level)
-    return np.nanpercentile(np.asarray(values, dtype=np.float64), [tail, 100.0 - tail], axis=0).T
+    kept, as a paired difference has them: mask TPR samples with :func:`_valid` first); the
+    one implementation of ``ekd compare`` (:func:`ekd.eval.bootstrap.interval`)."""
+    return bootstrap_interval(np.asarray(values, dtype=np.float64), level)
 
 
 def paired_interval(a: dict, b: dict, level: float = LEVEL) -> np.ndarray:

@@ -185,10 +185,13 @@ def test_rec_bad_magic_and_truncation_name_file_and_offset(tmp_path):
     (tmp_path / "t").mkdir()
     rec, offs = _rec(tmp_path / "t")
     rec.write_bytes(rec.read_bytes()[:offs[3] + 20])  # the last record cut short
-    with pytest.raises(DataError, match=f"record at byte offset {offs[3]} announces .* file ends"):
-        RecordDataset(rec, on_corrupt="error")
-    with pytest.warns(CorruptSampleWarning, match=f"byte offset {offs[3]} announces"):
-        assert RecordDataset(rec).dropped == [3]
+    for on_corrupt in ("error", "skip"):  # cut short is never skipped silently
+        with pytest.raises(DataError, match=f"train.rec: the file is cut short: image record 3 "
+                                            f"\\(byte offset {offs[3]}\\) runs past its end"):
+            RecordDataset(rec, on_corrupt=on_corrupt)
+    with pytest.warns(UserWarning, match="cut short; using the readable part"):
+        ds = RecordDataset(rec, accept_truncated=True)
+    assert ds.image_keys.tolist() == [1, 2] and ds.truncated[0] == 1
 
 
 def test_rec_impossible_header0_is_refused_without_allocating(tmp_path):

@@ -231,6 +231,7 @@ def test_teacher_cache_over_rec_trains_and_is_refused_for_another_file(rec, teac
         fh.seek(_record_offset(relabelled, 1) + 8 + 4)
         fh.write(struct.pack("<f", 3.0))
     other = [o if not o.startswith("data.root=") else f"data.root={relabelled}" for o in cached]
+    other.append(f"train.output_dir={tmp_path / 'other_run'}")
     refused = re.escape(f"made for another dataset ({rec}) than {relabelled}")
     with pytest.raises(CheckpointError, match=refused):
         Trainer(load_config(None, other))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -17,18 +18,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ekd.config import load_config
     from ekd.engine.trainer import train
 
-    cfg = load_config(args.config, args.set)
+    overrides = [*args.set, "train.overwrite=true"] if args.overwrite else args.set
+    cfg = load_config(args.config, overrides)
     prepare_output_dir(cfg.train.output_dir, "train.output_dir")
     result = train(cfg)
+    if result.interrupted:  # Ctrl-C: a resumable checkpoint, no model
+        kept = [s for s in args.set if not s.startswith("train.resume=")]
+        again = shlex.join(["ekd", "train", args.config, *(a for s in kept for a in ("--set", s))])
+        print(f"ekd train: interrupted; resumable checkpoint {result.checkpoint_path} "
+              f"(no model written); resume with: {again} --set train.resume=auto", file=sys.stderr)
+        return 130
     print(f"run directory: {result.run_dir}\nmodel: {result.model_path}")
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from ekd.engine.evaluation import check_inputs, evaluate_checkpoint, write_report
-
-    out = prepare_output_dir(args.out) if args.out else None
-    sets = {}
+def _sets_from_args(args: argparse.Namespace) -> dict[str, tuple]:
+    """The evaluation sets of ``ekd eval`` / ``ekd compare`` (:func:`_add_set_arguments`)."""
+    sets: dict[str, tuple] = {}
     if args.pairs:
         sets["pairs"] = ("pairs", args.pairs, args.pairs_root)
     if args.lfw_pairs:
@@ -54,9 +60,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not sets:
         raise EkdError("give at least one of --pairs, --lfw-pairs, --folder, --bin, "
                        "--cfp, --ijb")
-    labels = args.label or args.model
-    if len(labels) != len(args.model):
-        raise EkdError(f"{len(args.label)} --label for {len(args.model)} --model")
+    return sets
+
+
+def _outputs_sets_labels(args: argparse.Namespace, models: list[str],
+                         what: str) -> tuple[Path | None, dict[str, tuple], list[str]]:
+    """``--out`` (checked), the sets and one label per model (``--label`` or the paths)."""
+    out = prepare_output_dir(args.out) if args.out else None
+    sets = _sets_from_args(args)
+    labels = args.label or models
+    if len(labels) != len(models):
+        raise EkdError(f"{len(labels)} --label for {len(models)} {what}")
+    return out, sets, labels
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ekd.engine.evaluation import check_inputs, evaluate_checkpoint, write_report
+
+    out, sets, labels = _outputs_sets_labels(args, args.model, "--model")
     if args.plots and not args.out:
         raise EkdError("--plots needs --out")
     check_inputs(args.model, sets)
@@ -75,6 +96,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             print(write_report(results, out, plots=args.plots))
     finally:
         D.shutdown()
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from ekd.engine.compare import compare_models, compare_report
+    from ekd.engine.evaluation import check_inputs
+
+    out, sets, labels = _outputs_sets_labels(args, args.models, "models")
+    try:
+        fprs = tuple(float(f) for f in args.fprs.split(","))
+    except ValueError:
+        raise EkdError(f"--fprs: expected numbers like 1e-3,1e-4, got {args.fprs!r}") from None
+    check_inputs(args.models, sets)
+    report = compare_models(args.models, labels, sets, fprs=fprs, resamples=args.resamples,
+                            seed=args.seed, backbone=args.backbone,
+                            max_per_identity=args.max_per_identity, batch_size=args.batch_size,
+                            device=args.device)
+    print(compare_report(report, out))
     return 0
 
 
@@ -123,27 +162,8 @@ DESCRIPTION = ("Evaluation-oriented Knowledge Distillation (EKD, CVPR 2022) for 
                "train, evaluate and deploy face models.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ekd import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="ekd", description=DESCRIPTION,
-        formatter_class=_OneLineHelp,
-        epilog="Run 'ekd COMMAND --help' for the options of one command; docs/ explains each.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=f"ekd {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                title="commands")
-
-    p = sub.add_parser("train", help="train a teacher or a student from a YAML config")
-    p.add_argument("config", help="YAML config (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.lr=0.05 (repeatable)")
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("eval", help="evaluate models on verification sets (LFW, CFP, IJB)")
-    p.add_argument("--model", action="append", required=True,
-                   help="ekd checkpoint or arcface_torch backbone.pth (repeatable)")
+def _add_set_arguments(p: argparse.ArgumentParser) -> None:
+    """The set options shared by ``ekd eval`` and ``ekd compare``."""
     p.add_argument("--backbone", help="architecture of bare state_dict files, e.g. iresnet50")
     p.add_argument("--pairs", help="generic pair list: 'path1 path2 label' per line")
     p.add_argument("--pairs-root", help="folder the pair list's paths are relative to")
@@ -165,6 +185,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ijb-no-detector-score", action="store_true",
                    help="do not weight by detector score (InsightFace D0)")
     p.add_argument("--ijb-no-flip", action="store_true", help="no flip test (InsightFace F0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ekd import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ekd", description=DESCRIPTION,
+        formatter_class=_OneLineHelp,
+        epilog="Run 'ekd COMMAND --help' for the options of one command; docs/ explains each.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"ekd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands")
+
+    p = sub.add_parser("train", help="train a teacher or a student from a YAML config")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=0.05 (repeatable)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train.output_dir holds another run: delete it and start again "
+                        "(= --set train.overwrite=true)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate models on verification sets (LFW, CFP, IJB)")
+    p.add_argument("--model", action="append", required=True,
+                   help="ekd checkpoint or arcface_torch backbone.pth (repeatable)")
+    _add_set_arguments(p)
     p.add_argument("--label", action="append", help="display name per --model (repeatable)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")
@@ -172,6 +219,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", action="store_true",
                    help="also write roc_<set>.png per set into --out (needs matplotlib)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("compare", help="is a model really better? paired differences with "
+                       "identity-bootstrap intervals",
+                       description="Embed every model once on the sets (the options of ekd eval), "
+                       "report ekd eval's metrics and, per TPR@FPR, each model's difference to the "
+                       "first with a 95% interval from resampling identities (the benchmark's "
+                       "bootstrap) and a verdict: better, worse or within noise.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="ekd checkpoint, arcface_torch backbone.pth or .onnx; the first is the reference")
+    _add_set_arguments(p)
+    p.add_argument("--label", action="append", help="display name per model (repeatable)")
+    p.add_argument("--fprs", default="1e-2,1e-3,1e-4", help="FPRs of the differences (default 1e-2,1e-3,1e-4)")
+    p.add_argument("--resamples", type=int, default=1000, help="identity resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the identity draws (default 0)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="write compare.json, compare.md and roc_<set>.png into this folder")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("teacher-cache", help="store a teacher's embeddings of a training set once",
                        description="Run a teacher once over a training set (identity folder or "

@@ -82,7 +82,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     if out.is_dir() or str(args.out).endswith(("/", "\\")):
         out = out / "train.rec"
     prepare_output_file(rec_paths(out)[0], "OUT")
-    print(json.dumps(pack_folder(args.folder, out), indent=1))
+    print(json.dumps(pack_folder(args.folder, out, on_corrupt=args.on_corrupt), indent=1))
     return 0
 
 
@@ -141,6 +141,9 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     q = sub.add_parser("pack", help="identity folder -> InsightFace .rec/.idx/property")
     q.add_argument("folder", help="folder/<identity>/<image>")
     q.add_argument("out", help="output .rec path, prefix or folder (train.rec inside)")
+    q.add_argument("--on-corrupt", choices=("error", "skip"), default="error",
+                   help="unreadable images (as 'ekd data check' finds them): stop (default) or "
+                        "leave them out, listed in the summary")
     q.set_defaults(func=_cmd_pack)
     q = sub.add_parser("unpack", help=".rec -> identity folder OUT/<label>/<key>.jpg "
                        "(image bytes as stored)")

@@ -45,6 +45,9 @@ class DataConfig:
     num_workers: int = 0
     # An unreadable image: "skip" (replaced by a readable one, counted, warned) or "error".
     on_corrupt: str = "skip"
+    # A .rec cut short (a record or index offset past its end) is an error; true trains on the
+    # readable part, and the run's start and end say how many images and identities it lost.
+    accept_truncated: bool = False
     # Decode every image once into one uint8 tensor on the training device and build batches
     # there (no DataLoader); refused when N*3*S*S bytes exceed preload_max_gb (10**9 bytes).
     preload: bool = False
@@ -132,6 +135,22 @@ class OptimConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Divergence guard (:mod:`ekd.engine.guard`): stop a diverged or collapsed run, keep the
+    last good checkpoint. A rule is off when its setting is null."""
+
+    enabled: bool = True
+    # loss rule: the logged loss above loss_factor x its running minimum for loss_windows
+    # logging windows (train.log_every steps each) in a row, after warm-up
+    loss_factor: float | None = 1.2
+    loss_windows: int = 10
+    # chance rule: a validation set's acc or auc at most 0.5 + chance_within after warm-up
+    chance_within: float | None = 0.05
+    # neither rule fires up to this many epochs (a short run may end near chance)
+    warmup_epochs: float = 2.0
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 10
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
@@ -156,6 +175,11 @@ class TrainConfig:
     max_bad_steps: int = 5
     # Resume from a checkpoint ("auto" = output_dir/checkpoints/last.pt when it exists).
     resume: str | None = None
+    # Start again in an output_dir that holds another run, deleting that run's files first
+    # (`ekd train --overwrite`); without it (or train.resume) such a folder is refused.
+    overwrite: bool = False
+    # Divergence guard: non-finite loss, a loss far above its minimum, validation at chance.
+    guard: GuardConfig = field(default_factory=GuardConfig)
     # Scalars under output_dir/tensorboard/ (null = when the tensorboard package is installed).
     tensorboard: bool | None = None
     # Per-term gradient shares and distiller internals on logged steps (ekd.engine.diagnostics).
@@ -358,6 +382,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"head.sample_rate must be in (0, 1], got {cfg.head.sample_rate}")
     if cfg.train.max_bad_steps < 1:
         raise ConfigError(f"train.max_bad_steps must be >= 1, got {cfg.train.max_bad_steps}")
+    guard = cfg.train.guard
+    if guard.loss_factor is not None and guard.loss_factor <= 1:
+        raise ConfigError(f"train.guard.loss_factor must be > 1 (or null: rule off), got {guard.loss_factor}")
+    if guard.loss_windows < 1:
+        raise ConfigError(f"train.guard.loss_windows must be >= 1, got {guard.loss_windows}")
+    if guard.chance_within is not None and not 0 <= guard.chance_within < 0.5:
+        raise ConfigError(f"train.guard.chance_within must be in [0, 0.5) (or null: rule off), "
+                          f"got {guard.chance_within}")
+    if guard.warmup_epochs < 0:
+        raise ConfigError(f"train.guard.warmup_epochs must be >= 0, got {guard.warmup_epochs}")
     if cfg.teacher.onnx_std <= 0:
         raise ConfigError(f"teacher.onnx_std must be > 0, got {cfg.teacher.onnx_std}")
     if cfg.distill and cfg.teacher.kind == "none":

@@ -13,29 +13,44 @@ from pathlib import Path
 
 import numpy as np
 
+from ekd.data.check import check_folder
 from ekd.data.folder import ImageFolderDataset
-from ekd.data.record_dataset import RecordDataset
+from ekd.data.record_dataset import RecordDataset, property_path
 from ekd.data.recordio import IRHeader, RecordIOWriter, pack, rec_paths, unpack
+from ekd.data.robust import check_on_corrupt
 from ekd.data.transforms import decode_image, decode_pil
 from ekd.errors import DataError
 
-__all__ = ["pack_folder", "unpack_rec"]
+__all__ = ["pack_folder", "property_path", "unpack_rec"]
 
 
-def pack_folder(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict:
-    """Write ``out.rec/.idx`` and ``property`` from ``folder/<identity>/<image>`` (InsightFace
-    layout: header record 0, images ``1..N`` with scalar labels, then one ``[start, end)``
-    record per identity). Image files are stored byte for byte (no re-encoding).
+def pack_folder(folder: str | os.PathLike[str], out: str | os.PathLike[str],
+                on_corrupt: str = "error") -> dict:
+    """Write ``out.rec/.idx`` and :func:`property_path` from ``folder/<identity>/<image>``
+    (InsightFace layout: header record 0, images ``1..N`` with scalar labels, then one
+    ``[start, end)`` record per identity). Image files are stored byte for byte (no
+    re-encoding). The folder is first checked as ``ekd data check`` does: an unreadable image
+    is an error naming it (``on_corrupt="error"``) or left out (``"skip"``, listed in the
+    summary); the other findings are listed in the summary as ``warnings``.
     """
+    check_on_corrupt(on_corrupt)
+    report = check_folder(folder)
+    unreadable = {str(Path(folder) / rel) for rel, _ in report.unreadable}
+    if unreadable and on_corrupt == "error":
+        rel, reason = report.unreadable[0]
+        raise DataError(f"{folder}: {len(unreadable)} unreadable image(s), e.g. {reason} "
+                        f"({Path(folder) / rel}); run 'ekd data check {folder}', fix or remove "
+                        "them, or pack without them with --on-corrupt skip")
     ds = ImageFolderDataset(folder)
+    samples = [(path, label) for path, label in ds.samples if str(path) not in unreadable]
     rec, _ = rec_paths(out)
-    n, c = len(ds.samples), ds.num_classes
+    n, c = len(samples), ds.num_classes
     if n + c + 1 > 1 << 24:
         raise DataError(f"{folder}: {n} images + {c} identities exceed the float32 labels' 2**24")
     ranges: list[list[int]] = [[0, 0] for _ in range(c)]
     with RecordIOWriter(rec) as w:
         w.write(0, pack(IRHeader(2, np.array([n + 1, n + 1 + c], np.float32)), b""))
-        for key, (path, label) in enumerate(ds.samples, start=1):
+        for key, (path, label) in enumerate(samples, start=1):
             data = Path(path).read_bytes()
             if key == 1:
                 size = decode_image(data, where=path).shape[:2]
@@ -45,8 +60,14 @@ def pack_folder(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
             w.write(key, pack(IRHeader(0, float(label), key, 0), data))
         for i, (a, b) in enumerate(ranges):
             w.write(n + 1 + i, pack(IRHeader(2, np.array([a, b], np.float32), n + 1 + i), b""))
-    (rec.parent / "property").write_text(f"{c},{size[0]},{size[1]}\n")
-    return {"rec": str(rec), "images": n, "identities": c, "image_size": [int(size[0]), int(size[1])]}
+    prop = property_path(rec)
+    prop.write_text(f"{c},{size[0]},{size[1]}\n")
+    warnings = [line.strip() for line in report.format().splitlines()[1:]
+                if "unreadable" not in line and line.startswith("  ") and not line.startswith("    ")]
+    return {"rec": str(rec), "property": str(prop), "images": n, "identities": c,
+            "image_size": [int(size[0]), int(size[1])],
+            "left_out": sorted(str(Path(p).relative_to(folder)) for p in unreadable),
+            "warnings": warnings}
 
 
 def _extension(data: bytes) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,9 +18,17 @@ from ekd.data.shared_arrays import SharedArrays
 from ekd.data.transforms import COLOURS, decode_pil, random_flip, to_tensor, to_uint8
 from ekd.errors import DataError
 
-__all__ = ["RecordDataset"]
+__all__ = ["RecordDataset", "property_path"]
 
 _MAX_LABEL = 1 << 24  # float32 labels are exact integers below 2**24
+
+
+def property_path(rec: Path) -> Path:
+    """The ``property`` file ``ekd data pack`` writes for ``rec``: ``property`` beside a
+    ``train.rec`` (InsightFace's layout), ``<name>.property`` beside any other ``<name>.rec``,
+    so that sets packed into one folder never share (and overwrite) one."""
+    rec = Path(rec)
+    return rec.parent / ("property" if rec.name == "train.rec" else f"{rec.stem}.property")
 
 
 class RecordDataset(SharedArrays, SkipCorrupt, Dataset):
@@ -34,7 +43,12 @@ class RecordDataset(SharedArrays, SkipCorrupt, Dataset):
     Labels that are not contiguous (some of ``0..max`` unused) are kept as they are, so that a
     teacher classifier indexed by them still matches, with a warning naming the gaps;
     ``remap_labels=True`` renumbers them ``0..C-1`` in increasing order (``label_map[new]`` is
-    the original label). ``on_corrupt="skip"`` (default) leaves out records whose header cannot
+    the original label).
+
+    A file cut short (a record running past its end, or an index offset past it) is an error
+    naming the file and the first such record, whatever ``on_corrupt`` says; with
+    ``accept_truncated=True`` the readable part is used and :attr:`truncated` holds
+    ``(images dropped, identities dropped, images in the index)``. ``on_corrupt="skip"`` (default) leaves out records whose header cannot
     be read at construction (keys in :attr:`dropped`, one warning) and replaces undecodable
     images while iterating (see :mod:`ekd.data.robust`); ``"error"`` raises instead.
 
@@ -47,7 +61,8 @@ class RecordDataset(SharedArrays, SkipCorrupt, Dataset):
 
     def __init__(self, path: str | os.PathLike[str], input_size: int = 112, train: bool = False,
                  color: str = "rgb", generator: torch.Generator | None = None,
-                 on_corrupt: str = "skip", remap_labels: bool = False) -> None:
+                 on_corrupt: str = "skip", remap_labels: bool = False,
+                 accept_truncated: bool = False) -> None:
         if color not in COLOURS:
             raise DataError(f"colour order must be one of {COLOURS}, got {color!r}")
         check_on_corrupt(on_corrupt)
@@ -79,6 +94,20 @@ class RecordDataset(SharedArrays, SkipCorrupt, Dataset):
             self.image_keys = rd.keys.copy()
         if self.image_keys.size == 0:
             raise DataError(f"{rd.path}: no image records")
+        self.truncated: tuple[int, int, int] | None = None
+        indexed = int(self.image_keys.size)
+        cut = self._cut_records()
+        if cut.any():
+            first = int(np.flatnonzero(cut)[0])
+            key, n_cut = int(self.image_keys[first]), int(cut.sum())
+            if not accept_truncated:
+                raise DataError(f"{rd.path}: the file is cut short: image record {key} (byte offset "
+                                f"{rd.offset(key)}) runs past its end ({os.path.getsize(rd.path)} "
+                                f"bytes); {n_cut} of {indexed} image records are past it. Copy the "
+                                "file again, or accept the readable part with data.accept_truncated=true")
+            self.image_keys = self.image_keys[~cut]
+            if self.image_keys.size == 0:
+                raise DataError(f"{rd.path}: the file is cut short before its first image record")
         self.labels, bad = self._read_labels(on_corrupt == "error")
         if bad:
             keep = np.ones(self.image_keys.size, bool)
@@ -101,7 +130,9 @@ class RecordDataset(SharedArrays, SkipCorrupt, Dataset):
                           f"of 0..{present[-1]} unused (e.g. {', '.join(map(str, gaps))}); kept as they are "
                           "(unused classes in the head); remap_labels=True renumbers them 0..C-1",
                           stacklevel=2)
-        prop = rd.path.parent / "property"
+        prop = property_path(rd.path)
+        if not prop.is_file():  # sets packed before <name>.property: the folder's property
+            prop = rd.path.parent / "property"
         declared = 0
         if prop.is_file() and not remap_labels:
             try:
@@ -109,9 +140,28 @@ class RecordDataset(SharedArrays, SkipCorrupt, Dataset):
             except (ValueError, UnicodeDecodeError):
                 raise DataError(f"{prop}: expected 'num_classes,height,width'") from None
         self._num_classes = max(declared, int(self.labels.max()) + 1)
+        if cut.any():
+            identities = max(declared, len(ranges)) or self._num_classes
+            self.truncated = (indexed - len(self) - len(self.dropped), identities - int(present.size), indexed)
+            warnings.warn(f"{rd.path}: the file is cut short; using the readable part "
+                          f"(data.accept_truncated): {self.truncated[0]} of {indexed} images and "
+                          f"{self.truncated[1]} identities dropped", stacklevel=2)
         self._ranges = np.asarray(ranges, dtype=np.int64).reshape(-1, 3)  # key, start, end
         self._init_skip(on_corrupt)
         self._share_arrays()
+
+    def _cut_records(self) -> np.ndarray:
+        """Which image keys' records run past the end of the file (their first part's header
+        or data; a continuation part past the end is found when the record is read)."""
+        rd, keys = self.reader, self.image_keys
+        at = np.clip(np.searchsorted(rd.keys, keys, sorter=rd._sorted), 0, rd.keys.size - 1)
+        idx = rd._sorted[at]
+        offs = np.where(rd.keys[idx] == keys, rd.offsets[idx], -1)
+        buf = np.frombuffer(rd._map(), dtype=np.uint8)
+        inside = (offs >= 0) & (offs <= buf.size - 8)
+        lrec = np.zeros(offs.size, np.int64)
+        lrec[inside] = buf[offs[inside][:, None] + np.arange(4, 8)].copy().view("<u4").reshape(-1)
+        return (offs > buf.size - 8) | (inside & (offs + 8 + (lrec & _LEN_MASK) > buf.size))
 
     def _read_labels(self, strict: bool, block: int = 1 << 20) -> tuple[np.ndarray, list]:
         """Image labels, parsed from the mapped file in blocks with numpy (fast path: magic,

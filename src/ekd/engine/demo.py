@@ -133,6 +133,7 @@ def demo_config(plan: DemoPlan, out: Path, name: str, backbone: str, epochs: int
         "head": {"kind": "cosface", "scale": 32.0, "margin": 0.2},
         "optim": {"lr": 0.1, "scheduler": "cosine", "warmup_epochs": 0.5, "weight_decay": 5e-4},
         "train": {"epochs": epochs, "device": device, "seed": seed, "output_dir": str(out / name),
+                  "overwrite": True,  # the demo trains every model again on a rerun
                   "ce_on": "all", "log_every": 25, "progress": False},
     })
     return cfg

@@ -10,8 +10,8 @@ from torch import nn
 from ekd.engine.teacher import load_model
 from ekd.engine.build import resolve_device
 from ekd.errors import CheckpointError, ConfigError, DataError
-from ekd.eval.evaluate import (evaluate_bin, evaluate_folder, evaluate_ijb, evaluate_pairs,
-                               format_value, fpr_key)
+from ekd.eval.evaluate import (VerificationSet, bin_set, evaluate_ijb, folder_set, format_value,
+                               fpr_key, pairs_set)
 from ekd.eval.protocols import read_lfw_pairs, read_pair_list
 from ekd.models import count_parameters
 
@@ -26,32 +26,39 @@ def _public(obj: object) -> object:
     return obj
 
 
-def _evaluate_set(model: nn.Module, kind: str, target: str, root: str | None, opts: dict,
-                  max_per_identity: int | None, common: dict) -> dict:
+def verification_set(kind: str, target: str, root: str | None, opts: dict,
+                     max_per_identity: int | None, input_size: int) -> VerificationSet:
+    """The :class:`VerificationSet` of a pair-based set kind (all but ``ijb``)."""
     if kind == "pairs":
-        return evaluate_pairs(model, read_pair_list(Path(target), Path(root) if root else None),
-                              **common)
+        return pairs_set(read_pair_list(Path(target), Path(root) if root else None), input_size)
     if kind == "lfw":
         if not root:
             raise ConfigError("LFW pairs need the images folder (--lfw-root)")
-        res = evaluate_pairs(model, read_lfw_pairs(Path(target), Path(root)), **common)
-        res["protocol"] = "LFW View-2 pairs.txt, " + res["protocol"]
-        return res
+        return pairs_set(read_lfw_pairs(Path(target), Path(root)), input_size)
     if kind == "folder":
-        return evaluate_folder(model, target, max_per_identity=max_per_identity, **common)
+        return folder_set(target, input_size, max_per_identity=max_per_identity)
     if kind == "bin":
-        return evaluate_bin(model, target, color=opts.get("color", "rgb"), **common)
+        return bin_set(target, input_size, color=opts.get("color", "rgb"))
     if kind == "cfp":
         from ekd.eval.cfp import read_cfp_pairs
 
-        split, folds = opts.get("split", "FP"), opts.get("folds")
-        res = evaluate_pairs(model, read_cfp_pairs(target, split, folds), **common)
-        res["protocol"] = (f"CFP-{split} folds {'all' if folds is None else list(folds)}, same/diff "
-                           "interleaved, 10 contiguous folds (InsightFace verification.py)")
-        return res
+        return pairs_set(read_cfp_pairs(target, opts.get("split", "FP"), opts.get("folds")), input_size)
+    raise ConfigError(f"unknown evaluation set kind {kind!r}; valid: {', '.join(KINDS)}")
+
+
+def _evaluate_set(model: nn.Module, kind: str, target: str, root: str | None, opts: dict,
+                  max_per_identity: int | None, common: dict) -> dict:
     if kind == "ijb":
         return evaluate_ijb(model, target, **opts, **common)
-    raise ConfigError(f"unknown evaluation set kind {kind!r}; valid: {', '.join(KINDS)}")
+    vset = verification_set(kind, target, root, opts, max_per_identity, common["input_size"])
+    res = vset.evaluate(model, common["batch_size"], common["device"], common["progress"])
+    if kind == "lfw":
+        res["protocol"] = "LFW View-2 pairs.txt, " + res["protocol"]
+    if kind == "cfp":
+        split, folds = opts.get("split", "FP"), opts.get("folds")
+        res["protocol"] = (f"CFP-{split} folds {'all' if folds is None else list(folds)}, same/diff "
+                           "interleaved, 10 contiguous folds (InsightFace verification.py)")
+    return res
 
 
 def check_inputs(models: list[str], sets: dict[str, tuple]) -> None:
@@ -123,16 +130,23 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def save_report(out_dir: Path, files: dict[str, str], results: dict[str, dict], plots: bool) -> None:
+    """Write ``files`` (name -> text) into ``out_dir`` and, with ``plots``, one ROC PNG per set
+    of ``results`` (``roc_<set>.png``, every model on it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out_dir / name).write_text(text)
+    if plots:
+        from ekd.eval.plots import write_roc_plots
+
+        write_roc_plots(results, out_dir)
+
+
 def write_report(results: dict[str, dict], out_dir: Path | None, plots: bool = False) -> str:
     """Write ``metrics.json`` (without the private ``_`` entries) and ``results.md`` (when
     ``out_dir``), and with ``plots`` one ROC PNG per set (``roc_<set>.png``); return the table."""
     table = markdown_table(results)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(json.dumps(_public(results), indent=1))
-        (out_dir / "results.md").write_text(table + "\n")
-        if plots:
-            from ekd.eval.plots import write_roc_plots
-
-            write_roc_plots(results, out_dir)
+        save_report(out_dir, {"metrics.json": json.dumps(_public(results), indent=1),
+                              "results.md": table + "\n"}, results, plots)
     return table

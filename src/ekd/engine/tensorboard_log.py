@@ -35,6 +35,8 @@ class TensorBoardScalars:
         self._writer = _summary_writer_class()(log_dir=str(self.log_dir), purge_step=purge_step)
 
     def write_row(self, row: dict) -> None:
+        if "stopped" in row:  # the guard's stop record (metrics.jsonl only)
+            return
         prefix = "val/" if row.get("val") else "epoch/" if "epoch_end" in row else "train/"
         step = row.get("step")
         for key, value in row.items():

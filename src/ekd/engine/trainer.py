@@ -48,7 +48,10 @@ from ekd.engine.auto_weight import AutoWeights
 from ekd.engine.diagnostics import anchor_fprs, distiller_diagnostics, set_recording, term_gradient_norms
 from ekd.engine.distill_inputs import (build_distillers, check_sharding, distiller_extras, sharded,
                                       teacher_centers_for)
+from ekd.engine.guard import (DivergenceGuard, GuardVerdict, TrainingStopped, decide, kept_checkpoint,
+                              prepare_checkpoint)
 from ekd.engine.optim import build_optimizer, build_scheduler, clip_grad_norm
+from ekd.engine.run_folder import claim_run_folder, continue_metrics
 from ekd.engine.state import MetricsLog, TrainState, load_training_state, save_training_checkpoint
 from ekd.engine.teacher_kinds import build_teacher
 from ekd.engine.tensorboard_log import open_tensorboard
@@ -68,6 +71,7 @@ class TrainResult:
     seconds: float
     final_terms: dict
     interrupted: bool = False
+    checkpoint_path: Path | None = None  # checkpoints/last.pt: resumable
 
 
 class Trainer:
@@ -84,7 +88,15 @@ class Trainer:
         self.device = device
         seed_everything(tc.seed)  # identical initial weights on every rank
         self.run_dir = Path(tc.output_dir)
+        # before any heavy work: the folder holds no other run (or continues/overwrites it)
+        resume = claim_run_folder(self.run_dir, tc.resume, tc.overwrite, clear=self.dist.is_main)
+        D.barrier(self.dist)
         self.dataset = build_train_set(cfg)
+        self._log_dropped_data("training on the readable part")
+        # the teacher (file, kind, cache match) before any image is read; its initialisation
+        # draws no numbers from the stream the student's initial weights come from
+        with torch.random.fork_rng(devices=[]):
+            self.teacher = build_teacher(cfg.teacher, cfg.data.input_size, self.dataset, device)
         self.validator = build_validator(cfg, self.dist, device)  # every val set checked and read now
         sc = cfg.sampler
         self.sampler = BalancedBatchSampler(self.dataset.labels, sc.random_size, sc.identities_per_batch,
@@ -122,7 +134,6 @@ class Trainer:
             with torch.no_grad():  # the same initial centres as Partial FC for any world size
                 self.head.weight.copy_(init_rows(0, self.dataset.num_classes, self.dataset.num_classes,
                                                  mc.embedding_size, tc.seed))
-        self.teacher = build_teacher(cfg.teacher, cfg.data.input_size, self.dataset, device)
         t_dim = self.teacher.embedding_size if self.teacher else None
         # Under sharding the classifier-based distillers hold/see this rank's class range only.
         self.class_shard = self.head.shard if self.partial_fc else None
@@ -156,15 +167,21 @@ class Trainer:
         seed_everything(tc.seed + self.dist.rank)  # per-rank streams (dropout)
         self.state = TrainState()
         self._stop_requested = False
-        resume = tc.resume
-        if resume == "auto":
-            candidate = self.run_dir / "checkpoints" / "last.pt"
-            resume = str(candidate) if candidate.is_file() else None
+        self.guard = DivergenceGuard(tc.guard, int(round(tc.guard.warmup_epochs * steps_per_epoch)))
         if resume:
             load_training_state(self, resume)
             self.auto_weights.restore(self.state.auto_weights)
+            if self.dist.is_main:  # metrics.jsonl continues from the checkpoint's step
+                continue_metrics(self.run_dir / "metrics.jsonl", self.state.step)
             if self.validator is not None:
                 self.validator.restore_best(self.state, self.run_dir)
+
+    def _log_dropped_data(self, when: str) -> None:
+        """``data.accept_truncated``: say (at the start and the end) what the run did not see."""
+        dropped = getattr(self.dataset, "truncated", None)
+        if dropped and self.dist.is_main:
+            log.warning("%s of %s (data.accept_truncated): %d of %d images and %d identities dropped",
+                        when, self.cfg.data.root, dropped[0], dropped[2], dropped[1])
 
     # -- one step -------------------------------------------------------------------------
     def _mirror(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,9 +297,11 @@ class Trainer:
         log.warning("non-finite %s at %s (%s): step skipped (%d in a row)", ", ".join(bad), where,
                     values or "loss finite", self.state.bad_in_a_row)
         if self.state.bad_in_a_row >= self.cfg.train.max_bad_steps:
-            raise EkdError(f"{self.state.bad_in_a_row} non-finite steps in a row at {where}: "
-                           f"{', '.join(bad)} {values}; lower optim.lr, check the data, or use "
-                           "train.amp=bf16 instead of fp16")
+            raise TrainingStopped(
+                GuardVerdict("non-finite", ", ".join(bad), math.nan, self.state.step, "non-finite"),
+                f"{self.state.bad_in_a_row} non-finite steps in a row at {where}: "
+                f"{', '.join(bad)} {values}; lower optim.lr, check the data, or use "
+                "train.amp=bf16 instead of fp16")
 
     # -- epochs ---------------------------------------------------------------------------
     def _on_sigint(self, signum, frame) -> None:  # noqa: ARG002
@@ -321,24 +340,47 @@ class Trainer:
             scalars = open_tensorboard(cfg.train.tensorboard, self.run_dir / "tensorboard", main,
                                        purge_step=self.state.step + 1 if self.state.step else None)
             with MetricsLog(self.run_dir / "metrics.jsonl", enabled=main, scalars=scalars) as metrics:
-                while self.state.epoch < cfg.train.epochs and not self._stop_requested:
-                    last = self._run_epoch(metrics)
-                    if not self._stop_requested:
-                        self.state.epoch += 1
-                        self.state.batch_in_epoch = 0
-                    save_training_checkpoint(self, self.run_dir / "checkpoints" / "last.pt")
+                try:
+                    while self.state.epoch < cfg.train.epochs and not self._stop_requested:
+                        last = self._run_epoch(metrics)
+                        if not self._stop_requested:
+                            self.state.epoch += 1
+                            self.state.batch_in_epoch = 0
+                        checkpoint = self.run_dir / "checkpoints" / "last.pt"
+                        prepare_checkpoint(checkpoint, self.guard.suspect, main)
+                        save_training_checkpoint(self, checkpoint)
+                except TrainingStopped as stop:
+                    raise self._stopped(stop, metrics) from None
         finally:
             signal.signal(signal.SIGINT, previous)
         model_path = self.run_dir / "model.pt"
         if not self._stop_requested:
             save_training_checkpoint(self, model_path, training_state=False)
         seconds = time.perf_counter() - start
+        self._log_dropped_data("trained on the readable part")
         if self._stop_requested:
             log.warning("stopped at epoch %d step %d; resume with --set train.resume=auto",
                         self.state.epoch + 1, self.state.step)
         else:
             log.info("finished %d epochs in %.1f s; model saved to %s", cfg.train.epochs, seconds, model_path)
-        return TrainResult(self.run_dir, model_path, seconds, last, self._stop_requested)
+        return TrainResult(self.run_dir, model_path, seconds, last, self._stop_requested,
+                           self.run_dir / "checkpoints" / "last.pt")
+
+    def _stopped(self, stop: TrainingStopped, metrics: MetricsLog) -> TrainingStopped:
+        """Record why training stopped (``metrics.jsonl`` row, log) and name the last good
+        checkpoint; the returned error is what ``ekd train`` prints."""
+        v, st = stop.verdict, self.state
+        kept = kept_checkpoint(self.run_dir / "checkpoints" / "last.pt")
+        metrics.write({"epoch": st.epoch, "step": st.step, "stopped": v.rule, "metric": v.metric,
+                       "value": v.value, "reason": str(stop), "checkpoint": str(kept) if kept else None})
+        where = (f"; the last good checkpoint is {kept}: resume from it with --set train.resume={kept} "
+                 "(after changing what made it diverge, e.g. a lower optim.lr)" if kept
+                 else "; no checkpoint was written before it")
+        return TrainingStopped(v, f"{stop}{where}")
+
+    def _check_guard(self, verdict: GuardVerdict | None) -> None:
+        if self.cfg.train.guard.enabled:
+            decide(verdict, self.dist, self.device, self.state.step)
 
     def _log_auto_weights(self, metrics: MetricsLog) -> None:
         """Log and record (``metrics.jsonl`` row ``auto_weight``) each weight fixed this step."""
@@ -390,8 +432,13 @@ class Trainer:
                                    "data_wait": waited / max(spent, 1e-9), **terms, **self.diagnostics})
                     waited = spent = 0.0
                     self.diagnostics = {}
+                    loss = D.all_reduce_mean(terms["loss"], self.dist, self.device) \
+                        if cfg.train.guard.enabled else terms["loss"]
+                    self._check_guard(self.guard.observe_loss(st.step, loss))
                 if self.validator is not None and self.validator.due(st.step):
-                    t0 += self.validator.validate(self, metrics).seconds  # not training time (img/s)
+                    checked = self.validator.validate(self, metrics)
+                    t0 += checked.seconds  # not training time (img/s)
+                    self._check_guard(self.guard.observe_validation(st.step, checked.values))
             tick = time.perf_counter()  # logging and validation are left out of both times
             if self._stop_requested:
                 break
@@ -400,6 +447,8 @@ class Trainer:
         data_wait = epoch_waited / max(epoch_spent, 1e-9)
         val = (self.validator.validate(self, metrics).values
                if self.validator is not None and not self._stop_requested else {})
+        if val:
+            self._check_guard(self.guard.observe_validation(st.step, val))
         metrics.write({"epoch": st.epoch, "step": st.step, "epoch_end": not self._stop_requested,
                        "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9),
                        "data_wait": data_wait, "skipped_steps": st.skipped, **summary})
@@ -408,7 +457,10 @@ class Trainer:
                      "  ".join(f"{k}={v:.4f}" for k, v in summary.items()), seen / max(elapsed, 1e-9),
                      data_wait, f"  val: {format_values(val)}" if val else "")
         if not all(math.isfinite(v) for v in summary.values()):
-            raise EkdError(f"non-finite epoch mean loss at epoch {st.epoch + 1}: {summary}")
+            bad = ", ".join(k for k, v in summary.items() if not math.isfinite(v))
+            raise TrainingStopped(GuardVerdict("non-finite", bad, math.nan, st.step, "non-finite"),
+                                  f"non-finite epoch mean loss at epoch {st.epoch + 1} step "
+                                  f"{st.step}: {summary}")
         return summary
 
 

@@ -27,6 +27,7 @@ identities, 22.6M pairs, ``max_fpr = 1e-3``, ``tail_factor = 4``): the tail (90k
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -40,6 +41,7 @@ __all__ = [
     "identity_counts",
     "interval",
     "paired_difference",
+    "verdict",
     "weighted_tpr_at_fpr",
 ]
 
@@ -200,9 +202,20 @@ def paired_difference(a: PairTail, b: PairTail, fprs: Sequence[float], resamples
 
 
 def interval(samples: np.ndarray, level: float = 0.95) -> np.ndarray:
-    """Percentile interval ``[..., 2]`` (low, high) over axis 0; NaN samples are ignored."""
+    """Percentile interval ``[..., 2]`` (low, high) over axis 0; NaN samples are ignored (an
+    all-NaN column, an FPR no resample could measure, gives NaN without a warning)."""
     tail = 50.0 * (1.0 - level)
-    return np.moveaxis(np.nanpercentile(samples, [tail, 100.0 - tail], axis=0), 0, -1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
+        return np.moveaxis(np.nanpercentile(samples, [tail, 100.0 - tail], axis=0), 0, -1)
+
+
+def verdict(low: float, high: float) -> str:
+    """A paired difference's interval ``[low, high]`` in words: ``better`` (above 0), ``worse``
+    (below 0), ``within noise`` (holds 0) or ``not measurable`` (NaN: too few impostors)."""
+    if np.isnan(low) or np.isnan(high):
+        return "not measurable"
+    return "better" if low > 0 else "worse" if high < 0 else "within noise"
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from ekd.data import ImageFolderDataset, ListDataset
 from ekd.data.verification_bin import BinDataset
 from ekd.errors import DataError
+from ekd.eval.bootstrap import PairTail
 from ekd.eval.embed import embed_dataset
 from ekd.eval.metrics import roc_auc, threshold_at_fpr, tpr_at_fpr, verification_accuracy
 from ekd.eval.plots import roc_points
@@ -76,13 +77,16 @@ class VerificationSet:
     """The images of one verification protocol, listed (or read) once, and how their embeddings
     are scored: :meth:`evaluate` embeds ``dataset`` in order (sharded over ranks under
     ``torchrun``, :func:`embed_dataset`) and returns ``score(embeddings)``. ``genuine`` and
-    ``impostors`` count the pairs (TPR at FPR ``f`` needs at least ``1 / f`` impostor pairs)."""
+    ``impostors`` count the pairs (TPR at FPR ``f`` needs at least ``1 / f`` impostor pairs).
+    ``tail(embeddings, max_fpr, tail_factor)`` is what the identity bootstrap needs
+    (:class:`ekd.eval.bootstrap.PairTail`); None when the set names no identities (``.bin``)."""
 
     dataset: Dataset
     score: Callable[..., dict]  # (embeddings, threshold_fprs) -> metrics
     genuine: int
     impostors: int
     source: str
+    tail: Callable[[np.ndarray, float, float], PairTail] | None = None
 
     def evaluate(self, model: nn.Module, batch_size: int = 128, device: torch.device | str = "cpu",
                  progress: bool = False, threshold_fprs: tuple[float, ...] = THRESHOLD_FPRS) -> dict:
@@ -96,10 +100,26 @@ def pairs_set(pairs: PairList, input_size: int, nfolds: int = 10, source: str = 
     index = {p: i for i, p in enumerate(unique)}
     i1 = np.asarray([index[p] for p in pairs.paths1], dtype=np.int64)
     i2 = np.asarray([index[p] for p in pairs.paths2], dtype=np.int64)
+    ids = pair_identities(pairs)
+    tail = None if ids is None else (lambda emb, max_fpr, factor: PairTail.from_pairs(
+        np.sum(emb[i1] * emb[i2], axis=1), pairs.issame, ids[0], ids[1], max_fpr, factor))
     return VerificationSet(ListDataset(unique, input_size),
                            lambda emb, thr=THRESHOLD_FPRS: pair_metrics(emb[i1], emb[i2], pairs.issame,
                                                                        nfolds, threshold_fprs=thr),
-                           int(pairs.issame.sum()), int((~pairs.issame).sum()), source)
+                           int(pairs.issame.sum()), int((~pairs.issame).sum()), source, tail)
+
+
+def pair_identities(pairs: PairList) -> tuple[np.ndarray, np.ndarray] | None:
+    """Identity codes of both sides of every pair from the images' folder names (LFW's
+    ``<Name>/<Name>_NNNN.jpg``, identity folders), or None when the folders do not name
+    identities (a genuine pair across two folders or an impostor pair within one)."""
+    names = [Path(p).parent.name for p in pairs.paths1 + pairs.paths2]
+    codes = np.unique(names, return_inverse=True)[1].reshape(-1)
+    id1, id2 = codes[:len(pairs.paths1)], codes[len(pairs.paths1):]
+    same = id1 == id2
+    if np.any(same != pairs.issame):
+        return None
+    return id1, id2
 
 
 def bin_set(path: str | Path, input_size: int, nfolds: int = 10, color: str = "rgb") -> VerificationSet:
@@ -132,8 +152,11 @@ def folder_set(root: str | Path, input_size: int, max_per_identity: int | None =
         out["images"] = int(keep.size)
         return out
 
+    def tail(emb: np.ndarray, max_fpr: float, factor: float) -> PairTail:
+        return PairTail.from_all_pairs(*all_pairs_scores(emb, labels), labels, max_fpr, factor)
+
     return VerificationSet(ListDataset([paths[i] for i in keep], input_size), score, genuine,
-                           keep.size * (keep.size - 1) // 2 - genuine, str(root))
+                           keep.size * (keep.size - 1) // 2 - genuine, str(root), tail)
 
 
 def evaluate_pairs(model: nn.Module, pairs: PairList, input_size: int, batch_size: int = 128,

@@ -26,7 +26,8 @@ def rec_fingerprint(ds: RecordDataset) -> str:
 
 
 def _build(dc) -> RecordDataset:  # noqa: ANN001 - ekd.config.DataConfig
-    return RecordDataset(dc.root, input_size=dc.input_size, train=False, on_corrupt=dc.on_corrupt)
+    return RecordDataset(dc.root, input_size=dc.input_size, train=False, on_corrupt=dc.on_corrupt,
+                         accept_truncated=dc.accept_truncated)
 
 
 register_kind(DatasetKind("rec", RecordDataset, _build, rec_fingerprint, lambda ds: str(ds.reader.path)))
