@@ -57,6 +57,9 @@ TUNING = REPO / "bench" / "results" / "kd_tuning"  # the validation-split choice
 HASH_VERSION = 1  # bump when the evaluation of a cell changes
 LOADER_KEYS = ("num_workers", "preload", "preload_max_gb")  # how data is loaded, not what
 LAYOUT_KEYS = ("channels_last", "compile")  # train.*: layout, compiled step (rounding only), recorded, not hashed
+# train.guard is off in cells: a diverged run is a result of the table (named "trained to chance"
+# by the report), not an error; recorded, not hashed (it changes nothing in a run that completes).
+RUN_CONTROL_KEYS = ("guard",)
 
 
 def preload_supported() -> bool:
@@ -108,7 +111,7 @@ class Table:
             "train": {"epochs": p.epochs, "device": p.device, "seed": cell.seed, "ce_on": "all",
                       "progress": False, "log_every": 20, "amp": "bf16" if p.device == "cuda" else "none",
                       "max_steps_per_epoch": p.steps_per_epoch, "channels_last": p.channels_last,
-                      "compile": p.compile},
+                      "compile": p.compile, "guard": {"enabled": False}},
         }
 
     def portable(self, tree: dict) -> dict:
@@ -119,7 +122,7 @@ class Table:
     def digest(self, tree: dict) -> str:
         """Hash of everything that changes a cell's result (not paths, loader settings or memory layout)."""
         tree = {**tree, "data": {k: v for k, v in tree["data"].items() if k not in LOADER_KEYS},
-                "train": {k: v for k, v in tree["train"].items() if k not in LAYOUT_KEYS}}
+                "train": {k: v for k, v in tree["train"].items() if k not in LAYOUT_KEYS + RUN_CONTROL_KEYS}}
         text = json.dumps({"v": HASH_VERSION, "cfg": tree}, sort_keys=True)
         text = text.replace(str(self.faces), "<faces>").replace(str(self.cache), "<cache>")
         return hashlib.sha256(text.encode()).hexdigest()[:12]

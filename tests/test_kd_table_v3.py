@@ -185,3 +185,15 @@ def test_tuning_adopts_the_t2_ablations_no_kd_cells(tmp_path):
     assert table.adopt_no_kd() == ["T3-" + source.split("-", 1)[1]]
     record = table.result(K.Cell("T3", "no KD", 0, 0.5))
     assert record["adopted_from"] == f"ekd_ablation/ablation-cpu2/{source}" and record["teacher"] == "T3"
+
+
+def test_cells_run_without_the_divergence_guard_and_it_is_outside_the_hash(tmp_path):
+    """A diverged cell is a result of the table (named "trained to chance"), not an error."""
+    table = K.Table(K.CPU2, tmp_path / "faces", tmp_path / "cache", tmp_path / "results")
+    cell = K.Cell("T2", "no KD", 0)
+    tree = table.config_tree(cell)
+    cfg = from_dict(Config, tree)
+    assert cfg.train.guard.enabled is False
+    tree["train"]["guard"] = {"enabled": True}
+    assert table.digest(tree) == table.digest(table.config_tree(cell))
+    assert table.cell_name(cell) == "T2-no_kd-s0-252ce14930bc"  # the committed cpu2 cell
