@@ -130,3 +130,25 @@ def test_a_term_without_gradient_into_the_embedding_is_refused(tmp_path, teacher
     assert term_gradient_norms(terms, emb, DistInfo())["grad_share/cosine"] == 0.0
     with pytest.raises(ConfigError, match=r"distill\[0\] cosine: weight 'auto' measured no gradient"):
         auto.observe(terms, {"cosine": 0}, emb, DistInfo(), step=0)
+
+
+def test_the_guard_does_not_take_the_term_joining_the_loss_for_a_divergence(tmp_path, teacher):
+    """Once an auto weight is fixed the logged loss holds the term; the divergence guard's running
+    minimum restarts there instead of counting a jump that never ends as a blow-up."""
+    from ekd.engine.guard import DivergenceGuard
+    from ekd.config import GuardConfig
+
+    guard = DivergenceGuard(GuardConfig(loss_factor=1.2, loss_windows=2, warmup_epochs=0.0), warmup_steps=0)
+    assert guard.observe_loss(1, 10.0) is None
+    guard.loss_redefined(2)
+    assert guard.observe_loss(2, 10.0) is None  # the step that fixed the weight: the old loss
+    for step in (3, 4, 5):  # the new loss, three times the old one, then slowly down
+        assert guard.observe_loss(step, 31.0 - step) is None
+    assert guard.observe_loss(6, 60.0) is None  # a real blow-up is still caught...
+    assert guard.observe_loss(7, 60.0).rule == "loss"  # ...after loss_windows windows
+    # through the trainer: a term carrying 3x the margin softmax's gradient joins the loss
+    cfg = _config(tmp_path, "guarded", [{"name": "cosine", "weight": "auto", "target_share": 3.0}], teacher,
+                  auto_weight_steps=2, epochs=2, guard={"warmup_epochs": 0.0, "loss_windows": 2})
+    result = train(cfg)
+    assert not [r for r in _rows(result.run_dir) if "stopped" in r]
+    assert [r for r in _rows(result.run_dir) if "auto_weight" in r]

@@ -71,6 +71,13 @@ class DivergenceGuard:
         self.cfg, self.warmup_steps = cfg, warmup_steps
         self.min_loss = math.inf
         self.strikes = 0  # logging windows in a row above loss_factor x min_loss
+        self.counted_after = -1  # losses logged at or before this step are not the loss any more
+
+    def loss_redefined(self, step: int) -> None:
+        """The total loss gained a term at ``step`` (a ``weight: auto`` distiller's weight was
+        fixed, ekd.engine.auto_weight): the running minimum restarts with the losses logged after
+        it, so the new term is not taken for a divergence."""
+        self.min_loss, self.strikes, self.counted_after = math.inf, 0, step
 
     @property
     def suspect(self) -> bool:
@@ -80,7 +87,7 @@ class DivergenceGuard:
     def observe_loss(self, step: int, loss: float) -> GuardVerdict | None:
         """One logged loss value; a verdict when the loss rule fires."""
         cfg = self.cfg
-        if not cfg.enabled or cfg.loss_factor is None or not math.isfinite(loss):
+        if not cfg.enabled or cfg.loss_factor is None or not math.isfinite(loss) or step <= self.counted_after:
             return None
         floor = self.min_loss
         self.min_loss = min(self.min_loss, loss)

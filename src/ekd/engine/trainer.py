@@ -385,6 +385,7 @@ class Trainer:
     def _log_auto_weights(self, metrics: MetricsLog) -> None:
         """Log and record (``metrics.jsonl`` row ``auto_weight``) each weight fixed this step."""
         for event in self._auto_weight_events:
+            self.guard.loss_redefined(self.state.step)  # the logged loss now holds the term
             metrics.write({"epoch": self.state.epoch, "step": self.state.step, "auto_weight": event})
             if self.dist.is_main:
                 log.info("distill[%d] %s: weight auto -> %.4g (gradient share %.4g at weight 1, median "
