@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate models on verification sets (LFW, CFP, IJB)")
     p.add_argument("--model", action="append", required=True,
-                   help="ekd checkpoint or arcface_torch backbone.pth (repeatable)")
+                   help="ekd checkpoint, arcface_torch backbone.pth or .onnx (fp32, fp16 or INT8; "
+                        "run with onnxruntime on the CPU) (repeatable)")
     p.add_argument("--backbone", help="architecture of bare state_dict files, e.g. iresnet50")
     p.add_argument("--pairs", help="generic pair list: 'path1 path2 label' per line")
     p.add_argument("--pairs-root", help="folder the pair list's paths are relative to")

@@ -25,7 +25,7 @@ from ekd.data.transforms import load_image, to_tensor
 from ekd.errors import CheckpointError, ConfigError, DataError
 from ekd.eval.metrics import l2_normalize
 
-__all__ = ["EmbeddingModel", "OnnxEmbeddingModel", "TorchEmbeddingModel", "collect_images",
+__all__ = ["EmbeddingModel", "OnnxBackbone", "OnnxEmbeddingModel", "TorchEmbeddingModel", "collect_images",
            "load_embedding_model", "preprocess", "read_threshold", "save_embeddings"]
 
 _DEFAULT_MEAN = (0.5, 0.5, 0.5)
@@ -236,6 +236,32 @@ class OnnxEmbeddingModel(EmbeddingModel):
         feed = batch.astype(np.float16) if self.half_input else batch
         out = self.session.run([self.output_name], {self.input_name: feed})[0]
         return np.asarray(out, dtype=np.float32)
+
+
+class OnnxBackbone(torch.nn.Module):
+    """An ONNX model (fp32, fp16 or INT8) as a module on ekd's normalised RGB batches, so that
+    ``ekd eval`` runs it exactly as it runs a checkpoint; inputs are converted to what its
+    metadata asks for and run on the CPU with onnxruntime."""
+
+    def __init__(self, model: OnnxEmbeddingModel) -> None:
+        super().__init__()
+        self.onnx = model
+        meta = model.metadata
+        self.parameter_count = int(meta["parameters"]) if "parameters" in meta else 0
+        self.native = (tuple(model.mean) == _DEFAULT_MEAN and tuple(model.std) == _DEFAULT_MEAN
+                       and model.color_order == "RGB")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw embeddings ``[B, D]`` of a batch normalised as ``(x / 255 - 0.5) / 0.5``."""
+        batch = x.detach().float().cpu().numpy()
+        if not self.native:
+            pixels = batch * 127.5 + 127.5
+            if self.onnx.color_order == "BGR":
+                pixels = pixels[:, ::-1]
+            mean = np.asarray(self.onnx.mean, dtype=np.float32).reshape(1, 3, 1, 1) * 255.0
+            std = np.asarray(self.onnx.std, dtype=np.float32).reshape(1, 3, 1, 1) * 255.0
+            batch = ((pixels - mean) / std).astype(np.float32)
+        return torch.from_numpy(self.onnx.forward(np.ascontiguousarray(batch)))
 
 
 def load_embedding_model(path: str | Path, backbone: str | None = None,

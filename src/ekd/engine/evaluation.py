@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ekd.engine.teacher import load_model
+from ekd.engine.teacher import LoadedModel, load_model
 from ekd.engine.build import resolve_device
 from ekd.errors import CheckpointError, ConfigError, DataError
 from ekd.eval.evaluate import (evaluate_bin, evaluate_folder, evaluate_ijb, evaluate_pairs,
@@ -67,6 +67,17 @@ def check_inputs(models: list[str], sets: dict[str, tuple]) -> None:
                 raise DataError(f"set {name!r} ({kind}){what} not found: {path}")
 
 
+def _load(path: str | Path, backbone: str | None) -> LoadedModel:
+    """A checkpoint, or an ``.onnx`` file (fp32, fp16, INT8) run with onnxruntime on the CPU."""
+    if Path(path).suffix.lower() != ".onnx":
+        return load_model(path, backbone=backbone, backbone_hint="--backbone")
+    from ekd.deploy.embed import OnnxBackbone, OnnxEmbeddingModel
+
+    onnx = OnnxEmbeddingModel(path)
+    return LoadedModel(OnnxBackbone(onnx), onnx.backbone or "onnx", onnx.embedding_size,
+                       onnx.input_size)
+
+
 def evaluate_checkpoint(path: str | Path, sets: dict[str, tuple],
                         backbone: str | None = None, max_per_identity: int | None = 10,
                         batch_size: int = 128, device: str = "auto", progress: bool = True) -> dict:
@@ -79,17 +90,19 @@ def evaluate_checkpoint(path: str | Path, sets: dict[str, tuple],
     ``use_norm_score``, ``use_detector_score``, ``use_flip_test``). Each set's results keep a
     private ``_roc`` entry for :func:`write_report`'s plots.
     """
-    loaded = load_model(path, backbone=backbone, backbone_hint="--backbone")
+    loaded = _load(path, backbone)
     dev = resolve_device(device)
     model = loaded.model.to(dev)
-    out: dict = {"model": str(path), "backbone": loaded.backbone,
-                 "parameters": count_parameters(model), "input_size": loaded.input_size, "sets": {}}
+    params = getattr(model, "parameter_count", None) or count_parameters(model)
+    out: dict = {"model": str(path), "backbone": loaded.backbone, "parameters": params,
+                 "input_size": loaded.input_size, "sets": {}}
     for name, spec in sets.items():
         if not 3 <= len(spec) <= 4:
             raise ConfigError(f"set {name!r}: expected (kind, path, root[, options]), got {spec!r}")
         kind, target, root = spec[:3]
         opts = dict(spec[3]) if len(spec) == 4 and spec[3] else {}
-        common = dict(input_size=loaded.input_size, batch_size=batch_size, device=dev, progress=progress)
+        bar = f"embedding {Path(path).name} on {name}" if progress else False
+        common = dict(input_size=loaded.input_size, batch_size=batch_size, device=dev, progress=bar)
         out["sets"][name] = _evaluate_set(model, kind, target, root, opts, max_per_identity, common)
     return out
 
