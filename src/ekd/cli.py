@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from ekd.errors import ConfigError, EkdError, user_message
@@ -222,17 +223,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """A warning as one readable line (``warning: ...``), without the source line that raised
+    it (``ekd -v`` keeps Python's format, with file and line)."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+    if not args.verbose:
+        warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except EkdError as exc:
-        print(f"ekd {args.command}: error: {user_message(exc)}", file=sys.stderr)
+        print(f"ekd {command}: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"ekd {args.command}: interrupted", file=sys.stderr)
+        print(f"ekd {command}: interrupted", file=sys.stderr)
         return 130
 
 
