@@ -67,3 +67,42 @@ def test_warnings_print_one_line_without_source_code(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: " in err and "sequential scan" in err
     assert "warnings.warn" not in err and "UserWarning" not in err and ".py:" not in err, err
+
+
+# -- training logs --------------------------------------------------------------------------------
+def test_training_log_says_one_epoch_resumed_and_best_validation(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from ekd.config import load_config
+    from ekd.data import generate_identity_folder, write_pairs
+    from ekd.engine.trainer import Trainer, train
+    from test_scale import _die_after_first_epoch
+
+    torch.set_num_threads(1)
+    generate_identity_folder(tmp_path / "train", 8, 4, image_size=32, seed=2)
+    generate_identity_folder(tmp_path / "faces", 5, 3, image_size=32, seed=3)
+    write_pairs(tmp_path / "faces", tmp_path / "pairs.txt", 30, seed=0)
+    base = ["data.kind=folder", f"data.root={tmp_path / 'train'}", "data.input_size=32",
+            "model.embedding_size=16", "sampler.random_size=8", "sampler.identities_per_batch=4",
+            "train.progress=false", "train.device=cpu", "train.max_steps_per_epoch=2",
+            f"val.sets=[{{path: {tmp_path / 'pairs.txt'}, root: {tmp_path / 'faces'}, name: pl}}]"]
+    with caplog.at_level(logging.INFO, logger="ekd"):
+        train(load_config(None, base + ["train.epochs=1", f"train.output_dir={tmp_path / 'a'}"]))
+    finished = [m for m in caplog.messages if m.startswith("finished ")]
+    assert finished and finished[0].startswith("finished 1 epoch in "), finished
+    best = [m for m in caplog.messages if m.startswith("best validation")]
+    assert len(best) == 1 and "pl/auc" in best[0] and "(step 2)" in best[0], best
+    assert caplog.messages[-1] == best[0]  # the run's last line
+
+    caplog.clear()
+    keep = base + ["train.epochs=2", f"train.output_dir={tmp_path / 'b'}", "val.keep_best=pl/auc"]
+    _die_after_first_epoch(Trainer(load_config(None, keep)))
+    with caplog.at_level(logging.INFO, logger="ekd"):
+        train(load_config(None, keep + ["train.resume=auto"]))
+    resumed = [m for m in caplog.messages if m.startswith("resumed from ")]
+    assert len(resumed) == 1 and "last.pt at epoch 2/2, step 2" in resumed[0], caplog.messages
+    assert any(m.startswith("finished 2 epochs in ") for m in caplog.messages)
+    assert caplog.messages[-1].startswith("best validation pl/auc = ")
+    assert "checkpoints/best.pt" in caplog.messages[-1]

@@ -160,6 +160,9 @@ class Trainer:
             load_training_state(self, resume)
             if self.validator is not None:
                 self.validator.restore_best(self.state, self.run_dir)
+            if self.dist.is_main:
+                log.info("resumed from %s at epoch %d/%d, step %d", resume,
+                         min(self.state.epoch + 1, tc.epochs), tc.epochs, self.state.step)
 
     # -- one step -------------------------------------------------------------------------
     def _mirror(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,7 +328,12 @@ class Trainer:
             log.warning("stopped at epoch %d step %d; resume with --set train.resume=auto",
                         self.state.epoch + 1, self.state.step)
         else:
-            log.info("finished %d epochs in %.1f s; model saved to %s", cfg.train.epochs, seconds, model_path)
+            log.info("finished %d epoch%s in %.1f s; model saved to %s", cfg.train.epochs,
+                     "" if cfg.train.epochs == 1 else "s", seconds, model_path)
+        if self.validator is not None and self.dist.is_main:
+            summary = self.validator.summary(self.state)
+            if summary:
+                log.info("%s", summary)
         return TrainResult(self.run_dir, model_path, seconds, last, self._stop_requested)
 
     def _run_epoch(self, metrics: MetricsLog) -> dict:
