@@ -106,3 +106,28 @@ def test_training_log_says_one_epoch_resumed_and_best_validation(tmp_path, caplo
     assert any(m.startswith("finished 2 epochs in ") for m in caplog.messages)
     assert caplog.messages[-1].startswith("best validation pl/auc = ")
     assert "checkpoints/best.pt" in caplog.messages[-1]
+
+
+def test_verify_advice_names_a_usable_larger_fpr_or_none(tmp_path):
+    import pytest
+
+    from ekd.deploy.embed import read_threshold
+    from ekd.errors import ConfigError
+
+    def metrics(thresholds: dict) -> str:
+        file = tmp_path / "metrics.json"
+        file.write_text(json.dumps({"m": {"backbone": "mbf", "sets": {"lfw": {
+            "thresholds": thresholds}}}}))
+        return str(file)
+
+    small = metrics({"1e-3": None, "1e-4": None, "1e-5": None})
+    with pytest.raises(ConfigError) as err:
+        read_threshold(small, "1e-3")
+    assert "larger FPR" in str(err.value) and "no larger FPR has a usable stored threshold" in \
+        str(err.value) and "use a larger FPR" not in str(err.value)
+    some = metrics({"1e-3": 0.41, "1e-4": None, "1e-5": None})
+    with pytest.raises(ConfigError, match=r"use --fpr 1e-3 \(the next larger FPR stored\)"):
+        read_threshold(some, "1e-5")
+    top = metrics({"1e-3": float("inf"), "1e-4": None, "1e-5": None})
+    with pytest.raises(ConfigError, match="no larger FPR has a usable"):
+        read_threshold(top, "1e-3")

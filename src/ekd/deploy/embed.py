@@ -324,6 +324,14 @@ def fpr_key(fpr: float | str) -> str:
     return f"{value:.0e}".replace("e-0", "e-")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def read_threshold(metrics: str | Path, fpr: float | str, set_name: str | None = None,
                    label: str | None = None) -> tuple[float, dict]:
     """The cosine threshold at ``fpr`` stored by ``ekd eval --out RUN`` in ``RUN/metrics.json``.
@@ -371,16 +379,21 @@ def read_threshold(metrics: str | Path, fpr: float | str, set_name: str | None =
         raise ConfigError(f"{path}: set {set_name!r} has no threshold at FPR {key}; "
                           f"available: {', '.join(table)}")
     value = table[key]
+    usable = [k for k, v in table.items() if _is_number(k) and float(k) > float(key)
+              and v is not None and math.isfinite(float(v))]
+    advice = (f"use --fpr {min(usable, key=float)} (the next larger FPR stored)" if usable else
+              f"no larger FPR has a usable stored threshold (ekd eval stores "
+              f"{', '.join(table)})")
     if value is None:
         raise ConfigError(f"{path}: set {set_name!r} has too few different-identity pairs to set a "
                           f"threshold at FPR {key} (it needs at least "
-                          f"{math.ceil(1 / float(key))}); "
-                          "use a larger FPR or evaluate on a bigger set")
+                          f"{math.ceil(1 / float(key))}): {advice}; or evaluate on a bigger set, "
+                          "or give --threshold")
     value = float(value)
     if math.isinf(value):
         raise ConfigError(f"{path}: set {set_name!r}: no threshold reaches FPR {key} (a "
-                          "different-identity pair scores as high as the best genuine pair); "
-                          "use a larger FPR")
+                          "different-identity pair scores as high as the best genuine pair): "
+                          f"{advice}; or give --threshold")
     info = {"label": label, "set": set_name, "fpr": key, "backbone": run.get("backbone"),
             "file": str(path)}
     return value, info
