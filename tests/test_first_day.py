@@ -131,3 +131,27 @@ def test_verify_advice_names_a_usable_larger_fpr_or_none(tmp_path):
     top = metrics({"1e-3": float("inf"), "1e-4": None, "1e-5": None})
     with pytest.raises(ConfigError, match="no larger FPR has a usable"):
         read_threshold(top, "1e-3")
+
+
+def test_training_without_a_bar_logs_a_progress_line_every_heartbeat(tmp_path, caplog,
+                                                                       monkeypatch):
+    import logging
+
+    import torch
+
+    import ekd.engine.trainer as trainer_module
+    from ekd.config import load_config
+    from ekd.data import generate_identity_folder
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(trainer_module, "HEARTBEAT_S", 0.0)  # every step is "30 s later"
+    generate_identity_folder(tmp_path / "train", 8, 4, image_size=32, seed=2)
+    cfg = load_config(None, ["data.kind=folder", f"data.root={tmp_path / 'train'}",
+                             "data.input_size=32", "model.embedding_size=16",
+                             "sampler.random_size=8", "sampler.identities_per_batch=4",
+                             "train.progress=false", "train.device=cpu", "train.epochs=1",
+                             "train.max_steps_per_epoch=3", f"train.output_dir={tmp_path / 'r'}"])
+    with caplog.at_level(logging.INFO, logger="ekd"):
+        trainer_module.train(cfg)
+    beats = [m for m in caplog.messages if m.startswith("epoch 1/1: batch ")]
+    assert [b.split(" of ")[0] for b in beats] == [f"epoch 1/1: batch {i}" for i in (1, 2, 3)]

@@ -58,6 +58,8 @@ from ekd.heads.partial_fc import gather_global_batch, init_rows
 from ekd.models import build_backbone
 
 log = logging.getLogger("ekd.train")
+#: Seconds between progress lines in the log when the progress bar is off.
+HEARTBEAT_S = 30.0
 
 
 @dataclass
@@ -349,6 +351,8 @@ class Trainer:
         tick = t0
         bar = tqdm(self.loader, desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}", leave=False,
                    disable=not (cfg.train.progress and self.dist.is_main), dynamic_ncols=True)
+        # Without a bar (train.progress off, or a log file), a line every HEARTBEAT_S seconds.
+        heartbeat = t0 if self.dist.is_main and not cfg.train.progress else None
         for images, labels, indices in bar:
             images = images.to(self.device, non_blocking=True)
             if self.channels_last:
@@ -377,6 +381,11 @@ class Trainer:
                     self.diagnostics = {}
                 if self.validator is not None and self.validator.due(st.step):
                     t0 += self.validator.validate(self, metrics).seconds  # not training time (img/s)
+                if heartbeat is not None and now - heartbeat >= HEARTBEAT_S:
+                    heartbeat = now
+                    log.info("epoch %d/%d: batch %d of %d, loss %.4f (%.0f img/s)", st.epoch + 1,
+                             cfg.train.epochs, st.batch_in_epoch, len(self.loader),
+                             terms.get("loss", float("nan")), rate)
             tick = time.perf_counter()  # logging and validation are left out of both times
             if self._stop_requested:
                 break
