@@ -155,3 +155,20 @@ def test_training_without_a_bar_logs_a_progress_line_every_heartbeat(tmp_path, c
         trainer_module.train(cfg)
     beats = [m for m in caplog.messages if m.startswith("epoch 1/1: batch ")]
     assert [b.split(" of ")[0] for b in beats] == [f"epoch 1/1: batch {i}" for i in (1, 2, 3)]
+
+
+def test_eval_bars_name_the_model_and_the_set(tmp_path, capsys):
+    import torch
+
+    from ekd.data import generate_identity_folder
+    from test_deploy import _save_checkpoint, _trained_like
+
+    torch.set_num_threads(1)
+    ckpt = _save_checkpoint(_trained_like("mobilefacenet", 32, 16), "mobilefacenet", 32, 16,
+                            tmp_path / "run" / "model.pt")
+    faces = generate_identity_folder(tmp_path / "faces", 3, 3, image_size=32, seed=1)
+    assert main(["eval", "--model", str(ckpt), "--folder", str(faces), "--device", "cpu"]) == 0
+    assert "embedding run/model.pt on all-pairs" in capsys.readouterr().err
+    assert main(["eval", "--model", str(ckpt), "--label", "student", "--folder", str(faces),
+                 "--device", "cpu"]) == 0
+    assert "embedding student on all-pairs" in capsys.readouterr().err

@@ -71,7 +71,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             results[label] = evaluate_checkpoint(model, sets, backbone=args.backbone,
                                                  max_per_identity=args.max_per_identity,
                                                  batch_size=args.batch_size, device=args.device,
-                                                 progress=info.is_main)
+                                                 progress=info.is_main,
+                                                 label=label if args.label else None)
         if info.is_main:
             print(write_report(results, out, plots=args.plots))
     finally:

@@ -188,6 +188,11 @@ def student_config(plan: DemoPlan, out: Path, method: str, seed: int, device: st
     return cfg
 
 
+def epochs(n: int) -> str:
+    """``1 epoch``, ``8 epochs``."""
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
 def run_label(student: str, seed: int) -> str:
     return f"{student} (seed {seed})"
 
@@ -215,18 +220,18 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto", jobs: int | N
              plan.teacher_ids, plan.eval_identities, out / "data")
     root = prepare_data(plan, out, progress=True)
     nokd = [student_config(plan, out, "nokd", seed, device) for seed in plan.seeds]
-    log.info("step 2/4: training the %s (%d identities, %d epochs) and the no-KD students (%s, "
-             "%d identities, %d epochs, seeds %s), %d at a time; each run logs every epoch",
-             plan.teacher_label,
-             plan.teacher_ids, plan.teacher_epochs, plan.student_name, plan.train_identities,
-             plan.student_epochs, ", ".join(map(str, plan.seeds)), jobs)
+    log.info("step 2/4: training the %s (%d identities, %s) and the no-KD students (%s, "
+             "%d identities, %s, seeds %s), %d at a time; each run logs every epoch",
+             plan.teacher_label, plan.teacher_ids, epochs(plan.teacher_epochs), plan.student_name,
+             plan.train_identities, epochs(plan.student_epochs), ", ".join(map(str, plan.seeds)),
+             jobs)
     teacher, *nokd_runs = train_side_by_side([teacher_config(plan, out, device), *nokd], jobs)
     log.info("teacher saved to %s", teacher.model_path)
     log.info("embedding the students' training images with the teacher once (teacher cache)")
     cache_for_data(root, plan.image_size, out / "teacher_cache",
                    teacher=str(teacher.model_path), device=device, progress=True)
-    log.info("step 3/4: training the EKD students (%d epochs, seeds %s), %d at a time",
-             plan.student_epochs, ", ".join(map(str, plan.seeds)), jobs)
+    log.info("step 3/4: training the EKD students (%s, seeds %s), %d at a time",
+             epochs(plan.student_epochs), ", ".join(map(str, plan.seeds)), jobs)
     ekd_runs = train_side_by_side([student_config(plan, out, "ekd", seed, device)
                                    for seed in plan.seeds], jobs)
     runs = {plan.teacher_label: teacher}
@@ -261,7 +266,7 @@ def evaluate_and_compare(out: Path, plan: DemoPlan, runs: dict,
     for label, run in runs.items():
         log.info("evaluating %s", label)
         res = evaluate_checkpoint(run.model_path, sets, max_per_identity=plan.eval_images,
-                                  device=device, progress=True)
+                                  device=device, progress=True, label=label)
         res["train_seconds"] = run.seconds
         results[label] = res
     table = write_report(results, out)

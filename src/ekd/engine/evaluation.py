@@ -78,9 +78,16 @@ def _load(path: str | Path, backbone: str | None) -> LoadedModel:
                        onnx.input_size)
 
 
+def _short(path: str | Path) -> str:
+    """``run/model.pt``: a model file named with its folder (runs all save ``model.pt``)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def evaluate_checkpoint(path: str | Path, sets: dict[str, tuple],
                         backbone: str | None = None, max_per_identity: int | None = 10,
-                        batch_size: int = 128, device: str = "auto", progress: bool = True) -> dict:
+                        batch_size: int = 128, device: str = "auto", progress: bool = True,
+                        label: str | None = None) -> dict:
     """Evaluate one model file on named sets ``{name: (kind, path, root[, options])}``.
 
     ``kind`` is ``pairs`` (generic list), ``lfw`` (View-2 ``pairs.txt``, root = images folder),
@@ -88,7 +95,8 @@ def evaluate_checkpoint(path: str | Path, sets: dict[str, tuple],
     ``color``), ``cfp`` (CFP folder; options ``split`` FF/FP, ``folds`` list or None = all) or
     ``ijb`` (IJB folder with ``meta/`` and ``loose_crop/``; options ``target``, ``one_to_n``,
     ``use_norm_score``, ``use_detector_score``, ``use_flip_test``). Each set's results keep a
-    private ``_roc`` entry for :func:`write_report`'s plots.
+    private ``_roc`` entry for :func:`write_report`'s plots. ``label`` names the model on the
+    progress bars (default: its folder and file name).
     """
     loaded = _load(path, backbone)
     dev = resolve_device(device)
@@ -101,7 +109,7 @@ def evaluate_checkpoint(path: str | Path, sets: dict[str, tuple],
             raise ConfigError(f"set {name!r}: expected (kind, path, root[, options]), got {spec!r}")
         kind, target, root = spec[:3]
         opts = dict(spec[3]) if len(spec) == 4 and spec[3] else {}
-        bar = f"embedding {Path(path).name} on {name}" if progress else False
+        bar = f"embedding {label or _short(path)} on {name}" if progress else False
         common = dict(input_size=loaded.input_size, batch_size=batch_size, device=dev, progress=bar)
         out["sets"][name] = _evaluate_set(model, kind, target, root, opts, max_per_identity, common)
     return out
