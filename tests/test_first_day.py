@@ -172,3 +172,13 @@ def test_eval_bars_name_the_model_and_the_set(tmp_path, capsys):
     assert main(["eval", "--model", str(ckpt), "--label", "student", "--folder", str(faces),
                  "--device", "cpu"]) == 0
     assert "embedding student on all-pairs" in capsys.readouterr().err
+
+
+def test_data_pack_check_unpack_show_progress(tmp_path, capsys):
+    faces = _faces_on_blue_backdrop(tmp_path / "faces")
+    main(["data", "check", str(faces)])
+    assert "checking faces: 100%" in capsys.readouterr().err
+    assert main(["data", "pack", str(faces), str(tmp_path / "train.rec")]) == 0
+    assert "packing train.rec: 100%" in capsys.readouterr().err
+    assert main(["data", "unpack", str(tmp_path / "train.rec"), str(tmp_path / "back")]) == 0
+    assert "unpacking train.rec: 100%" in capsys.readouterr().err

@@ -100,14 +100,15 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     if out.is_dir() or str(args.out).endswith(("/", "\\")):
         out = out / "train.rec"
     prepare_output_file(rec_paths(out)[0], "OUT")
-    print(json.dumps(pack_folder(args.folder, out), indent=1))
+    print(json.dumps(pack_folder(args.folder, out, progress=True), indent=1))
     return 0
 
 
 def _cmd_unpack(args: argparse.Namespace) -> int:
     from ekd.data.rec_folder import unpack_rec
 
-    print(json.dumps(unpack_rec(args.rec, args.out, on_corrupt=args.on_corrupt), indent=1))
+    print(json.dumps(unpack_rec(args.rec, args.out, on_corrupt=args.on_corrupt, progress=True),
+                     indent=1))
     return 0
 
 
@@ -139,7 +140,7 @@ def _cmd_make_bin(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from ekd.data.check import check_folder
 
-    report = check_folder(args.folder, decode=not args.no_decode)
+    report = check_folder(args.folder, decode=not args.no_decode, progress=True)
     print(json.dumps(report.to_dict(), indent=1) if args.json else report.format())
     return 0 if report.ok else 1
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ekd.data.folder import ImageFolderDataset
 from ekd.data.record_dataset import RecordDataset
@@ -22,10 +23,12 @@ from ekd.errors import DataError
 __all__ = ["pack_folder", "unpack_rec"]
 
 
-def pack_folder(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict:
+def pack_folder(folder: str | os.PathLike[str], out: str | os.PathLike[str],
+                progress: bool = False) -> dict:
     """Write ``out.rec/.idx`` and ``property`` from ``folder/<identity>/<image>`` (InsightFace
     layout: header record 0, images ``1..N`` with scalar labels, then one ``[start, end)``
-    record per identity). Image files are stored byte for byte (no re-encoding).
+    record per identity). Image files are stored byte for byte (no re-encoding). ``progress``:
+    a bar over the images.
     """
     ds = ImageFolderDataset(folder)
     rec, _ = rec_paths(out)
@@ -35,7 +38,8 @@ def pack_folder(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
     ranges: list[list[int]] = [[0, 0] for _ in range(c)]
     with RecordIOWriter(rec) as w:
         w.write(0, pack(IRHeader(2, np.array([n + 1, n + 1 + c], np.float32)), b""))
-        for key, (path, label) in enumerate(ds.samples, start=1):
+        samples = tqdm(ds.samples, desc=f"packing {rec.name}", unit="img", disable=not progress)
+        for key, (path, label) in enumerate(samples, start=1):
             data = Path(path).read_bytes()
             if key == 1:
                 size = decode_image(data, where=path).shape[:2]
@@ -59,7 +63,7 @@ def _extension(data: bytes) -> str | None:
 
 
 def unpack_rec(rec: str | os.PathLike[str], out: str | os.PathLike[str],
-               on_corrupt: str = "skip") -> dict:
+               on_corrupt: str = "skip", progress: bool = False) -> dict:
     """Write every image record of ``rec`` as ``out/<label>/<key>.jpg|.png``.
 
     Folder and file names are zero-padded numbers, so that :class:`ImageFolderDataset` (sorted
@@ -67,6 +71,7 @@ def unpack_rec(rec: str | os.PathLike[str], out: str | os.PathLike[str],
     stored; other encodings are decoded and written as PNG (lossless). Labels keep their values:
     a ``.rec`` with unused labels repacks with contiguous ones. Unreadable records are left out
     with a warning (``on_corrupt="skip"``) or raise (``"error"``); ``out`` must not hold images.
+    ``progress``: a bar over the records.
     """
     ds = RecordDataset(rec, on_corrupt=on_corrupt)
     out = Path(out)
@@ -75,7 +80,9 @@ def unpack_rec(rec: str | os.PathLike[str], out: str | os.PathLike[str],
     lw = len(str(int(ds.labels.max())))
     kw = len(str(int(ds.image_keys.max())))
     written, reencoded, skipped = 0, 0, len(ds.dropped)
-    for key, label in zip(ds.image_keys.tolist(), ds.labels.tolist()):
+    records = tqdm(zip(ds.image_keys.tolist(), ds.labels.tolist()), total=len(ds.image_keys),
+                   desc=f"unpacking {ds.reader.path.name}", unit="img", disable=not progress)
+    for key, label in records:
         label = int(ds.label_map[label]) if ds.label_map is not None else label
         where = f"{ds.reader.path} record {key} (byte offset {ds.reader.offset(key)})"
         try:
