@@ -182,3 +182,24 @@ def test_data_pack_check_unpack_show_progress(tmp_path, capsys):
     assert "packing train.rec: 100%" in capsys.readouterr().err
     assert main(["data", "unpack", str(tmp_path / "train.rec"), str(tmp_path / "back")]) == 0
     assert "unpacking train.rec: 100%" in capsys.readouterr().err
+
+
+def test_validation_shows_a_bar_naming_the_set(tmp_path, capsys):
+    import torch
+
+    from ekd.config import load_config
+    from ekd.data import generate_identity_folder, write_pairs
+    from ekd.engine.trainer import train
+
+    torch.set_num_threads(1)
+    generate_identity_folder(tmp_path / "train", 8, 4, image_size=32, seed=2)
+    generate_identity_folder(tmp_path / "faces", 5, 3, image_size=32, seed=3)
+    write_pairs(tmp_path / "faces", tmp_path / "pairs.txt", 30, seed=0)
+    base = ["data.kind=folder", f"data.root={tmp_path / 'train'}", "data.input_size=32",
+            "model.embedding_size=16", "sampler.random_size=8", "sampler.identities_per_batch=4",
+            "train.device=cpu", "train.max_steps_per_epoch=2", "train.epochs=1",
+            f"val.sets=[{{path: {tmp_path / 'pairs.txt'}, root: {tmp_path / 'faces'}, name: pl}}]"]
+    train(load_config(None, base + [f"train.output_dir={tmp_path / 'a'}"]))
+    assert "validation of the student on pl" in capsys.readouterr().err
+    train(load_config(None, base + [f"train.output_dir={tmp_path / 'b'}", "train.progress=false"]))
+    assert "validation of the student" not in capsys.readouterr().err  # no bars asked for

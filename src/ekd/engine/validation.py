@@ -176,10 +176,14 @@ class Validator:
             out.update(self._teacher_thresholds)
         return out
 
+    def _bar(self, label: str) -> str | bool:
+        """The embedding bar's label (``train.progress`` on, first process), else no bar."""
+        return f"validation {label}" if label and self.cfg.train.progress and self.dist.is_main else False
+
     def _evaluate(self, data: VerificationSet, model: nn.Module, label: str = "") -> dict:
         with torch.random.fork_rng(devices=[]):  # the loader's seed draw must not move training's RNG
             return data.evaluate(model, self.cfg.val.batch_size, self.device,
-                                 progress=f"validation {label}" if label and self.dist.is_main else False,
+                                 progress=self._bar(label),
                                  threshold_fprs=self.threshold_fprs or THRESHOLD_FPRS)
 
     def validate(self, trainer: "Trainer", metrics: "MetricsLog") -> ValResult:
