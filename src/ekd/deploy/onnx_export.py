@@ -137,9 +137,9 @@ def export_onnx(model: nn.Module, out: str | Path, *, backbone: str, input_size:
 
     The file is written atomically; returns its path.
     """
-    onnx = require_onnx()
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < OPSET:
         raise ConfigError(f"ONNX opset must be an integer >= {OPSET}, got {opset!r}")
+    onnx = require_onnx()
     out = Path(out)
     net = copy.deepcopy(model).cpu().float().eval()
     parameters, macs = count_parameters(net), count_macs(net, input_size)[0]
