@@ -29,6 +29,7 @@ def test_side_by_side_equals_one_after_another(tmp_path, capfd, caplog):
     together = train_side_by_side(_configs(tmp_path / "together"), jobs=2, threads=1)
     assert [r.run_dir.name for r in together] == ["s0", "s1"]
     err = capfd.readouterr().err  # each child's epoch and end-of-run lines, named by its run
+    assert "[s0] ekd.train: training mobilefacenet for 1 epoch" in err
     assert "[s0] ekd.train: epoch 1/1" in err and "[s1] ekd.train: finished 1 epoch" in err, err
     assert alone[0].final_terms != alone[1].final_terms  # the seeds differ, so order matters
     for a, b in zip(alone, together):

@@ -306,6 +306,9 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+            log.info("training %s for %d epoch%s of %d steps on %s; run folder %s",
+                     cfg.model.backbone, cfg.train.epochs, "" if cfg.train.epochs == 1 else "s",
+                     len(self.loader), self.device, self.run_dir)
         start = time.perf_counter()
         last: dict = {}
         previous = signal.getsignal(signal.SIGINT)
