@@ -354,7 +354,7 @@ class Trainer:
         tick = t0
         bar = tqdm(self.loader, desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}", leave=False,
                    disable=not (cfg.train.progress and self.dist.is_main), dynamic_ncols=True)
-        # Without a bar (train.progress off, or a log file), a line every HEARTBEAT_S seconds.
+        # Without a bar (train.progress off), a log line every HEARTBEAT_S seconds.
         heartbeat = t0 if self.dist.is_main and not cfg.train.progress else None
         for images, labels, indices in bar:
             images = images.to(self.device, non_blocking=True)
