@@ -171,10 +171,10 @@ def main() -> None:
     for r in rec["models"].values():
         r.pop("_tail")
     rec.update(git_commit=git("rev-parse", "HEAD"), environment=environment())
-    out = REPO / "bench" / "results" / f"int8_{args.name}"
-    out.with_suffix(".json").write_text(json.dumps(rec, indent=1) + "\n")
+    out = REPO / "bench" / "results" / f"int8_{args.name}"  # names hold dots (w0.5): no with_suffix
+    Path(f"{out}.json").write_text(json.dumps(rec, indent=1) + "\n")
     text = table(rec)
-    out.with_suffix(".md").write_text(
+    Path(f"{out}.md").write_text(
         f"# fp32 vs INT8: {args.name} ({loaded.backbone}, {size} px, {rec['checkpoint']})\n\n"
         f"Made by `python bench/int8_parity.py --model <cache>/cells/{args.name}/{cell_file(args.model)} "
         f"--name {args.name}` (`<cache>`: the KD table's cache folder); "
