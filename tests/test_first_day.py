@@ -4,13 +4,38 @@ subcommand, the colour-order guess of ``ekd data info``, and the other first-run
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ekd.cli import main
+from ekd.config import load_config
+from ekd.data import generate_identity_folder, write_pairs
+from ekd.deploy.embed import read_threshold
+from ekd.engine.trainer import Trainer, train
+from ekd.errors import ConfigError
+from test_scale import _die_after_first_epoch
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
+
+
+def _tiny_run(tmp_path: Path, validation: bool = True) -> list[str]:
+    """Overrides of a tiny training run on synthetic faces (2 steps per epoch), with
+    a validation pair list ``pl`` unless ``validation`` is false."""
+    generate_identity_folder(tmp_path / "train", 8, 4, image_size=32, seed=2)
+    out = ["data.kind=folder", f"data.root={tmp_path / 'train'}", "data.input_size=32",
+           "model.embedding_size=16", "sampler.random_size=8", "sampler.identities_per_batch=4",
+           "train.device=cpu", "train.max_steps_per_epoch=2"]
+    if validation:
+        generate_identity_folder(tmp_path / "faces", 5, 3, image_size=32, seed=3)
+        write_pairs(tmp_path / "faces", tmp_path / "pairs.txt", 30, seed=0)
+        out.append(f"val.sets=[{{path: {tmp_path / 'pairs.txt'}, root: {tmp_path / 'faces'}, "
+                   "name: pl}]")
+    return out
 
 
 def _faces_on_blue_backdrop(root: Path, ids: int = 3, per: int = 3, size: int = 64) -> Path:
@@ -71,23 +96,7 @@ def test_warnings_print_one_line_without_source_code(tmp_path, capsys):
 
 # -- training logs --------------------------------------------------------------------------------
 def test_training_log_says_one_epoch_resumed_and_best_validation(tmp_path, caplog):
-    import logging
-
-    import torch
-
-    from ekd.config import load_config
-    from ekd.data import generate_identity_folder, write_pairs
-    from ekd.engine.trainer import Trainer, train
-    from test_scale import _die_after_first_epoch
-
-    torch.set_num_threads(1)
-    generate_identity_folder(tmp_path / "train", 8, 4, image_size=32, seed=2)
-    generate_identity_folder(tmp_path / "faces", 5, 3, image_size=32, seed=3)
-    write_pairs(tmp_path / "faces", tmp_path / "pairs.txt", 30, seed=0)
-    base = ["data.kind=folder", f"data.root={tmp_path / 'train'}", "data.input_size=32",
-            "model.embedding_size=16", "sampler.random_size=8", "sampler.identities_per_batch=4",
-            "train.progress=false", "train.device=cpu", "train.max_steps_per_epoch=2",
-            f"val.sets=[{{path: {tmp_path / 'pairs.txt'}, root: {tmp_path / 'faces'}, name: pl}}]"]
+    base = _tiny_run(tmp_path) + ["train.progress=false"]
     with caplog.at_level(logging.INFO, logger="ekd"):
         train(load_config(None, base + ["train.epochs=1", f"train.output_dir={tmp_path / 'a'}"]))
     finished = [m for m in caplog.messages if m.startswith("finished ")]
@@ -109,11 +118,6 @@ def test_training_log_says_one_epoch_resumed_and_best_validation(tmp_path, caplo
 
 
 def test_verify_advice_names_a_usable_larger_fpr_or_none(tmp_path):
-    import pytest
-
-    from ekd.deploy.embed import read_threshold
-    from ekd.errors import ConfigError
-
     def metrics(thresholds: dict) -> str:
         file = tmp_path / "metrics.json"
         file.write_text(json.dumps({"m": {"backbone": "mbf", "sets": {"lfw": {
@@ -135,22 +139,12 @@ def test_verify_advice_names_a_usable_larger_fpr_or_none(tmp_path):
 
 def test_training_without_a_bar_logs_a_progress_line_every_heartbeat(tmp_path, caplog,
                                                                        monkeypatch):
-    import logging
-
-    import torch
-
     import ekd.engine.trainer as trainer_module
-    from ekd.config import load_config
-    from ekd.data import generate_identity_folder
 
-    torch.set_num_threads(1)
     monkeypatch.setattr(trainer_module, "HEARTBEAT_S", 0.0)  # every step is "30 s later"
-    generate_identity_folder(tmp_path / "train", 8, 4, image_size=32, seed=2)
-    cfg = load_config(None, ["data.kind=folder", f"data.root={tmp_path / 'train'}",
-                             "data.input_size=32", "model.embedding_size=16",
-                             "sampler.random_size=8", "sampler.identities_per_batch=4",
-                             "train.progress=false", "train.device=cpu", "train.epochs=1",
-                             "train.max_steps_per_epoch=3", f"train.output_dir={tmp_path / 'r'}"])
+    cfg = load_config(None, _tiny_run(tmp_path, validation=False)
+                      + ["train.progress=false", "train.epochs=1", "train.max_steps_per_epoch=3",
+                         f"train.output_dir={tmp_path / 'r'}"])
     with caplog.at_level(logging.INFO, logger="ekd"):
         trainer_module.train(cfg)
     beats = [m for m in caplog.messages if m.startswith("epoch 1/1: batch ")]
@@ -158,12 +152,8 @@ def test_training_without_a_bar_logs_a_progress_line_every_heartbeat(tmp_path, c
 
 
 def test_eval_bars_name_the_model_and_the_set(tmp_path, capsys):
-    import torch
-
-    from ekd.data import generate_identity_folder
     from test_deploy import _save_checkpoint, _trained_like
 
-    torch.set_num_threads(1)
     ckpt = _save_checkpoint(_trained_like("mobilefacenet", 32, 16), "mobilefacenet", 32, 16,
                             tmp_path / "run" / "model.pt")
     faces = generate_identity_folder(tmp_path / "faces", 3, 3, image_size=32, seed=1)
@@ -185,20 +175,7 @@ def test_data_pack_check_unpack_show_progress(tmp_path, capsys):
 
 
 def test_validation_shows_a_bar_naming_the_set(tmp_path, capsys):
-    import torch
-
-    from ekd.config import load_config
-    from ekd.data import generate_identity_folder, write_pairs
-    from ekd.engine.trainer import train
-
-    torch.set_num_threads(1)
-    generate_identity_folder(tmp_path / "train", 8, 4, image_size=32, seed=2)
-    generate_identity_folder(tmp_path / "faces", 5, 3, image_size=32, seed=3)
-    write_pairs(tmp_path / "faces", tmp_path / "pairs.txt", 30, seed=0)
-    base = ["data.kind=folder", f"data.root={tmp_path / 'train'}", "data.input_size=32",
-            "model.embedding_size=16", "sampler.random_size=8", "sampler.identities_per_batch=4",
-            "train.device=cpu", "train.max_steps_per_epoch=2", "train.epochs=1",
-            f"val.sets=[{{path: {tmp_path / 'pairs.txt'}, root: {tmp_path / 'faces'}, name: pl}}]"]
+    base = _tiny_run(tmp_path) + ["train.epochs=1"]
     train(load_config(None, base + [f"train.output_dir={tmp_path / 'a'}"]))
     assert "validation of the student on pl" in capsys.readouterr().err
     train(load_config(None, base + [f"train.output_dir={tmp_path / 'b'}", "train.progress=false"]))
