@@ -4,8 +4,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch; pip finds the wheel on disk where one is provided (no CUDA download).
+# torch from pip's default index (PyPI: the CUDA build on Linux) or from TORCH_INDEX, e.g.
+# make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU-only build; pip takes a
+# wheel provided on disk (find-links) where there is one.
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 DEMO_ARGS ?=
 
 .PHONY: venv demo test clean
@@ -14,7 +17,7 @@ $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e ".[test,onnx,plot,tensorboard]"
 	touch $@
 

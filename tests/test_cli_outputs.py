@@ -90,7 +90,8 @@ def test_unwritable_output_files_fail_first(name, capsys):
     argv, option = FILE_OUTPUTS[name]
     target = f"{FORBIDDEN}/x.out"
     assert main([target if a == "OUT" else a for a in argv]) == 2
-    err = _one_line_error(capsys, argv[0], f"{option} {target}")  # embed adds .npy, pack .rec
+    command = " ".join(argv[:2]) if argv[0] == "data" else argv[0]  # "ekd data pack: error"
+    err = _one_line_error(capsys, command, f"{option} {target}")  # embed adds .npy, pack .rec
     assert "cannot create the folder /proc/forbidden" in err
 
 

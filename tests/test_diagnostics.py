@@ -207,3 +207,31 @@ def test_rank_error_pulling_pairs_the_wrong_way_is_reported(tmp_path):
     assert not any("beats the teacher" in w for w in dx.warnings)
     assert "error would pull them down, towards a teacher that ranks them worse than the student does " \
         "(left out: one_sided)" in dx.text()
+
+
+def test_a_short_run_blames_the_cold_ema_not_the_anchors(tmp_path):
+    """After n steps the anchors hold 1 - 0.99^n of their targets: the warm-up is the cause,
+    not the soft rank nor the weight, whatever the anchors' size (not only below 1e-3)."""
+    import yaml
+
+    row = {"step": 8, "grad/ce": 1.0, "grad/ekd_pos": 0.001, "grad_share/ekd_pos": 0.001,
+           "ekd/threshold_negatives": 1e6}
+    warm = 1 - 0.99 ** 8
+    for fpr, t in zip(("1e-1", "1e-2", "1e-3"), (0.3, 0.45, 0.55)):
+        row[f"ekd/anchor_student@{fpr}"], row[f"ekd/anchor_teacher@{fpr}"] = warm * t, warm * t
+    val = {"val": True, "step": 8, "lfw/thr@1e-1": 0.3, "lfw/thr@1e-2": 0.45, "lfw/thr@1e-3": 0.55}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(val) + "\n")
+    config = {"distill": [{"name": "ekd", "weight": 1.0, "params": {}}]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    dx = diagnose(tmp_path, plots=False)
+    cold = [w for w in dx.warnings if w.startswith("ekd: the anchors are not warmed up")]
+    assert cold and "1 - (1 - 0.01)^8 = 7.7%" in cold[0] and "bias_correction" in cold[0]
+    assert not any("soft rank steps where the evaluation does not" in w for w in dx.warnings)
+    assert not any("a distill weight of ~" in w for w in dx.warnings)
+    # warmed up (or bias-corrected): the anchor and weight findings come back
+    config["distill"][0]["params"] = {"bias_correction": True}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    dx = diagnose(tmp_path, plots=False)
+    assert not any("not warmed up" in w for w in dx.warnings)
+    assert any("soft rank steps where the evaluation does not" in w for w in dx.warnings)
+    assert any("a distill weight of ~" in w for w in dx.warnings)

@@ -3,6 +3,8 @@ after another in this process with one thread."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -16,7 +18,8 @@ def _configs(out):
             for seed in (0, 1)]
 
 
-def test_side_by_side_equals_one_after_another(tmp_path):
+def test_side_by_side_equals_one_after_another(tmp_path, capfd, caplog):
+    caplog.set_level(logging.INFO, logger="ekd")  # the children log at the parent's level
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -25,6 +28,9 @@ def test_side_by_side_equals_one_after_another(tmp_path):
         torch.set_num_threads(threads)
     together = train_side_by_side(_configs(tmp_path / "together"), jobs=2, threads=1)
     assert [r.run_dir.name for r in together] == ["s0", "s1"]
+    err = capfd.readouterr().err  # each child's epoch and end-of-run lines, named by its run
+    assert "[s0] ekd.train: training mobilefacenet for 1 epoch" in err
+    assert "[s0] ekd.train: epoch 1/1" in err and "[s1] ekd.train: finished 1 epoch" in err, err
     assert alone[0].final_terms != alone[1].final_terms  # the seeds differ, so order matters
     for a, b in zip(alone, together):
         assert a.final_terms == b.final_terms

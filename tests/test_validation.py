@@ -56,6 +56,11 @@ def _sets(data):
             f"name: pl}}, {{path: {data / 'faces'}, name: folder}}]")
 
 
+def _event_accumulator():
+    """TensorBoard's event reader; the test is skipped without the 'tensorboard' extra."""
+    return pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator
+
+
 def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -66,7 +71,6 @@ def _validator(data, *extra):
 
 
 def test_validation_rows_best_checkpoint_log_line_and_tensorboard(data, tmp_path, caplog):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from ekd.cli import main
 
@@ -101,7 +105,7 @@ def test_validation_rows_best_checkpoint_log_line_and_tensorboard(data, tmp_path
     assert next(iter(evaluated.values()))["sets"]["lfw"]["accuracy"] == pytest.approx(best_value, abs=1e-9)
     assert result.model_path.is_file()
 
-    acc = EventAccumulator(str(run / "tensorboard"))
+    acc = _event_accumulator()(str(run / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/ce", "train/loss", "train/lr", "train/images_per_s", "epoch/loss",
@@ -146,7 +150,7 @@ def test_resume_keeps_the_best_so_far(data, tmp_path, monkeypatch):
     assert _digest(run / "checkpoints" / "best.pt") == saved
     final = load_file(run / "checkpoints" / "last.pt")["state"]
     assert (final["best_value"], final["best_step"], final["epoch"]) == (first["best_value"], 3, 2)
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    EventAccumulator = _event_accumulator()
 
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()  # the killed run's events up to its checkpoint, then the resumed run's
@@ -162,7 +166,7 @@ def test_resume_keeps_the_best_so_far(data, tmp_path, monkeypatch):
 
 
 def test_resumed_run_replaces_the_killed_runs_later_tensorboard_events(data, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    EventAccumulator = _event_accumulator()
 
     run = tmp_path / "run"
     trainer = Trainer(load_config(None, _overrides(data, run)))

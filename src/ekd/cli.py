@@ -8,6 +8,7 @@ import argparse
 import logging
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from ekd.errors import ConfigError, EkdError, user_message
@@ -91,7 +92,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             results[label] = evaluate_checkpoint(model, sets, backbone=args.backbone,
                                                  max_per_identity=args.max_per_identity,
                                                  batch_size=args.batch_size, device=args.device,
-                                                 progress=info.is_main)
+                                                 progress=info.is_main,
+                                                 label=label if args.label else None)
         if info.is_main:
             print(write_report(results, out, plots=args.plots))
     finally:
@@ -210,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate models on verification sets (LFW, CFP, IJB)")
     p.add_argument("--model", action="append", required=True,
-                   help="ekd checkpoint or arcface_torch backbone.pth (repeatable)")
+                   help="ekd checkpoint, arcface_torch backbone.pth or .onnx (fp32, fp16 or INT8; "
+                        "run with onnxruntime on the CPU) (repeatable)")
     _add_set_arguments(p)
     p.add_argument("--label", action="append", help="display name per --model (repeatable)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -286,17 +289,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """A warning as one readable line (``warning: ...``), without the source line that raised
+    it (``ekd -v`` keeps Python's format, with file and line)."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+    if not args.verbose:
+        warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except EkdError as exc:
-        print(f"ekd {args.command}: error: {user_message(exc)}", file=sys.stderr)
+        print(f"ekd {command}: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"ekd {args.command}: interrupted", file=sys.stderr)
+        print(f"ekd {command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -23,14 +23,14 @@ from ekd.errors import ConfigError
 class SyntheticConfig:
     """The built-in procedural face dataset (see :mod:`ekd.data.synthetic`)."""
 
-    train_identities: int = 200
-    train_images: int = 16
-    eval_identities: int = 60
-    eval_images: int = 10
-    num_pairs: int = 2000
-    image_size: int = 56
-    seed: int = 0
-    cache_dir: str = "outputs/synthetic"
+    train_identities: int = 200  # identities of the training folder
+    train_images: int = 16  # images per training identity
+    eval_identities: int = 60  # evaluation identities, disjoint from the training ones
+    eval_images: int = 10  # images per evaluation identity
+    num_pairs: int = 2000  # pairs in the evaluation pair list (half genuine)
+    image_size: int = 56  # side of the rendered faces, pixels
+    seed: int = 0  # the faces drawn (the same seed renders the same faces)
+    cache_dir: str = "outputs/synthetic"  # folder the generated images are kept in and reused from
 
 
 @dataclass
@@ -39,10 +39,10 @@ class DataConfig:
     (``root/<identity>/<image>``), an InsightFace ``.rec`` (``root`` = the file, its prefix or
     a folder holding ``train.rec``) or the synthetic set."""
 
-    kind: str = "synthetic"  # "folder" | "rec" | "synthetic"
-    root: str | None = None
-    input_size: int = 112
-    num_workers: int = 0
+    kind: str = "synthetic"  # what root holds: "folder" | "rec" | "synthetic" (built-in faces)
+    root: str | None = None  # identity folder, or .rec file / prefix / folder holding train.rec
+    input_size: int = 112  # side of the square aligned crops fed to the models (resized to it)
+    num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
     # An unreadable image: "skip" (replaced by a readable one, counted, warned) or "error".
     on_corrupt: str = "skip"
     # A .rec cut short (a record or index offset past its end) is an error; true trains on the
@@ -51,7 +51,7 @@ class DataConfig:
     # Decode every image once into one uint8 tensor on the training device and build batches
     # there (no DataLoader); refused when N*3*S*S bytes exceed preload_max_gb (10**9 bytes).
     preload: bool = False
-    preload_max_gb: float = 4.0
+    preload_max_gb: float = 4.0  # largest preloaded set, in 10**9 bytes (see preload)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -59,25 +59,29 @@ class DataConfig:
 class SamplerConfig:
     """Each batch = ``random_size`` random samples + P identities x K samples (EKD, Sec. 3.3)."""
 
-    random_size: int = 64
-    identities_per_batch: int = 16
-    samples_per_identity: int = 4
+    random_size: int = 64  # samples drawn at random (the margin softmax's part of the batch)
+    identities_per_batch: int = 16  # P: identities of the balanced part (positive pairs for EKD)
+    samples_per_identity: int = 4  # K: samples of each of those identities
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "mobilefacenet"
-    embedding_size: int = 512
-    dropout: float = 0.0
+    """The student network (or the teacher, when training one)."""
+
+    backbone: str = "mobilefacenet"  # architecture: mobilefacenet, mbf, iresnet18/34/50/100
+    embedding_size: int = 512  # dimension of the face embedding
+    dropout: float = 0.0  # dropout probability before the embedding layer
     # Channel multiplier of the MobileFaceNet family (0.5: half-width student); 1.0 otherwise.
     width: float = 1.0
 
 
 @dataclass
 class HeadConfig:
-    kind: str = "arcface"  # "arcface" | "cosface"
-    scale: float = 64.0
-    margin: float = 0.5
+    """The margin softmax on top of the embedding."""
+
+    kind: str = "arcface"  # margin of the softmax: "arcface" (angular) | "cosface" (cosine)
+    scale: float = 64.0  # s: the cosine logits' scale
+    margin: float = 0.5  # m: the margin (ArcFace 0.5 rad, CosFace 0.35 typical)
     # Partial FC: fraction of negative class centres sampled per step (1.0 = full softmax);
     # below 1.0, or with several processes, the centres are sharded across ranks.
     sample_rate: float = 1.0
@@ -93,12 +97,12 @@ class TeacherConfig:
     path: str | None = None
     # Architecture, needed for checkpoints that do not store it (arcface_torch backbone.pth).
     backbone: str | None = None
-    embedding_size: int | None = None
+    embedding_size: int | None = None  # embedding size of such a checkpoint (null: read from it)
     # ONNX teachers: what the model expects from an aligned RGB face with pixels in [0, 255].
     onnx_color: str = "RGB"  # "RGB" | "BGR"
     onnx_layout: str = "NCHW"  # "NCHW" | "NHWC"
-    onnx_mean: float = 127.5
-    onnx_std: float = 127.5
+    onnx_mean: float = 127.5  # ONNX teachers: input = (pixel - onnx_mean) / onnx_std
+    onnx_std: float = 127.5  # ONNX teachers: see onnx_mean
     # cache: the teacher file the cache must have been made from (checked when given).
     cache_teacher: str | None = None
     # Class centres for distillers that need the teacher's classifier: the checkpoint's margin
@@ -111,25 +115,27 @@ class TeacherConfig:
 class DistillerConfig:
     """One distiller of the registry, its overall weight and its own parameters."""
 
-    name: str = "ekd"
-    # A number, or "auto": the weight that gives the distiller's terms ``target_share`` of the
-    # margin softmax's gradient into the embedding, measured over the first
-    # ``train.auto_weight_steps`` steps, then fixed and logged (ekd.engine.auto_weight).
+    name: str = "ekd"  # a registered distiller (docs/methods.md): ekd, kd, rkd, gkd, ...
+    # multiplies the distiller's loss in the total loss; "auto": the weight that gives its terms
+    # target_share of the margin softmax's gradient into the embedding, measured over the first
+    # train.auto_weight_steps steps, then fixed and logged (docs/methods.md, ekd.engine.auto_weight)
     weight: float | str = 1.0
-    params: dict = field(default_factory=dict)
-    # With weight "auto": the target share (null = ekd.engine.auto_weight.DEFAULT_TARGET_SHARE).
+    params: dict = field(default_factory=dict)  # the distiller's own options (docs/methods.md)
+    # with weight "auto": the target share (null = ekd.engine.auto_weight.DEFAULT_TARGET_SHARE)
     target_share: float | None = None
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    """SGD with momentum and a learning-rate schedule over the steps of the run."""
+
+    lr: float = 0.1  # peak learning rate
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # L2 weight decay
     scheduler: str = "cosine"  # "cosine" | "step"
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 0.0  # linear warm-up from 0 to lr over this many epochs
     milestones: list = field(default_factory=list)  # epochs, for the step scheduler
-    gamma: float = 0.1
+    gamma: float = 0.1  # step scheduler: lr factor at each milestone
     # Clip the L2 norm of all gradients to this value (null = off; AdaDistill's recipe: 5).
     clip_grad_norm: float | None = None
 
@@ -139,11 +145,11 @@ class GuardConfig:
     """Divergence guard (:mod:`ekd.engine.guard`): stop a diverged or collapsed run, keep the
     last good checkpoint. A rule is off when its setting is null."""
 
-    enabled: bool = True
+    enabled: bool = True  # false switches every rule off
     # loss rule: the logged loss above loss_factor x its running minimum for loss_windows
     # logging windows (train.log_every steps each) in a row, after warm-up
     loss_factor: float | None = 1.2
-    loss_windows: int = 10
+    loss_windows: int = 10  # logging windows in a row above the limit before the loss rule stops
     # chance rule: a validation set's acc or auc at most 0.5 + chance_within after warm-up
     chance_within: float | None = 0.05
     # neither rule fires up to this many epochs (a short run may end near chance)
@@ -152,16 +158,18 @@ class GuardConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    """The training run: length, device, where it writes, logging, checkpoints."""
+
+    epochs: int = 10  # passes over the training set
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    seed: int = 0
-    output_dir: str = "runs/default"
+    seed: int = 0  # seeds weights, sampling and augmentation (a run is reproducible)
+    output_dir: str = "runs/default"  # run folder: config, metrics.jsonl, checkpoints, model.pt
     # The margin cross-entropy sees the random part of the batch ("random", the authors' split)
     # or the whole batch ("all").
     ce_on: str = "random"
-    log_every: int = 10
-    progress: bool = True
-    max_steps_per_epoch: int | None = None
+    log_every: int = 10  # steps between rows of metrics.jsonl
+    progress: bool = True  # a progress bar per epoch (off: a log line every 30 s instead)
+    max_steps_per_epoch: int | None = None  # cut each epoch short (smoke runs); null: whole epoch
     # Mixed precision on GPU ("bf16" or "fp16" with a grad scaler); ignored on CPU.
     amp: str = "none"  # "none" | "bf16" | "fp16"
     # Student weights and input batches in NHWC (channels_last) memory format, on CPU and GPU:
@@ -194,10 +202,10 @@ class EvalConfig:
     """Verification sets evaluated after training (a generic pair list and/or all pairs)."""
 
     pairs: str | None = None  # "path1 path2 label" list
-    pairs_root: str | None = None
+    pairs_root: str | None = None  # folder the pair list's relative paths start from
     folder: str | None = None  # all pairs over an identity folder
-    max_per_identity: int | None = 10
-    batch_size: int = 128
+    max_per_identity: int | None = 10  # folder: first N images of each identity
+    batch_size: int = 128  # images embedded at once
 
 
 @dataclass
@@ -206,10 +214,10 @@ class ValConfig:
     epoch end; metrics ``<set>/<acc|auc|tpr@F>``; ``keep_best`` names one of them for best.pt."""
 
     sets: list = field(default_factory=list)  # paths or ValSetConfig mappings
-    every_steps: int | None = None
+    every_steps: int | None = None  # also validate every N steps (null: at epoch ends only)
     keep_best: str | None = None  # e.g. "lfw/tpr@1e-4", "cfp_fp/acc"
-    fprs: list[float] = field(default_factory=lambda: [1e-3, 1e-4])
-    batch_size: int = 128
+    fprs: list[float] = field(default_factory=lambda: [1e-3, 1e-4])  # FPRs of the tpr@F metrics
+    batch_size: int = 128  # images embedded at once
     max_per_identity: int | None = 10  # folder sets: first N images of each identity
     # Images whose size differs from data.input_size: an error, or resized bilinearly (true).
     resize: bool = False

@@ -102,7 +102,7 @@ def to_dict(cfg: Any) -> dict:
 class ValSetConfig:
     """One validation set; ``val.sets`` entries are these mappings or a bare path string."""
 
-    path: str = ""
+    path: str = ""  # InsightFace .bin, pair list ("path1 path2 label"), or identity folder
     name: str | None = None  # metric prefix; default: the file or folder name without suffix
     kind: str | None = None  # "bin" | "pairs" | "folder"; default: .bin file, folder, else pair list
     root: str | None = None  # pairs: folder of the list's relative paths (default: the list's)

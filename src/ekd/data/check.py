@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ekd.data.folder import IMAGE_EXTENSIONS
 from ekd.data.transforms import load_image
 from ekd.errors import DataError
@@ -89,8 +91,10 @@ def _sha256(path: Path) -> str:
 
 
 def check_folder(root: str | os.PathLike[str], decode: bool = True,
-                 extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> FolderReport:
-    """Scan ``root/<identity>/<image>``; ``decode=False`` only hashes (faster, no decode check)."""
+                 extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+                 progress: bool = False) -> FolderReport:
+    """Scan ``root/<identity>/<image>``; ``decode=False`` only hashes (faster, no decode check);
+    ``progress``: a bar over the identity folders."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder {'is not a folder' if root.exists() else 'not found'}: {root}")
@@ -105,7 +109,7 @@ def check_folder(root: str | os.PathLike[str], decode: bool = True,
     if not folders:
         raise DataError(f"dataset folder {root} has no identity sub-folders")
     by_hash: dict[str, list[tuple[str, str]]] = {}
-    for name in folders:
+    for name in tqdm(folders, desc=f"checking {root.name}", unit="id", disable=not progress):
         try:
             files = sorted(e.name for e in os.scandir(root / name)
                            if e.is_file() and not e.name.startswith("."))

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ekd.data.check import check_folder
 from ekd.data.folder import ImageFolderDataset
@@ -25,16 +26,17 @@ __all__ = ["pack_folder", "property_path", "unpack_rec"]
 
 
 def pack_folder(folder: str | os.PathLike[str], out: str | os.PathLike[str],
-                on_corrupt: str = "error") -> dict:
+                on_corrupt: str = "error", progress: bool = False) -> dict:
     """Write ``out.rec/.idx`` and :func:`property_path` from ``folder/<identity>/<image>``
     (InsightFace layout: header record 0, images ``1..N`` with scalar labels, then one
     ``[start, end)`` record per identity). Image files are stored byte for byte (no
     re-encoding). The folder is first checked as ``ekd data check`` does: an unreadable image
     is an error naming it (``on_corrupt="error"``) or left out (``"skip"``, listed in the
-    summary); the other findings are listed in the summary as ``warnings``.
+    summary); the other findings are listed in the summary as ``warnings``. ``progress``: a bar
+    over the images.
     """
     check_on_corrupt(on_corrupt)
-    report = check_folder(folder)
+    report = check_folder(folder, progress=progress)
     unreadable = {str(Path(folder) / rel) for rel, _ in report.unreadable}
     if unreadable and on_corrupt == "error":
         rel, reason = report.unreadable[0]
@@ -50,6 +52,7 @@ def pack_folder(folder: str | os.PathLike[str], out: str | os.PathLike[str],
     ranges: list[list[int]] = [[0, 0] for _ in range(c)]
     with RecordIOWriter(rec) as w:
         w.write(0, pack(IRHeader(2, np.array([n + 1, n + 1 + c], np.float32)), b""))
+        samples = tqdm(samples, desc=f"packing {rec.name}", unit="img", disable=not progress)
         for key, (path, label) in enumerate(samples, start=1):
             data = Path(path).read_bytes()
             if key == 1:
@@ -80,7 +83,7 @@ def _extension(data: bytes) -> str | None:
 
 
 def unpack_rec(rec: str | os.PathLike[str], out: str | os.PathLike[str],
-               on_corrupt: str = "skip") -> dict:
+               on_corrupt: str = "skip", progress: bool = False) -> dict:
     """Write every image record of ``rec`` as ``out/<label>/<key>.jpg|.png``.
 
     Folder and file names are zero-padded numbers, so that :class:`ImageFolderDataset` (sorted
@@ -88,6 +91,7 @@ def unpack_rec(rec: str | os.PathLike[str], out: str | os.PathLike[str],
     stored; other encodings are decoded and written as PNG (lossless). Labels keep their values:
     a ``.rec`` with unused labels repacks with contiguous ones. Unreadable records are left out
     with a warning (``on_corrupt="skip"``) or raise (``"error"``); ``out`` must not hold images.
+    ``progress``: a bar over the records.
     """
     ds = RecordDataset(rec, on_corrupt=on_corrupt)
     out = Path(out)
@@ -96,7 +100,9 @@ def unpack_rec(rec: str | os.PathLike[str], out: str | os.PathLike[str],
     lw = len(str(int(ds.labels.max())))
     kw = len(str(int(ds.image_keys.max())))
     written, reencoded, skipped = 0, 0, len(ds.dropped)
-    for key, label in zip(ds.image_keys.tolist(), ds.labels.tolist()):
+    records = tqdm(zip(ds.image_keys.tolist(), ds.labels.tolist()), total=len(ds.image_keys),
+                   desc=f"unpacking {ds.reader.path.name}", unit="img", disable=not progress)
+    for key, label in records:
         label = int(ds.label_map[label]) if ds.label_map is not None else label
         where = f"{ds.reader.path} record {key} (byte offset {ds.reader.offset(key)})"
         try:

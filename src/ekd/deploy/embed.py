@@ -25,7 +25,7 @@ from ekd.data.transforms import load_image, to_tensor
 from ekd.errors import CheckpointError, ConfigError, DataError
 from ekd.eval.metrics import l2_normalize
 
-__all__ = ["EmbeddingModel", "OnnxEmbeddingModel", "TorchEmbeddingModel", "collect_images",
+__all__ = ["EmbeddingModel", "OnnxBackbone", "OnnxEmbeddingModel", "TorchEmbeddingModel", "collect_images",
            "load_embedding_model", "preprocess", "read_threshold", "save_embeddings"]
 
 _DEFAULT_MEAN = (0.5, 0.5, 0.5)
@@ -238,6 +238,32 @@ class OnnxEmbeddingModel(EmbeddingModel):
         return np.asarray(out, dtype=np.float32)
 
 
+class OnnxBackbone(torch.nn.Module):
+    """An ONNX model (fp32, fp16 or INT8) as a module on ekd's normalised RGB batches, so that
+    ``ekd eval`` runs it exactly as it runs a checkpoint; inputs are converted to what its
+    metadata asks for and run on the CPU with onnxruntime."""
+
+    def __init__(self, model: OnnxEmbeddingModel) -> None:
+        super().__init__()
+        self.onnx = model
+        meta = model.metadata
+        self.parameter_count = int(meta["parameters"]) if "parameters" in meta else 0
+        self.native = (tuple(model.mean) == _DEFAULT_MEAN and tuple(model.std) == _DEFAULT_MEAN
+                       and model.color_order == "RGB")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw embeddings ``[B, D]`` of a batch normalised as ``(x / 255 - 0.5) / 0.5``."""
+        batch = x.detach().float().cpu().numpy()
+        if not self.native:
+            pixels = batch * 127.5 + 127.5
+            if self.onnx.color_order == "BGR":
+                pixels = pixels[:, ::-1]
+            mean = np.asarray(self.onnx.mean, dtype=np.float32).reshape(1, 3, 1, 1) * 255.0
+            std = np.asarray(self.onnx.std, dtype=np.float32).reshape(1, 3, 1, 1) * 255.0
+            batch = ((pixels - mean) / std).astype(np.float32)
+        return torch.from_numpy(self.onnx.forward(np.ascontiguousarray(batch)))
+
+
 def load_embedding_model(path: str | Path, backbone: str | None = None,
                          device: str | torch.device = "cpu") -> EmbeddingModel:
     """An :class:`OnnxEmbeddingModel` for ``*.onnx`` files, else a :class:`TorchEmbeddingModel`."""
@@ -298,6 +324,14 @@ def fpr_key(fpr: float | str) -> str:
     return f"{value:.0e}".replace("e-0", "e-")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def read_threshold(metrics: str | Path, fpr: float | str, set_name: str | None = None,
                    label: str | None = None) -> tuple[float, dict]:
     """The cosine threshold at ``fpr`` stored by ``ekd eval --out RUN`` in ``RUN/metrics.json``.
@@ -345,16 +379,21 @@ def read_threshold(metrics: str | Path, fpr: float | str, set_name: str | None =
         raise ConfigError(f"{path}: set {set_name!r} has no threshold at FPR {key}; "
                           f"available: {', '.join(table)}")
     value = table[key]
+    usable = [k for k, v in table.items() if _is_number(k) and float(k) > float(key)
+              and v is not None and math.isfinite(float(v))]
+    advice = (f"use --fpr {min(usable, key=float)} (the next larger FPR stored)" if usable else
+              f"no larger FPR has a usable stored threshold (ekd eval stores "
+              f"{', '.join(table)})")
     if value is None:
         raise ConfigError(f"{path}: set {set_name!r} has too few different-identity pairs to set a "
                           f"threshold at FPR {key} (it needs at least "
-                          f"{math.ceil(1 / float(key))}); "
-                          "use a larger FPR or evaluate on a bigger set")
+                          f"{math.ceil(1 / float(key))}): {advice}; or evaluate on a bigger set, "
+                          "or give --threshold")
     value = float(value)
     if math.isinf(value):
         raise ConfigError(f"{path}: set {set_name!r}: no threshold reaches FPR {key} (a "
-                          "different-identity pair scores as high as the best genuine pair); "
-                          "use a larger FPR")
+                          "different-identity pair scores as high as the best genuine pair): "
+                          f"{advice}; or give --threshold")
     info = {"label": label, "set": set_name, "fpr": key, "backbone": run.get("backbone"),
             "file": str(path)}
     return value, info

@@ -27,6 +27,8 @@ from torch import nn
 import ekd
 from ekd.engine.checkpoint import write_atomic
 from ekd.errors import CheckpointError, ConfigError, EkdError
+from ekd.models import count_parameters
+from ekd.models.complexity import count_macs
 
 __all__ = ["OPSET", "ExportResult", "export_checkpoint", "export_onnx", "load_checkpoint",
            "onnx_parity", "ort_session", "random_parity", "read_metadata", "require_onnx",
@@ -92,9 +94,12 @@ class _HalfPrecision(nn.Module):
 
 
 def preprocessing_metadata(backbone: str, input_size: int, embedding_size: int,
-                           precision: str = "fp32") -> dict[str, str]:
-    """The ``metadata_props`` written into every exported model (all values are strings)."""
-    return {
+                           precision: str = "fp32", parameters: int = 0,
+                           macs: int = 0) -> dict[str, str]:
+    """The ``metadata_props`` written into every exported model (all values are strings;
+    ``parameters`` and ``macs`` of the PyTorch model, for ``ekd stats``, when known)."""
+    counts = {k: str(int(v)) for k, v in (("parameters", parameters), ("macs", macs)) if v}
+    return {**counts,
         "ekd_version": ekd.__version__,
         "backbone": str(backbone),
         "embedding_size": str(int(embedding_size)),
@@ -132,11 +137,12 @@ def export_onnx(model: nn.Module, out: str | Path, *, backbone: str, input_size:
 
     The file is written atomically; returns its path.
     """
-    onnx = require_onnx()
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < OPSET:
         raise ConfigError(f"ONNX opset must be an integer >= {OPSET}, got {opset!r}")
+    onnx = require_onnx()
     out = Path(out)
     net = copy.deepcopy(model).cpu().float().eval()
+    parameters, macs = count_parameters(net), count_macs(net, input_size)[0]
     if fp16:
         net = _HalfPrecision(net).eval()
     dummy = torch.rand(2, 3, input_size, input_size) * 2 - 1
@@ -150,7 +156,8 @@ def export_onnx(model: nn.Module, out: str | Path, *, backbone: str, input_size:
     embedding_size = dims[1].dim_value if len(dims) == 2 else 0
     if embedding_size < 1:
         raise EkdError(f"{backbone}: expected an output [batch, D], got {len(dims)} dimensions")
-    meta = preprocessing_metadata(backbone, input_size, embedding_size, "fp16" if fp16 else "fp32")
+    meta = preprocessing_metadata(backbone, input_size, embedding_size, "fp16" if fp16 else "fp32",
+                                  parameters, macs)
     onnx.helper.set_model_props(proto, meta)
     proto.doc_string = (f"ekd {ekd.__version__} export of {backbone}: {INPUT_NAME} float32 "
                         f"[batch, 3, {input_size}, {input_size}] RGB, (x/255-0.5)/0.5 -> "

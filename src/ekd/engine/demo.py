@@ -146,13 +146,13 @@ def students_root(plan: DemoPlan, out: Path) -> Path:
     return data / ("train_students" if plan.students_subset else "train")
 
 
-def prepare_data(plan: DemoPlan, out: Path) -> Path:
+def prepare_data(plan: DemoPlan, out: Path, progress: bool = False) -> Path:
     """Generate the demo's data (:func:`make_synthetic_benchmark` with the teacher's identities,
     and the students' subset: a copy of the teacher's first identity folders) before any
     training, so that models trained at once find it; returns :func:`students_root`."""
     make_synthetic_benchmark(Path(out) / "data", plan.teacher_ids, plan.train_images,
                              plan.eval_identities, plan.eval_images, plan.image_size,
-                             plan.num_pairs, seed=0)
+                             plan.num_pairs, seed=0, progress=progress)
     root = students_root(plan, out)
     if plan.students_subset:
         done = root.with_suffix(".done")  # data/train_students.done: what the folder holds
@@ -189,6 +189,11 @@ def student_config(plan: DemoPlan, out: Path, method: str, seed: int, device: st
     return cfg
 
 
+def epochs(n: int) -> str:
+    """``1 epoch``, ``8 epochs``."""
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
 def run_label(student: str, seed: int) -> str:
     return f"{student} (seed {seed})"
 
@@ -212,17 +217,22 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto", jobs: int | N
     (out / "plan.json").write_text(json.dumps({"quick": quick, **asdict(plan)}, indent=1))
     start = time.perf_counter()
 
-    root = prepare_data(plan, out)
+    log.info("step 1/4: synthetic faces for %d training and %d evaluation identities in %s",
+             plan.teacher_ids, plan.eval_identities, out / "data")
+    root = prepare_data(plan, out, progress=True)
     nokd = [student_config(plan, out, "nokd", seed, device) for seed in plan.seeds]
-    log.info("training the %s (%d identities, %d epochs) and the no-KD students (%s, "
-             "%d identities, %d epochs, seeds %s), %d at a time", plan.teacher_label,
-             plan.teacher_ids, plan.teacher_epochs, plan.student_name, plan.train_identities,
-             plan.student_epochs, ", ".join(map(str, plan.seeds)), jobs)
+    log.info("step 2/4: training the %s (%d identities, %s) and the no-KD students (%s, "
+             "%d identities, %s, seeds %s), %d at a time; each run logs every epoch",
+             plan.teacher_label, plan.teacher_ids, epochs(plan.teacher_epochs), plan.student_name,
+             plan.train_identities, epochs(plan.student_epochs), ", ".join(map(str, plan.seeds)),
+             jobs)
     teacher, *nokd_runs = train_side_by_side([teacher_config(plan, out, device), *nokd], jobs)
     log.info("teacher saved to %s", teacher.model_path)
+    log.info("embedding the students' training images with the teacher once (teacher cache)")
     cache_for_data(root, plan.image_size, out / "teacher_cache",
-                   teacher=str(teacher.model_path), device=device, progress=False)
-    log.info("training the EKD students, %d at a time", jobs)
+                   teacher=str(teacher.model_path), device=device, progress=True)
+    log.info("step 3/4: training the EKD students (%s, seeds %s), %d at a time",
+             epochs(plan.student_epochs), ", ".join(map(str, plan.seeds)), jobs)
     ekd_runs = train_side_by_side([student_config(plan, out, "ekd", seed, device)
                                    for seed in plan.seeds], jobs)
     runs = {plan.teacher_label: teacher}
@@ -253,9 +263,11 @@ def evaluate_and_compare(out: Path, plan: DemoPlan, runs: dict,
     the per-run table and the EKD vs no-KD comparison."""
     sets = eval_sets(out)
     results = {}
+    log.info("step 4/4: evaluating %d models on the pair list and all pairs", len(runs))
     for label, run in runs.items():
+        log.info("evaluating %s", label)
         res = evaluate_checkpoint(run.model_path, sets, max_per_identity=plan.eval_images,
-                                  device=device, progress=False)
+                                  device=device, progress=True, label=label)
         res["train_seconds"] = run.seconds
         results[label] = res
     table = write_report(results, out)

@@ -7,7 +7,10 @@ checks, over the last half of the logged steps (the first half is warm-up):
   0, or a loss that does not depend on the student) and one below :data:`WEAK_SHARE` ("its
   weight is too small for this batch") are named, with the weight that would give it a tenth
   of the CE gradient;
-- EKD's anchors: still at their initial 0 (the EMA has not moved), collapsed onto one value
+- EKD's anchors: not warmed up (without ``bias_correction`` the thresholds' EMA, which starts at 0,
+  holds ``1 - (1 - momentum)^n`` of its target after ``n`` steps; below :data:`WARM_FRACTION` the
+  anchors say nothing yet about the thresholds, and their distance to them is not reported),
+  still at their initial 0 (the EMA has not moved), collapsed onto one value
   (the batch holds fewer than ``1/FPR`` negatives, so the deeper anchors are all its hardest
   negative), or away from the threshold the evaluation uses at that FPR on the validation set
   (by more than :data:`ANCHOR_TOL`);
@@ -36,6 +39,7 @@ FLAT_SHARE = 0.05  # share of pairs in an active band below which a term is near
 SCALE_RATIO = 2.0  # student and teacher anchor spans further apart than this factor
 CONE = 0.8  # a student anchor at the highest FPR above this: its negatives are nearly parallel
 AGAINST_SHARE = 0.3  # share of a term's squared rank error that pulls pairs the wrong way
+WARM_FRACTION = 0.95  # share of its target an EMA anchor must hold before it is judged
 _ANCHOR = re.compile(r"^(?P<d>[a-z_0-9]+)/anchor_(?P<who>student|teacher)@(?P<fpr>[0-9e.\-]+)$")
 
 
@@ -98,9 +102,43 @@ def _term_weights(cfg: dict) -> dict[str, float]:
     return out
 
 
+def _distill_params(cfg: dict) -> dict[str, dict]:
+    """Each configured distiller's ``params`` by name."""
+    return {d["name"]: d.get("params") or {} for d in cfg.get("distill") or []
+            if isinstance(d, dict) and "name" in d}
+
+
+def cold_anchors(steps: list[dict], cfg: dict) -> dict[str, tuple[float, int, float]]:
+    """``{distiller: (warm share, steps, momentum)}`` for EKD-style distillers whose threshold EMA
+    (no ``bias_correction``, starting at 0) holds less than :data:`WARM_FRACTION` of its target
+    at the last logged step: ``1 - (1 - momentum)^steps``."""
+    params, n = _distill_params(cfg), int(steps[-1].get("step") or len(steps))
+    out = {}
+    for name in _anchor_keys(steps):
+        own = params.get(name, {})
+        if own.get("bias_correction"):
+            continue
+        m = float(own.get("momentum", 0.01))
+        warm = 1.0 - (1.0 - m) ** n
+        if warm < WARM_FRACTION:
+            out[name] = (warm, n, m)
+    return out
+
+
+def _cold_note(name: str, cold: tuple[float, int, float]) -> str:
+    warm, n, m = cold
+    needed = math.ceil(math.log(1 - WARM_FRACTION) / math.log(1 - m)) if m < 1 else 1
+    return (f"{name}: the anchors are not warmed up: after {n} step(s) the thresholds' EMA "
+            f"(momentum {m:g}, starting at 0) holds 1 - (1 - {m:g})^{n} = {warm:.1%} of its target, "
+            f"so every anchor is about {warm:.0%} of the threshold it tracks and says nothing yet "
+            f"about the evaluation thresholds or the weights: train at least {needed} steps (to "
+            f"{WARM_FRACTION:.0%}), use a larger momentum, or set bias_correction: true")
+
+
 def check_gradients(steps: list[dict], cfg: dict, dx: Diagnosis) -> None:
     terms = sorted({k[len("grad/"):] for r in steps for k in r if k.startswith("grad/")})
     weights = _term_weights(cfg)
+    cold = cold_anchors(steps, cfg)
     dx.lines += ["", "Gradient into the student embedding, median over the last half of the logged steps:",
                  "| term | gradient norm | share of the CE's |", "|---|---|---|"]
     for term in terms:
@@ -119,7 +157,10 @@ def check_gradients(steps: list[dict], cfg: dict, dx: Diagnosis) -> None:
         elif share is not None and share < WEAK_SHARE:
             owner = next((n for n in weights if term == n or term.startswith(n + "_")), None)
             hint = ""
-            if owner is not None and share > 0:
+            if owner in cold:
+                hint = (f"; its anchors are not warmed up yet ({cold[owner][0]:.0%} of their "
+                        "targets), so judge its weight on a longer run")
+            elif owner is not None and share > 0:
                 hint = (f"; a distill weight of ~{weights[owner] * TARGET_SHARE / share:.3g} (now "
                         f"{weights[owner]:g}) would give it {TARGET_SHARE:.0%}")
             dx.warnings.append(f"{term} sends {_fmt_share(share)} of the CE gradient: its weight is too "
@@ -148,9 +189,12 @@ def _val_threshold(vals: list[dict], label: str, fpr: str) -> tuple[str, float] 
     return None
 
 
-def check_anchors(steps: list[dict], vals: list[dict], dx: Diagnosis) -> None:
+def check_anchors(steps: list[dict], vals: list[dict], dx: Diagnosis, cfg: dict | None = None) -> None:
     last = steps[-1]
+    cold = cold_anchors(steps, cfg or {})
     for name, sides in _anchor_keys(steps).items():
+        if name in cold:
+            dx.warnings.append(_cold_note(name, cold[name]))
         fprs = sides.get("student", [])
         negatives = last.get(f"{name}/threshold_negatives")
         dx.lines += ["", f"{name}: anchors at the last logged step (step {last.get('step')}) and the "
@@ -168,7 +212,7 @@ def check_anchors(steps: list[dict], vals: list[dict], dx: Diagnosis) -> None:
                 if abs(a) < 1e-3 and len(steps) > 1:
                     dx.warnings.append(f"{name}: the {who} anchor at FPR {fpr} is still {a:.4f}, its initial "
                                        "value: the threshold EMA has not moved (momentum too small?)")
-                elif v and abs(a - v[1]) > ANCHOR_TOL:
+                elif v and abs(a - v[1]) > ANCHOR_TOL and name not in cold:
                     dx.warnings.append(f"{name}: the {who} anchor at FPR {fpr} is {a:.3f} but the {who}'s "
                                        f"evaluation threshold on {v[0]} is {v[1]:.3f}: the soft rank steps "
                                        "where the evaluation does not")
@@ -321,7 +365,7 @@ def diagnose(run_dir: str | Path, out: str | Path | None = None, plots: bool = T
     dx = Diagnosis([f"ekd diagnose {run_dir}: {len(steps)} logged steps (up to step {steps[-1]['step']}), "
                     f"{len(vals)} validation rows"])
     check_gradients(steps, cfg, dx)
-    check_anchors(steps, vals, dx)
+    check_anchors(steps, vals, dx, cfg)
     check_scales(steps, cfg, dx)
     check_direction(steps, cfg, dx)
     if plots:

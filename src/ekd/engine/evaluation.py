@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ekd.engine.teacher import load_model
+from ekd.engine.teacher import LoadedModel, load_model
 from ekd.engine.build import resolve_device
 from ekd.errors import CheckpointError, ConfigError, DataError
 from ekd.eval.evaluate import (VerificationSet, bin_set, evaluate_ijb, folder_set, format_value,
@@ -74,9 +74,27 @@ def check_inputs(models: list[str], sets: dict[str, tuple]) -> None:
                 raise DataError(f"set {name!r} ({kind}){what} not found: {path}")
 
 
+def _load(path: str | Path, backbone: str | None) -> LoadedModel:
+    """A checkpoint, or an ``.onnx`` file (fp32, fp16, INT8) run with onnxruntime on the CPU."""
+    if Path(path).suffix.lower() != ".onnx":
+        return load_model(path, backbone=backbone, backbone_hint="--backbone")
+    from ekd.deploy.embed import OnnxBackbone, OnnxEmbeddingModel
+
+    onnx = OnnxEmbeddingModel(path)
+    return LoadedModel(OnnxBackbone(onnx), onnx.backbone or "onnx", onnx.embedding_size,
+                       onnx.input_size)
+
+
+def _short(path: str | Path) -> str:
+    """``run/model.pt``: a model file named with its folder (runs all save ``model.pt``)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def evaluate_checkpoint(path: str | Path, sets: dict[str, tuple],
                         backbone: str | None = None, max_per_identity: int | None = 10,
-                        batch_size: int = 128, device: str = "auto", progress: bool = True) -> dict:
+                        batch_size: int = 128, device: str = "auto", progress: bool = True,
+                        label: str | None = None) -> dict:
     """Evaluate one model file on named sets ``{name: (kind, path, root[, options])}``.
 
     ``kind`` is ``pairs`` (generic list), ``lfw`` (View-2 ``pairs.txt``, root = images folder),
@@ -84,19 +102,22 @@ def evaluate_checkpoint(path: str | Path, sets: dict[str, tuple],
     ``color``), ``cfp`` (CFP folder; options ``split`` FF/FP, ``folds`` list or None = all) or
     ``ijb`` (IJB folder with ``meta/`` and ``loose_crop/``; options ``target``, ``one_to_n``,
     ``use_norm_score``, ``use_detector_score``, ``use_flip_test``). Each set's results keep a
-    private ``_roc`` entry for :func:`write_report`'s plots.
+    private ``_roc`` entry for :func:`write_report`'s plots. ``label`` names the model on the
+    progress bars (default: its folder and file name).
     """
-    loaded = load_model(path, backbone=backbone, backbone_hint="--backbone")
+    loaded = _load(path, backbone)
     dev = resolve_device(device)
     model = loaded.model.to(dev)
-    out: dict = {"model": str(path), "backbone": loaded.backbone,
-                 "parameters": count_parameters(model), "input_size": loaded.input_size, "sets": {}}
+    params = getattr(model, "parameter_count", None) or count_parameters(model)
+    out: dict = {"model": str(path), "backbone": loaded.backbone, "parameters": params,
+                 "input_size": loaded.input_size, "sets": {}}
     for name, spec in sets.items():
         if not 3 <= len(spec) <= 4:
             raise ConfigError(f"set {name!r}: expected (kind, path, root[, options]), got {spec!r}")
         kind, target, root = spec[:3]
         opts = dict(spec[3]) if len(spec) == 4 and spec[3] else {}
-        common = dict(input_size=loaded.input_size, batch_size=batch_size, device=dev, progress=progress)
+        bar = f"embedding {label or _short(path)} on {name}" if progress else False
+        common = dict(input_size=loaded.input_size, batch_size=batch_size, device=dev, progress=bar)
         out["sets"][name] = _evaluate_set(model, kind, target, root, opts, max_per_identity, common)
     return out
 

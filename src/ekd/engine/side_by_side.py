@@ -9,10 +9,12 @@ the same thread count (tested with one).
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -21,8 +23,25 @@ from ekd.engine.trainer import TrainResult, train
 from ekd.errors import EkdError
 
 
-def _set_threads(threads: int) -> None:
+LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
+LOG_DATE = "%H:%M:%S"
+
+
+def _start_worker(threads: int, level: int) -> None:
+    """Each worker: its share of the cores, and the parent's log level, so that its runs' log
+    lines (one per epoch, validation) reach the terminal as a run in the parent's would."""
     torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATE)
+
+
+def _train_named(cfg: Config) -> TrainResult:
+    """:func:`train` with the run's folder name in front of each of its log lines (two runs'
+    lines interleave on the terminal)."""
+    name = Path(cfg.train.output_dir).name
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [{name}] %(name)s: %(message)s",
+                                               LOG_DATE))
+    return train(cfg)
 
 
 def train_side_by_side(configs: Sequence[Config], jobs: int,
@@ -39,9 +58,10 @@ def train_side_by_side(configs: Sequence[Config], jobs: int,
     jobs = min(jobs, len(configs))
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")  # no forked torch / OpenMP state
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_set_threads,
-                             initargs=(threads,)) as pool:
-        futures = [pool.submit(train, cfg) for cfg in configs]
+    level = logging.getLogger("ekd").getEffectiveLevel()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker,
+                             initargs=(threads, level)) as pool:
+        futures = [pool.submit(_train_named, cfg) for cfg in configs]
         results = []
         for cfg, future in zip(configs, futures):
             try:

@@ -62,6 +62,8 @@ from ekd.heads.partial_fc import gather_global_batch, init_rows
 from ekd.models import build_backbone
 
 log = logging.getLogger("ekd.train")
+#: Seconds between progress lines in the log when the progress bar is off.
+HEARTBEAT_S = 30.0
 
 
 @dataclass
@@ -175,6 +177,9 @@ class Trainer:
                 continue_metrics(self.run_dir / "metrics.jsonl", self.state.step)
             if self.validator is not None:
                 self.validator.restore_best(self.state, self.run_dir)
+            if self.dist.is_main:
+                log.info("resumed from %s at epoch %d/%d, step %d", resume,
+                         min(self.state.epoch + 1, tc.epochs), tc.epochs, self.state.step)
 
     def _log_dropped_data(self, when: str) -> None:
         """``data.accept_truncated``: say (at the start and the end) what the run did not see."""
@@ -332,6 +337,9 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+            log.info("training %s for %d epoch%s of %d steps on %s; run folder %s",
+                     cfg.model.backbone, cfg.train.epochs, "" if cfg.train.epochs == 1 else "s",
+                     len(self.loader), self.device, self.run_dir)
         start = time.perf_counter()
         last: dict = {}
         previous = signal.getsignal(signal.SIGINT)
@@ -362,7 +370,12 @@ class Trainer:
             log.warning("stopped at epoch %d step %d; resume with --set train.resume=auto",
                         self.state.epoch + 1, self.state.step)
         else:
-            log.info("finished %d epochs in %.1f s; model saved to %s", cfg.train.epochs, seconds, model_path)
+            log.info("finished %d epoch%s in %.1f s; model saved to %s", cfg.train.epochs,
+                     "" if cfg.train.epochs == 1 else "s", seconds, model_path)
+        if self.validator is not None and self.dist.is_main:
+            summary = self.validator.summary(self.state)
+            if summary:
+                log.info("%s", summary)
         return TrainResult(self.run_dir, model_path, seconds, last, self._stop_requested,
                            self.run_dir / "checkpoints" / "last.pt")
 
@@ -406,6 +419,8 @@ class Trainer:
         tick = t0
         bar = tqdm(self.loader, desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}", leave=False,
                    disable=not (cfg.train.progress and self.dist.is_main), dynamic_ncols=True)
+        # Without a bar (train.progress off), a log line every HEARTBEAT_S seconds.
+        heartbeat = t0 if self.dist.is_main and not cfg.train.progress else None
         for images, labels, indices in bar:
             images = images.to(self.device, non_blocking=True)
             if self.channels_last:
@@ -440,6 +455,11 @@ class Trainer:
                     checked = self.validator.validate(self, metrics)
                     t0 += checked.seconds  # not training time (img/s)
                     self._check_guard(self.guard.observe_validation(st.step, checked.values))
+                if heartbeat is not None and now - heartbeat >= HEARTBEAT_S:
+                    heartbeat = now
+                    log.info("epoch %d/%d: batch %d of %d, loss %.4f (%.0f img/s)", st.epoch + 1,
+                             cfg.train.epochs, st.batch_in_epoch, len(self.loader),
+                             terms.get("loss", float("nan")), rate)
             tick = time.perf_counter()  # logging and validation are left out of both times
             if self._stop_requested:
                 break

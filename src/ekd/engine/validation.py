@@ -120,6 +120,7 @@ class Validator:
             self.sets[vs.name] = (kind, data)
         self._check_keep_best()
         self._last = (-1, ValResult())
+        self._best_seen: dict[str, tuple[float, int]] = {}  # metric -> (best value, step)
         # Diagnostics (ekd.engine.diagnostics): thresholds at EKD's anchor FPRs, the teacher's
         # once (it is frozen) when it is a network that can embed the sets.
         self.threshold_fprs: tuple[float, ...] = ()
@@ -159,7 +160,7 @@ class Validator:
                     dist.broadcast(buf, 0)
         out: dict[str, float | None] = {}
         for name, (kind, data) in self.sets.items():
-            res = self._evaluate(data, model)
+            res = self._evaluate(data, model, f"of the student on {name}")
             if kind != "folder":
                 out[f"{name}/acc"] = res["accuracy"]
             out[f"{name}/auc"] = res["auc"]
@@ -170,14 +171,19 @@ class Validator:
             if self._teacher_thresholds is None:
                 self._teacher_thresholds = {}
                 for name, (_, data) in self.sets.items():
-                    res = self._evaluate(data, self.teacher_model)
+                    res = self._evaluate(data, self.teacher_model, f"of the teacher on {name}")
                     self._teacher_thresholds.update(_thresholds(name, "teacher_thr", res, self.threshold_fprs))
             out.update(self._teacher_thresholds)
         return out
 
-    def _evaluate(self, data: VerificationSet, model: nn.Module) -> dict:
+    def _bar(self, label: str) -> str | bool:
+        """The embedding bar's label (``train.progress`` on, first process), else no bar."""
+        return f"validation {label}" if label and self.cfg.train.progress and self.dist.is_main else False
+
+    def _evaluate(self, data: VerificationSet, model: nn.Module, label: str = "") -> dict:
         with torch.random.fork_rng(devices=[]):  # the loader's seed draw must not move training's RNG
             return data.evaluate(model, self.cfg.val.batch_size, self.device,
+                                 progress=self._bar(label),
                                  threshold_fprs=self.threshold_fprs or THRESHOLD_FPRS)
 
     def validate(self, trainer: "Trainer", metrics: "MetricsLog") -> ValResult:
@@ -201,8 +207,28 @@ class Validator:
                     f"{' (saved best.pt)' if improved else ''}" if st.best_value is not None else "")
             shown = {k: v for k, v in values.items() if "thr@" not in k}  # thresholds: metrics.jsonl only
             log.info("validation at step %d: %s (%.1f s)%s", st.step, format_values(shown), seconds, best)
+        self._remember(values, st.step)
         self._last = (st.step, ValResult(values, seconds))
         return self._last[1]
+
+    def _remember(self, values: dict, step: int) -> None:
+        for key, value in values.items():
+            if value is not None and math.isfinite(value) and "thr@" not in key and (
+                    key not in self._best_seen or value > self._best_seen[key][0]):
+                self._best_seen[key] = (float(value), step)
+
+    def summary(self, st: "TrainState") -> str | None:
+        """The end-of-run line: the ``keep_best`` metric's best value (kept across resumes), or
+        the best value of each metric of the first set over this run's validations."""
+        if self.keep_best and st.best_value is not None:
+            return (f"best validation {st.best_metric} = {st.best_value:.4f} at step "
+                    f"{st.best_step} (checkpoints/{BEST_NAME})")
+        first = next(iter(self.sets), None)
+        best = {k: v for k, v in self._best_seen.items() if k.startswith(f"{first}/")}
+        if not best:
+            return None
+        return "best validation: " + ", ".join(f"{k} {v:.4f} (step {s})"
+                                               for k, (v, s) in best.items())
 
     def _update_best(self, values: dict, st: "TrainState") -> bool:
         if not self.keep_best:

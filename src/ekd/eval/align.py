@@ -110,8 +110,8 @@ class AlignedFaceDataset(Dataset):
 
 def embed_aligned(model: torch.nn.Module, paths: Sequence[str | os.PathLike[str]],
                   landmarks: np.ndarray, input_size: int = 112, batch_size: int = 128,
-                  device: str | torch.device = "cpu", flip: bool = True, progress: bool = False,
-                  num_workers: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+                  device: str | torch.device = "cpu", flip: bool = True,
+                  progress: bool | str = False, num_workers: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """Raw (not normalised) float32 embeddings of the aligned faces and of their mirror images
     (``None`` without ``flip``), as InsightFace's IJB ``Embedding`` feeds ``[img, fliplr(img)]``.
     """
@@ -122,7 +122,8 @@ def embed_aligned(model: torch.nn.Module, paths: Sequence[str | os.PathLike[str]
     batches = loader
     if progress:
         from tqdm.auto import tqdm
-        batches = tqdm(loader, desc="aligned faces", unit="batch", leave=False)
+        label = progress if isinstance(progress, str) else "aligned faces"
+        batches = tqdm(loader, desc=label, unit="batch", leave=False)
     was_training = model.training
     model.eval()
     feats, flips = [], []

@@ -40,7 +40,7 @@ def extract_embeddings(
     images: Iterable[torch.Tensor] | Iterable[tuple | list],
     device: torch.device | str | None = None,
     flip: bool = True,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> np.ndarray:
     """Embed every image of ``images``; returns L2-normalised float32 ``[N, D]`` in order.
 
@@ -49,7 +49,8 @@ def extract_embeddings(
     ``torch.inference_mode`` with the model in eval mode, the embedding of ``x`` is
     ``model(x) + model(x.flip(-1))`` when ``flip`` (InsightFace's protocol), else ``model(x)``.
     ``device`` defaults to the device of the model's parameters. Each module's train/eval mode
-    is restored afterwards. ``progress`` shows a tqdm bar.
+    is restored afterwards. ``progress`` shows a tqdm bar (a string: the bar's label, e.g. the
+    model and set).
     """
     dev = torch.device(device) if device is not None else _default_device(model)
     modes = [(m, m.training) for m in model.modules()]
@@ -57,7 +58,8 @@ def extract_embeddings(
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(images, desc="embedding", unit="batch", leave=False)
+        label = progress if isinstance(progress, str) else "embedding"
+        batches = tqdm(images, desc=label, unit="batch", leave=False)
     outputs: list[torch.Tensor] = []
     model.eval()
     try:
@@ -86,7 +88,7 @@ def extract_embeddings(
 
 def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 128,
                   device: torch.device | str | None = None, flip: bool = True,
-                  progress: bool = False) -> np.ndarray:
+                  progress: bool | str = False) -> np.ndarray:
     """:func:`extract_embeddings` of a whole dataset, sharded over ranks when run under
     ``torchrun``: rank r embeds the r-th contiguous slice, and every rank receives all the
     embeddings, in dataset order (one ``all_gather_object``)."""

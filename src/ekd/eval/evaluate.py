@@ -11,7 +11,8 @@ Every result holds a ``"protocol"`` line naming the variant and a private ``"_ro
 (a few hundred ROC points, :func:`ekd.eval.plots.roc_points`) for plots; reports drop keys
 starting with ``_`` from ``metrics.json``.
 
-Embeddings follow InsightFace: ``f(x) + f(flip(x))``, L2-normalised.
+Embeddings follow InsightFace: ``f(x) + f(flip(x))``, L2-normalised. ``progress`` is ``True`` or
+the label of the embedding bar (``ekd eval`` names the model and the set).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def pair_metrics(e1: np.ndarray, e2: np.ndarray, issame: np.ndarray, nfolds: int
 
 
 def embed_paths(model: nn.Module, paths: list[str], input_size: int, batch_size: int = 128,
-                device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
+                device: torch.device | str = "cpu", progress: bool | str = False) -> np.ndarray:
     """Flip-summed, L2-normalised embeddings of image files, in order."""
     return embed_dataset(model, ListDataset(paths, input_size), batch_size, device, progress=progress)
 
@@ -89,7 +90,7 @@ class VerificationSet:
     tail: Callable[[np.ndarray, float, float], PairTail] | None = None
 
     def evaluate(self, model: nn.Module, batch_size: int = 128, device: torch.device | str = "cpu",
-                 progress: bool = False, threshold_fprs: tuple[float, ...] = THRESHOLD_FPRS) -> dict:
+                 progress: bool | str = False, threshold_fprs: tuple[float, ...] = THRESHOLD_FPRS) -> dict:
         emb = embed_dataset(model, self.dataset, batch_size, device, progress=progress)
         return self.score(emb, threshold_fprs)
 
@@ -160,14 +161,14 @@ def folder_set(root: str | Path, input_size: int, max_per_identity: int | None =
 
 
 def evaluate_pairs(model: nn.Module, pairs: PairList, input_size: int, batch_size: int = 128,
-                   device: torch.device | str = "cpu", progress: bool = False,
+                   device: torch.device | str = "cpu", progress: bool | str = False,
                    nfolds: int = 10) -> dict:
     """10-fold accuracy (InsightFace protocol), AUC and TPR@FPR of a pair list."""
     return pairs_set(pairs, input_size, nfolds).evaluate(model, batch_size, device, progress)
 
 
 def evaluate_bin(model: nn.Module, path: str | Path, input_size: int, batch_size: int = 128,
-                 device: torch.device | str = "cpu", progress: bool = False, nfolds: int = 10,
+                 device: torch.device | str = "cpu", progress: bool | str = False, nfolds: int = 10,
                  color: str = "rgb") -> dict:
     """An InsightFace ``.bin`` (pair ``i`` = images ``2i``, ``2i+1``), decoded in ``color`` order."""
     return bin_set(path, input_size, nfolds, color).evaluate(model, batch_size, device, progress)
@@ -175,13 +176,13 @@ def evaluate_bin(model: nn.Module, path: str | Path, input_size: int, batch_size
 
 def evaluate_folder(model: nn.Module, root: str | Path, input_size: int,
                     max_per_identity: int | None = 10, batch_size: int = 128,
-                    device: torch.device | str = "cpu", progress: bool = False) -> dict:
+                    device: torch.device | str = "cpu", progress: bool | str = False) -> dict:
     """All-pairs verification over an identity folder with a per-identity cap."""
     return folder_set(root, input_size, max_per_identity).evaluate(model, batch_size, device, progress)
 
 
 def evaluate_ijb(model: nn.Module, root: str | Path, target: str = "IJBC", input_size: int = 112,
-                 batch_size: int = 128, device: torch.device | str = "cpu", progress: bool = False,
+                 batch_size: int = 128, device: torch.device | str = "cpu", progress: bool | str = False,
                  use_norm_score: bool = True, use_detector_score: bool = True,
                  use_flip_test: bool = True, one_to_n: bool = False) -> dict:
     """IJB-B/C: align and embed ``root/loose_crop`` (raw features of each crop and of its mirror,
