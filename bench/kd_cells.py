@@ -222,7 +222,11 @@ def train_cell(cell_dir: Path) -> tuple[dict, object, float]:
     spec = json.loads((cell_dir / "cell.json").read_text())
     torch.set_num_threads(int(spec["threads"]))
     tree = json.loads(json.dumps(spec["config"]))
-    tree["train"].update({"output_dir": str(cell_dir / "run"), "resume": "auto"})
+    run = cell_dir / "run"
+    if (run / "checkpoints" / "last.pt").is_file():  # a half-trained cell resumes from its last epoch
+        tree["train"].update({"output_dir": str(run), "resume": "auto"})
+    else:  # stopped before its first epoch checkpoint: nothing to resume, start the cell again
+        tree["train"].update({"output_dir": str(run), "overwrite": True})
     cfg = from_dict(Config, tree)
     validate(cfg)
     trained, train_s = timed(cell_dir / "train_clock.json", lambda: train(cfg))

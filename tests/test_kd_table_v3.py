@@ -197,3 +197,30 @@ def test_cells_run_without_the_divergence_guard_and_it_is_outside_the_hash(tmp_p
     tree["train"]["guard"] = {"enabled": True}
     assert table.digest(tree) == table.digest(table.config_tree(cell))
     assert table.cell_name(cell) == "T2-no_kd-s0-252ce14930bc"  # the committed cpu2 cell
+
+
+def test_a_cell_stopped_before_its_first_checkpoint_starts_again(tmp_path):
+    """A cell killed before its first epoch checkpoint left a run folder with nothing to resume:
+    the next invocation starts it again instead of being refused as "another run"."""
+    import json
+
+    import kd_cells
+    from conftest import synthetic_run_tree
+
+    cell_dir = tmp_path / "cell"
+    tree = synthetic_run_tree(tmp_path, "ignored", [], max_steps_per_epoch=2)
+    cell_dir.mkdir()
+    (cell_dir / "cell.json").write_text(json.dumps({"config": tree, "threads": 1}))
+    run = cell_dir / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("stale: true\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 99.0}\n')
+    _, trained, _ = kd_cells.train_cell(cell_dir)
+    assert trained.model_path.is_file() and not trained.interrupted
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("loss") != 99.0 for r in rows)  # the stale rows went with the stale run
+    # with an epoch checkpoint the cell resumes (here: nothing left to train, no step logged twice)
+    kd_cells.train_cell(cell_dir)
+    again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in again if "lr" in r]
+    assert logged and logged == [r["step"] for r in rows if "lr" in r]
