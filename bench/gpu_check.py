@@ -427,6 +427,14 @@ class RowSpec(NamedTuple):
     cuda_only: bool
     compared: str
     tolerance: float | None = None
+    needs: tuple[str, ...] = ()  # Python packages of an optional extra the row needs
+
+
+def missing_packages(spec: RowSpec) -> list[str]:
+    """The packages ``spec`` needs that this environment lacks."""
+    import importlib.util
+
+    return [m for m in spec.needs if importlib.util.find_spec(m) is None]
 
 
 FP32 = 2e-2  # TF32 convolutions (cuDNN's default) and another summation order
@@ -444,7 +452,8 @@ ROWS: list[RowSpec] = [
             "none: negatives are drawn with the device's RNG; checks the shard and finite terms"),
     RowSpec("NCCL under torchrun", row_nccl, True, "rank 0's logged first step vs CPU fp32 (world size 1 only)", FP32),
     RowSpec("evaluation on the device", row_evaluation, False, "unit embeddings vs CPU", FP32),
-    RowSpec("ONNX export from a CUDA model", row_onnx, False, "onnxruntime vs the model (unit embeddings)", FP32),
+    RowSpec("ONNX export from a CUDA model", row_onnx, False, "onnxruntime vs the model (unit embeddings)", FP32,
+            ("onnx", "onnxruntime")),
 ]
 
 
@@ -471,6 +480,8 @@ def run_rows(ctx: Context, log: Callable[[str], None],
         row = Row(spec.name, note=spec.compared)
         if spec.cuda_only and not ctx.cuda:
             row.status = SKIPPED_NO_CUDA
+        elif missing_packages(spec):
+            row.status = f"skipped: {', '.join(missing_packages(spec))} not installed (pip install 'ekd[onnx]')"
         elif spec.name != ROWS[0].name and ctx.reference_model is None:
             row.status, row.error = "fail", "the CPU fp32 reference row failed; nothing to compare with"
         else:
