@@ -51,11 +51,15 @@ def _mean(s: dict, m: str = KEY) -> str:
     return f"{s['mean'][m]:.4f}" + ("" if sd is None else f" ± {sd:.4f}")
 
 
+WITHIN_NOISE = "within noise"  # a difference not on one side for every seed
+
+
 def _real(sig: dict, method: str, ref: str = "no KD") -> str:
-    """``"better"`` / ``"worse"`` / ``"not real"`` at TPR@1e-4 against ``ref`` (index 1 = 1e-4)."""
+    """``"better"`` / ``"worse"`` / ``"within noise"`` at TPR@1e-4 against ``ref`` (index 1 = 1e-4): the
+    verdict words of ``ekd compare``."""
     marks = sig.get(method, {}).get("real", {}).get(ref, [])
     mark = marks[1] if len(marks) > 1 else ""
-    return {"+": "better", "-": "worse"}.get(mark, "not real")
+    return {"+": "better", "-": "worse"}.get(mark, WITHIN_NOISE)
 
 
 def student_summary(label: str, summary: dict, teacher: dict, sig: dict) -> list[str]:
@@ -83,7 +87,7 @@ def student_summary(label: str, summary: dict, teacher: dict, sig: dict) -> list
         ms = [m for m in others if _real(sig, m) == kind]
         if ms:
             words.append(f"Really {kind} than no KD at TPR@1e-4 (every seed's interval): {', '.join(ms)}.")
-    if others and not any(_real(sig, m) != "not real" for m in others):
+    if others and not any(_real(sig, m) != WITHIN_NOISE for m in others):
         words.append("No difference to no KD at TPR@1e-4 is real (every seed's interval contains 0).")
     acc = max(summary, key=lambda m: summary[m]["mean"]["lfw_acc"])
     if not others:
