@@ -123,3 +123,62 @@ def test_round_trip_through_arrays_and_clear_errors(tmp_path) -> None:
         PairTail.from_all_pairs(scores[:-1], same[:-1], labels)
     with pytest.raises(DataError, match="genuine"):
         PairTail.from_all_pairs(scores, ~same, labels)
+
+
+# -- accuracy and AUC of a pair list (ekd compare) ------------------------------------------------
+def _pair_list(seed: int, n: int = 500, identities: int = 50):
+    from ekd.eval.bootstrap import PairScores
+
+    rng = np.random.default_rng(seed)
+    id1 = rng.integers(0, identities, n)
+    same = rng.random(n) < 0.5
+    id2 = np.where(same, id1, (id1 + rng.integers(1, identities, n)) % identities)
+    e1 = rng.standard_normal((n, 8))
+    e2 = np.where(same[:, None], e1 + 0.9 * rng.standard_normal((n, 8)), rng.standard_normal((n, 8)))
+    e1, e2 = ((e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32) for e in (e1, e2))
+    e2[:20] = e1[:20]  # exact ties at distance 0 / score 1
+    pairs = PairScores(np.sum(e1 * e2, axis=1), np.sum(np.square(np.subtract(e1, e2)), axis=1),
+                       same, id1, id2)
+    return pairs, e1, e2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unit_weights_reproduce_the_protocol_accuracy_and_auc_exactly(seed: int) -> None:
+    from ekd.eval.bootstrap import weighted_auc, weighted_fold_accuracy
+    from ekd.eval.metrics import roc_auc, verification_accuracy
+
+    pairs, e1, e2 = _pair_list(seed)
+    ones = np.ones((1, pairs.same.size))
+    assert weighted_fold_accuracy(pairs.distances, pairs.same, ones)[0] == \
+        verification_accuracy(e1, e2, pairs.same)["accuracy"]
+    assert weighted_auc(pairs.scores, pairs.same, ones)[0] == roc_auc(pairs.scores, pairs.same)
+
+
+def test_weighted_auc_equals_the_auc_of_the_repeated_pairs() -> None:
+    from ekd.eval.bootstrap import pair_weights, weighted_auc
+    from ekd.eval.metrics import roc_auc
+
+    pairs, _, _ = _pair_list(3)
+    counts = identity_counts(pairs.num_identities, 4, seed=7)
+    weights = pair_weights(counts, pairs.id1, pairs.id2, pairs.same)
+    got = weighted_auc(pairs.scores, pairs.same, weights)
+    for r in range(4):
+        times = weights[r].astype(np.int64)
+        expected = roc_auc(np.repeat(pairs.scores, times), np.repeat(pairs.same, times))
+        assert got[r] == pytest.approx(expected, abs=1e-12)
+
+
+def test_pair_metrics_of_identical_models_have_zero_difference_and_a_better_model_wins() -> None:
+    from dataclasses import replace
+
+    from ekd.eval.bootstrap import bootstrap_pair_metrics
+
+    pairs, _, _ = _pair_list(4)
+    same_draws = [bootstrap_pair_metrics(pairs, 200, seed=3) for _ in range(2)]
+    assert all(np.array_equal(same_draws[0][m], same_draws[1][m]) for m in ("accuracy", "auc"))
+    better = replace(pairs, scores=np.where(pairs.same, 1.0, pairs.scores - 0.5),
+                     distances=np.where(pairs.same, 0.0, pairs.distances + 1.0))
+    drawn = bootstrap_pair_metrics(better, 200, seed=3)
+    for metric in ("accuracy", "auc"):
+        low, high = interval(drawn[metric] - same_draws[0][metric])
+        assert low > 0, metric

@@ -137,3 +137,39 @@ def test_compare_needs_two_models_and_known_sets(setup, capsys):
     assert main(["compare", str(setup / "a.pt"), str(setup / "missing.pt"), "--folder",
                  str(setup / "faces")]) == 2
     assert "missing.pt" in capsys.readouterr().err
+
+
+def _pair_file(setup) -> Path:
+    """A pair list over the identity folder: for each identity two genuine pairs and two
+    impostor pairs with the next identities."""
+    names = sorted(p.name for p in (setup / "faces").iterdir() if p.is_dir())
+    lines = []
+    for k, name in enumerate(names):
+        images = sorted((setup / "faces" / name).iterdir())
+        lines += [f"{images[0]} {images[1]} 1", f"{images[2]} {images[3]} 1"]
+        for step in (1, 2):
+            other = sorted((setup / "faces" / names[(k + step) % len(names)]).iterdir())
+            lines.append(f"{images[step]} {other[0]} 0")
+    path = setup / "pairs.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_pair_list_gets_accuracy_and_auc_intervals(setup, tmp_path):
+    pairs = _pair_file(setup)
+    assert main(["compare", str(setup / "a.pt"), str(setup / "b.pt"), "--pairs", str(pairs),
+                 "--resamples", "200", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "compare.json").read_text())["differences"][str(setup / "b.pt")]["pairs"]
+    assert {"accuracy", "auc"} <= set(rows)
+    assert all(rows[m]["verdict"] == "within noise" and rows[m]["difference"] == 0 for m in ("accuracy", "auc"))
+
+
+def test_planted_impostor_errors_lower_pair_list_accuracy_and_auc(setup, tmp_path, monkeypatch):
+    _plant_impostor_errors(monkeypatch)
+    pairs = _pair_file(setup)
+    assert main(["compare", str(setup / "a.pt"), str(setup / "b.pt"), "--pairs", str(pairs),
+                 "--label", "A", "--label", "B", "--resamples", "200", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "compare.json").read_text())["differences"]["B"]["pairs"]
+    for metric in ("accuracy", "auc"):
+        assert rows[metric]["verdict"] == "worse" and rows[metric]["high"] < 0, (metric, rows[metric])

@@ -5,7 +5,11 @@ set and gets ``ekd eval``'s metrics. For each later model and each TPR@FPR, the 
 difference to the first model is resampled over *identities* with the benchmark's bootstrap
 (:mod:`ekd.eval.bootstrap`: the same identity draws for both models, so what they share
 cancels): the 95% percentile interval gives the verdict ``better`` / ``worse`` (interval above
-/ below 0) or ``within noise``. Sets that name no identities (``.bin``) get metrics only.
+/ below 0) or ``within noise``. On a pair list (LFW View-2, CFP, a pair file whose folders name
+identities) the 10-fold accuracy and the AUC get intervals too, from the same identity draws
+(:func:`ekd.eval.bootstrap.bootstrap_pair_metrics`); on an all-pairs set (an identity folder)
+the bootstrap keeps only the impostor tail, so only TPR at FPR gets one. Sets that name no
+identities (``.bin``) get metrics only.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from ekd.engine.build import resolve_device
 from ekd.engine.evaluation import KINDS, _public, markdown_table, save_report, verification_set
 from ekd.engine.teacher import load_model
 from ekd.errors import ConfigError, DataError
-from ekd.eval.bootstrap import interval, paired_difference, verdict, weighted_tpr_at_fpr
+from ekd.eval.bootstrap import (bootstrap_pair_metrics, interval, paired_difference, verdict,
+                                weighted_tpr_at_fpr)
 from ekd.eval.embed import embed_dataset
 from ekd.eval.evaluate import VerificationSet, fpr_key
 from ekd.models import count_parameters
@@ -138,12 +143,24 @@ def compare_models(models: list[str], labels: list[str], sets: dict[str, tuple],
                                      tuple(fprs), resamples, seed)
             bounds = interval(samples)
             for f, d, (low, high) in zip(fprs, point, bounds):
-                rows[fpr_key(f)] = {"difference": None if np.isnan(d) else float(d),
-                                    "low": None if np.isnan(low) else float(low),
-                                    "high": None if np.isnan(high) else float(high),
-                                    "verdict": verdict(low, high)}
+                rows[fpr_key(f)] = _row(d, low, high)
+            if vset.pair_scores is not None:  # a pair list: accuracy and AUC too
+                mine, ref = (vset.pair_scores(embeddings[(label, name)]) for label in (m.label, reference.label))
+                drawn, ref_drawn = bootstrap_pair_metrics(mine, resamples, seed), bootstrap_pair_metrics(ref, resamples, seed)
+                for metric in ("accuracy", "auc"):
+                    low, high = interval(drawn[metric] - ref_drawn[metric])
+                    rows[metric] = _row(results[m.label]["sets"][name][metric]
+                                        - results[reference.label]["sets"][name][metric], low, high)
     return {"reference": reference.label, "resamples": resamples, "seed": seed,
             "fprs": list(fprs), "level": 0.95, "models": results, "differences": differences}
+
+
+def _row(difference: float, low: float, high: float) -> dict:
+    """One metric's paired difference, its interval and verdict (None where not measurable)."""
+    def value(v: float) -> float | None:
+        return None if np.isnan(v) else float(v)
+    return {"difference": value(difference), "low": value(low), "high": value(high),
+            "verdict": verdict(low, high)}
 
 
 def _fmt(v: float | None, sign: bool = False) -> str:

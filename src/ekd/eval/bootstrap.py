@@ -34,11 +34,17 @@ from typing import Sequence
 import numpy as np
 
 from ekd.errors import DataError
+from ekd.eval.metrics import kfold_bounds
 
 __all__ = [
     "PairTail",
+    "PairScores",
+    "bootstrap_pair_metrics",
     "bootstrap_tpr",
     "identity_counts",
+    "pair_weights",
+    "weighted_auc",
+    "weighted_fold_accuracy",
     "interval",
     "paired_difference",
     "verdict",
@@ -216,6 +222,107 @@ def verdict(low: float, high: float) -> str:
     if np.isnan(low) or np.isnan(high):
         return "not measurable"
     return "better" if low > 0 else "worse" if high < 0 else "within noise"
+
+
+# -- accuracy and AUC of a pair list ------------------------------------------------------------
+@dataclass
+class PairScores:
+    """One model's scores on every pair of a pair list (LFW View-2, CFP, a user's list), with
+    the pairs' identity codes: what the identity bootstrap of accuracy and AUC needs.
+
+    ``scores``: cosine similarities; ``distances``: squared L2 distances as
+    :func:`ekd.eval.metrics.verification_accuracy` computes them; ``id1``/``id2``: identity
+    codes ``0..K-1`` of both sides; ``nfolds``: the accuracy protocol's folds.
+    """
+
+    scores: np.ndarray
+    distances: np.ndarray
+    same: np.ndarray
+    id1: np.ndarray
+    id2: np.ndarray
+    nfolds: int = 10
+
+    @property
+    def num_identities(self) -> int:
+        return int(max(self.id1.max(), self.id2.max())) + 1
+
+
+def pair_weights(counts: np.ndarray, id1: np.ndarray, id2: np.ndarray, same: np.ndarray) -> np.ndarray:
+    """``[R, n]`` multiplicity of every pair in each resample (``counts``: ``[R, K]``): the
+    scheme of this module, ``c_a`` for a genuine pair of identity ``a``, ``c_a * c_b`` for an
+    impostor pair."""
+    c = np.atleast_2d(np.asarray(counts)).astype(np.float64)
+    return np.where(np.asarray(same, dtype=bool)[None, :], c[:, id1], c[:, id1] * c[:, id2])
+
+
+def weighted_auc(scores: np.ndarray, same: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``[R]`` AUC of weighted pairs: :func:`ekd.eval.metrics.roc_auc`'s Mann-Whitney statistic
+    ``P(pos > neg) + P(pos == neg) / 2`` with every pair counted ``weights[r]`` times (equal to it
+    for unit weights). NaN where a resample has no genuine or no impostor weight."""
+    s, y = np.asarray(scores, dtype=np.float64).reshape(-1), np.asarray(same, dtype=bool).reshape(-1)
+    w = np.atleast_2d(weights)
+    order = np.argsort(s[~y], kind="stable")
+    neg = s[~y][order]
+    cum = np.concatenate([np.zeros((w.shape[0], 1)), np.cumsum(w[:, ~y][:, order], axis=1)], axis=1)
+    below = np.searchsorted(neg, s[y], side="left")
+    upto = np.searchsorted(neg, s[y], side="right")
+    w_pos = w[:, y]
+    wins = (w_pos * cum[:, below]).sum(1)
+    ties = (w_pos * (cum[:, upto] - cum[:, below])).sum(1)
+    total = w_pos.sum(1) * cum[:, -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, (wins + 0.5 * ties) / total, np.nan)
+
+
+def weighted_fold_accuracy(distances: np.ndarray, same: np.ndarray, weights: np.ndarray,
+                           nfolds: int = 10) -> np.ndarray:
+    """``[R]`` accuracy of weighted pairs under the protocol of
+    :func:`ekd.eval.metrics.verification_accuracy` (InsightFace's ``verification.py``): the
+    same contiguous folds and threshold grid, the threshold of most correct weight on the other
+    folds (ties: the smallest), the mean of the held-out folds' accuracies; equal to it for unit
+    weights. A fold a resample gives no weight is left out of its mean."""
+    d = np.asarray(distances, dtype=np.float64).reshape(-1)
+    y = np.asarray(same, dtype=bool).reshape(-1)
+    w = np.atleast_2d(weights)
+    thresholds = np.arange(0, 4, 0.01)
+    bounds = kfold_bounds(d.size, nfolds)
+    correct = np.empty((len(bounds), w.shape[0], thresholds.size))
+    fold_weight = np.empty((len(bounds), w.shape[0]))
+    for k, (a, b) in enumerate(bounds):
+        parts = []
+        for genuine in (True, False):
+            mask = np.flatnonzero(y[a:b] == genuine) + a
+            order = mask[np.argsort(d[mask], kind="stable")]
+            cum = np.concatenate([np.zeros((w.shape[0], 1)), np.cumsum(w[:, order], axis=1)], axis=1)
+            below = cum[:, np.searchsorted(d[order], thresholds, side="left")]  # weight with d < t
+            parts.append(below if genuine else cum[:, -1:] - below)  # TP, then TN
+        correct[k] = parts[0] + parts[1]
+        fold_weight[k] = w[:, a:b].sum(1)
+    total = correct.sum(0)
+    accs = np.full((len(bounds), w.shape[0]), np.nan)
+    rows = np.arange(w.shape[0])
+    for k in range(len(bounds)):
+        train = total - correct[k] if len(bounds) > 1 else total
+        best = np.argmax(train, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            accs[k] = np.where(fold_weight[k] > 0, correct[k][rows, best] / fold_weight[k], np.nan)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+        return np.nanmean(accs, axis=0)
+
+
+def bootstrap_pair_metrics(pairs: PairScores, resamples: int = 1000, seed: int = 0,
+                           chunk: int = 64) -> dict[str, np.ndarray]:
+    """``{"accuracy": [R], "auc": [R]}`` over identity resamples of a pair list (the draws of
+    :func:`bootstrap_tpr` for the same ``seed`` and identity count, so two models -- and their
+    TPRs -- share them)."""
+    counts = identity_counts(pairs.num_identities, resamples, seed)
+    acc, auc = [], []
+    for i in range(0, resamples, chunk):
+        w = pair_weights(counts[i:i + chunk], pairs.id1, pairs.id2, pairs.same)
+        acc.append(weighted_fold_accuracy(pairs.distances, pairs.same, w, pairs.nfolds))
+        auc.append(weighted_auc(pairs.scores, pairs.same, w))
+    return {"accuracy": np.concatenate(acc), "auc": np.concatenate(auc)}
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from ekd.data import ImageFolderDataset, ListDataset
 from ekd.data.verification_bin import BinDataset
 from ekd.errors import DataError
-from ekd.eval.bootstrap import PairTail
+from ekd.eval.bootstrap import PairScores, PairTail
 from ekd.eval.embed import embed_dataset
 from ekd.eval.metrics import roc_auc, threshold_at_fpr, tpr_at_fpr, verification_accuracy
 from ekd.eval.plots import roc_points
@@ -88,6 +88,9 @@ class VerificationSet:
     impostors: int
     source: str
     tail: Callable[[np.ndarray, float, float], PairTail] | None = None
+    #: Every pair's scores with identity codes (a pair list naming identities): what the
+    #: identity bootstrap of accuracy and AUC needs (:func:`ekd.eval.bootstrap.bootstrap_pair_metrics`).
+    pair_scores: Callable[[np.ndarray], PairScores] | None = None
 
     def evaluate(self, model: nn.Module, batch_size: int = 128, device: torch.device | str = "cpu",
                  progress: bool | str = False, threshold_fprs: tuple[float, ...] = THRESHOLD_FPRS) -> dict:
@@ -104,10 +107,13 @@ def pairs_set(pairs: PairList, input_size: int, nfolds: int = 10, source: str = 
     ids = pair_identities(pairs)
     tail = None if ids is None else (lambda emb, max_fpr, factor: PairTail.from_pairs(
         np.sum(emb[i1] * emb[i2], axis=1), pairs.issame, ids[0], ids[1], max_fpr, factor))
+    scores = None if ids is None else (lambda emb: PairScores(
+        np.sum(emb[i1] * emb[i2], axis=1), np.sum(np.square(np.subtract(emb[i1], emb[i2])), axis=1),
+        pairs.issame, ids[0], ids[1], nfolds))
     return VerificationSet(ListDataset(unique, input_size),
                            lambda emb, thr=THRESHOLD_FPRS: pair_metrics(emb[i1], emb[i2], pairs.issame,
                                                                        nfolds, threshold_fprs=thr),
-                           int(pairs.issame.sum()), int((~pairs.issame).sum()), source, tail)
+                           int(pairs.issame.sum()), int((~pairs.issame).sum()), source, tail, scores)
 
 
 def pair_identities(pairs: PairList) -> tuple[np.ndarray, np.ndarray] | None:
