@@ -1,4 +1,4 @@
-"""Are the demo's models converged? Train the demo's teacher or students (``src/ekd/engine/demo.py``,
+"""Are the demo's models converged? Train the demo's teacher or students (``src/ekd/commands/demo.py``,
 the plan recorded in ``DEMO/plan.json``: same synthetic data, sampler, CosFace head, optimiser)
 for other epoch counts and score each on the demo's two synthetic protocols.
 
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ekd.engine import demo as D
-from ekd.engine.evaluation import evaluate_checkpoint
-from ekd.engine.side_by_side import train_side_by_side
+from ekd.commands import demo as D
+from ekd.commands.eval_report import evaluate_checkpoint
+from ekd.commands.side_by_side import train_side_by_side
 
 RESULTS = Path(__file__).resolve().parent / "results" / "demo_convergence.json"
 PLAN_KEYS = ("train_identities", "train_images", "eval_identities", "eval_images", "image_size",

@@ -2,7 +2,7 @@
 
 The demo must compare converged students against a teacher that is clearly better than them, in
 at most 10 minutes on 2 cores (the first-hour issue). Each candidate is a
-:class:`ekd.engine.demo.DemoPlan`; a run writes ``bench/results/demo_plans/<name>.json`` (the
+:class:`ekd.commands.demo.DemoPlan`; a run writes ``bench/results/demo_plans/<name>.json`` (the
 plan, wall time, jobs, load average, per-run metrics and the EKD vs no-KD comparison), so the
 choice of ``FULL`` rests on committed numbers. ``bench/demo_convergence.py --demo OUT`` then
 checks convergence on the same plan.
@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ekd.engine import demo as D
+from ekd.commands import demo as D
 
 RESULTS = Path(__file__).resolve().parent / "results" / "demo_plans"
 

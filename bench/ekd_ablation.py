@@ -158,7 +158,7 @@ class Ablation(Table):
     def prepare(self) -> None:
         """The split folders, the teacher cache of the train part, the teacher's record."""
         from ekd.data import ImageFolderDataset
-        from ekd.engine.teacher_cache import import_npz
+        from ekd.teachers.cache_builder import import_npz
 
         train_ids, val_ids = split_identities(self.faces / "train")
         for part, ids in (("train", train_ids), ("val", val_ids)):
@@ -225,8 +225,8 @@ def teacher_val_embeddings(faces: Path, val_root: Path, folder: str = "teacher_d
 def run_cell(cell_dir: Path) -> None:
     """Train one cell (resuming), score it on the validation identities, commit its JSON."""
     from ekd.data import ListDataset
-    from ekd.engine.teacher import load_model
-    from ekd.eval.embed import embed_dataset
+    from ekd.eval.flip_embed import embed_dataset
+    from ekd.models.loading import load_model
 
     spec, trained, train_s = train_cell(cell_dir)
     val_root = Path(spec["cache"]) / "ablation" / "val"

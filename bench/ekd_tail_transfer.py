@@ -79,9 +79,9 @@ def _f(f: float) -> str:
 def student_scores(cell: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """All-pairs scores of ``cell``'s student on the validation split, genuine flags, its spec."""
     from ekd.data import ListDataset
-    from ekd.engine.teacher import load_model
-    from ekd.eval.embed import embed_dataset
+    from ekd.eval.flip_embed import embed_dataset
     from ekd.eval.protocols import all_pairs_scores
+    from ekd.models.loading import load_model
 
     spec = json.loads((cell / "cell.json").read_text())
     val_root = Path(spec["cache"]) / "ablation" / "val"

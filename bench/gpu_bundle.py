@@ -117,7 +117,7 @@ def unpack_files(rec: Path, dest: Path, prefix: str = "") -> int:
 
 def sha256(file: Path) -> str:
     """SHA-256 of a file's bytes (ekd's teacher-file fingerprint)."""
-    from ekd.engine.teacher_cache import file_fingerprint
+    from ekd.teachers.cache import file_fingerprint
 
     return file_fingerprint(file)
 
@@ -147,8 +147,8 @@ def pack_bundle(faces: Path, out: Path, with_t3: bool = False) -> dict:
     summary also written to ``out/bundle.json``."""
     from ekd.data import ImageFolderDataset
     from ekd.data.rec_folder import pack_folder
-    from ekd.engine.teacher_cache import import_npz
     from ekd.errors import DataError
+    from ekd.teachers.cache_builder import import_npz
 
     faces, out = Path(faces), Path(out)
     need = ["train", "lfw/pairs.txt", "cfp/Protocol", f"{TEACHERS['T2']}/train.npz",

@@ -10,7 +10,7 @@ Rows (each independent: a failure is recorded with its error and the next row ru
   (proxylesskd, teacher centres = mean cached embedding): the sharded-centres path;
 - NCCL under ``torchrun`` (``ekd train`` in a process group of min(2, GPUs) processes; on a
   one-GPU machine a group of one);
-- evaluation on the device (:func:`ekd.eval.embed.extract_embeddings`, as the KD table's cells);
+- evaluation on the device (:func:`ekd.eval.flip_embed.extract_embeddings`, as the KD table's cells);
 - ONNX export from a CUDA model (:func:`ekd.deploy.onnx_export.export_onnx`), checked with
   onnxruntime against the model.
 
@@ -150,7 +150,7 @@ def t2_cache_for(faces: Path, cache: Path) -> Path:
     """The T2 embedding cache of ``faces/train`` at ``cache/teacher_t2`` (imported from
     ``faces/teacher_dlib_r29/train.npz`` as ``kd_table.py`` does, unless already there)."""
     from ekd.data import ImageFolderDataset
-    from ekd.engine.teacher_cache import import_npz
+    from ekd.teachers.cache_builder import import_npz
 
     target = cache / "teacher_t2"
     if not (target / "manifest.json").is_file():
@@ -382,8 +382,8 @@ def row_evaluation(ctx: Context) -> dict:
     """Embeddings (with the mirror image) of the reference model on the device vs on the CPU."""
     import torch
 
-    from ekd.engine.teacher import load_model
-    from ekd.eval.embed import extract_embeddings
+    from ekd.eval.flip_embed import extract_embeddings
+    from ekd.models.loading import load_model
 
     model = load_model(ctx.reference_model).model.eval()
     images = eval_images(ctx, ctx.shapes.eval_images)
@@ -405,7 +405,7 @@ def row_evaluation(ctx: Context) -> dict:
 def row_onnx(ctx: Context) -> dict:
     """Export the reference model from the device; onnxruntime (CPU) vs the model on the device."""
     from ekd.deploy.onnx_export import export_onnx, onnx_parity
-    from ekd.engine.teacher import load_model
+    from ekd.models.loading import load_model
 
     model = load_model(ctx.reference_model).model.eval().to(ctx.device)
     out = ctx.work / "model.onnx"
@@ -527,10 +527,10 @@ def eval_seconds(ctx: Context, model_path: Path, input_size: int, counts: tuple[
     and the bootstrap (median of the committed ``cpu2`` cells, CPU-bound and size-independent)."""
     import torch
 
-    from ekd.engine.teacher import load_model
-    from ekd.eval.embed import extract_embeddings
+    from ekd.eval.flip_embed import extract_embeddings
     from ekd.eval.metrics import tpr_at_fpr
     from ekd.eval.protocols import all_pairs_scores
+    from ekd.models.loading import load_model
 
     n_images, n_all, n_ids = counts
     model = load_model(model_path).model.eval().to(ctx.device)

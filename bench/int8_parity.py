@@ -35,13 +35,13 @@ sys.path.insert(0, str(REPO / "bench"))
 from kd_cells import BOOT_RESAMPLES, BOOT_SEED, all_pairs_tail, environment, git  # noqa: E402
 from kd_table_eval import load_protocols  # noqa: E402
 
-from ekd.cli import main as ekd_main  # noqa: E402
+from ekd.commands.cli import main as ekd_main  # noqa: E402
 from ekd.data.folder import ListDataset  # noqa: E402
-from ekd.deploy.embed import OnnxBackbone, OnnxEmbeddingModel  # noqa: E402
-from ekd.deploy.stats import model_stats, onnx_stats  # noqa: E402
+from ekd.deploy.embedding_model import OnnxBackbone, OnnxEmbeddingModel  # noqa: E402
 from ekd.deploy.onnx_export import load_checkpoint  # noqa: E402
+from ekd.deploy.stats import model_stats, onnx_stats  # noqa: E402
 from ekd.eval.bootstrap import bootstrap_tpr, interval, paired_difference  # noqa: E402
-from ekd.eval.embed import embed_dataset  # noqa: E402
+from ekd.eval.flip_embed import embed_dataset  # noqa: E402
 from ekd.eval.metrics import tpr_at_fpr  # noqa: E402
 from ekd.eval.protocols import all_pairs_scores  # noqa: E402
 
@@ -90,7 +90,7 @@ def cell_file(model: str) -> str:
 
 def checkpoint_epoch(path: Path) -> str:
     """``"final model"`` for a ``model.pt``, else the epoch and step a training checkpoint holds."""
-    from ekd.engine.checkpoint import load_file
+    from ekd.utils.checkpoint_io import load_file
 
     state = load_file(path).get("state")
     if not isinstance(state, dict):

@@ -266,7 +266,7 @@ def run_cell(cell_dir: Path) -> None:
     """Train (resuming a half-done run), evaluate, bootstrap one cell; writes the committed files
     and ``result.json`` in the cache. ``train_seconds`` sums every invocation of the cell (the
     cache's ``train_clock.json`` carries the time of interrupted ones)."""
-    from ekd.engine.teacher import load_model
+    from ekd.models.loading import load_model
     from kd_table_eval import embed_student, load_eval_images, load_protocols, metrics_from_embeddings
 
     spec, trained, train_s = train_cell(cell_dir)

@@ -177,7 +177,7 @@ class Table:
         """The embedding caches and committed records of the stored-embedding teachers (T2, T3),
         the decoded evaluation images (once)."""
         from ekd.data import ImageFolderDataset
-        from ekd.engine.teacher_cache import import_npz
+        from ekd.teachers.cache_builder import import_npz
 
         self.cache.mkdir(parents=True, exist_ok=True)
         stored = [t for t in self.profile.teachers if t in TEACHER_EMBEDDINGS]

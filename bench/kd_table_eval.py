@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from ekd.data.folder import ListDataset
 from ekd.eval.cfp import read_cfp_pairs
-from ekd.eval.embed import extract_embeddings
+from ekd.eval.flip_embed import extract_embeddings
 from ekd.eval.metrics import l2_normalize, tpr_at_fpr, verification_accuracy
 from ekd.eval.protocols import PairList, all_pairs_scores, cap_per_identity, read_lfw_pairs
 

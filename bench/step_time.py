@@ -12,7 +12,7 @@ Three :class:`ekd.engine.trainer.Trainer` objects are built from configs, with t
 
 The IResNet-50 teacher has random weights (speed does not depend on them): it is saved as an ekd
 checkpoint in a temporary folder, and the cache of (b) is built from that same model with
-``ekd.engine.teacher_cache.build_cache`` (its manifest records the checkpoint's SHA-256, checked
+``ekd.teachers.cache_builder.build_cache`` (its manifest records the checkpoint's SHA-256, checked
 through ``teacher.cache_teacher``). Data: a synthetic identity folder
 (``ekd.data.generate_identity_folder``) in the same temporary folder.
 
@@ -50,12 +50,13 @@ import torch
 
 from ekd.config import load_config
 from ekd.data import generate_identity_folder
-from ekd.engine.build import resolve_device
-from ekd.engine.checkpoint import FORMAT, VERSION, save_atomic
-from ekd.engine.teacher import freeze
-from ekd.engine.teacher_cache import build_cache, file_fingerprint
 from ekd.engine.trainer import Trainer
 from ekd.models import build_backbone
+from ekd.models.loading import freeze
+from ekd.teachers.cache import file_fingerprint
+from ekd.teachers.cache_builder import build_cache
+from ekd.utils.checkpoint_io import FORMAT, VERSION, save_atomic
+from ekd.utils.device import resolve_device
 
 OUT = Path(__file__).resolve().parent / "results"
 EMB = 512  # student and teacher embedding size (the paper's setting)

@@ -1,4 +1,4 @@
-"""Rendering speed of ekd's synthetic faces (``ekd.data.synthetic.render_face``), one process.
+"""Rendering speed of ekd's synthetic faces (``ekd.data.synthetic_faces.render_face``), one process.
 
 Usage: ``python bench/synthetic_speed.py [--images 150] [--size 64]``; prints images/s (this
 used to be a report-only test; speed is measured here, not asserted in the test suite).
@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ekd.data.synthetic import render_face
+from ekd.data.synthetic_faces import render_face
 
 
 def render_rate(images: int, size: int) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LOWER = ("ekd.models", "ekd.heads", "ekd.distill", "ekd.data")
-UPPER = ("ekd.engine", "ekd.eval", "ekd.cli", "ekd.cli_data", "ekd.cli_deploy")
+UPPER = ("ekd.engine", "ekd.eval", "ekd.commands", "ekd.teachers")
 
 
 def _modules() -> dict[str, Path]:

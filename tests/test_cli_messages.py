@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from ekd import __version__
-from ekd.cli import build_parser, main
-from ekd.engine.checkpoint import FORMAT, VERSION, save_atomic
+from ekd.commands.cli import build_parser, main
 from ekd.models import build_backbone
+from ekd.utils.checkpoint_io import FORMAT, VERSION, save_atomic
 
 
 class Gadget:
@@ -199,7 +199,7 @@ def test_demo_jobs_below_one_is_refused_before_any_work(tmp_path, capsys):
 
 
 def test_demo_log_names_the_teacher(tmp_path, monkeypatch, caplog):
-    import ekd.engine.demo as demo
+    import ekd.commands.demo as demo
     from ekd.engine.trainer import TrainResult
 
     def fake_train(cfg):

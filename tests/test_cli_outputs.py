@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from ekd.cli import build_parser, main
+from ekd.commands.cli import build_parser, main
 
 FORBIDDEN = "/proc/forbidden"  # cannot be created, even by root
 
@@ -42,10 +42,10 @@ def _no_work(monkeypatch):
     def started(*args, **kwargs):
         raise AssertionError("work started before the output location was checked")
 
-    monkeypatch.setattr("ekd.engine.evaluation.evaluate_checkpoint", started)
-    monkeypatch.setattr("ekd.engine.evaluation.load_model", started)
-    monkeypatch.setattr("ekd.engine.demo.run_demo", started)
-    monkeypatch.setattr("ekd.engine.make_teacher_cache.cache_for_data", started)
+    monkeypatch.setattr("ekd.commands.eval_report.evaluate_checkpoint", started)
+    monkeypatch.setattr("ekd.commands.eval_report.load_model", started)
+    monkeypatch.setattr("ekd.commands.demo.run_demo", started)
+    monkeypatch.setattr("ekd.teachers.cache_builder.cache_for_data", started)
 
 
 def _one_line_error(capsys, command: str, needle: str) -> str:

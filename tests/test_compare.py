@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-import ekd.engine.compare as compare_module
-from ekd.cli import main
+import ekd.commands.compare as compare_module
+from ekd.commands.cli import main
 from ekd.data import generate_identity_folder
-from ekd.engine.checkpoint import FORMAT, VERSION, save_atomic
 from ekd.eval.evaluate import folder_set
 from ekd.models import build_backbone
+from ekd.utils.checkpoint_io import FORMAT, VERSION, save_atomic
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -20,7 +20,7 @@ from ekd.data import (
     to_tensor,
     write_pairs,
 )
-from ekd.data import synthetic, synthetic_benchmark
+from ekd.data import synthetic_benchmark, synthetic_faces
 from ekd.errors import DataError
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import math
 
-from ekd.cli import main
-from ekd.engine.demo_report import BETTER, NOISE, WORSE
+from ekd.commands.cli import main
+from ekd.commands.demo_report import BETTER, NOISE, WORSE
 
 RUNS = {"teacher MobileFaceNet x0.5", "student no KD (seed 0)", "student no KD (seed 1)",
         "student EKD (seed 0)", "student EKD (seed 1)"}

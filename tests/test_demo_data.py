@@ -7,7 +7,7 @@ from __future__ import annotations
 import filecmp
 from dataclasses import replace
 
-from ekd.engine import demo as D
+from ekd.commands import demo as D
 
 PLAN = replace(D.QUICK, train_identities=3, train_images=2, teacher_identities=6,
                eval_identities=3, eval_images=2, num_pairs=6, identities_per_batch=2,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ekd.engine.demo_report import (BETTER, NOISE, WORSE, compare, comparison_table,
+from ekd.commands.demo_report import (BETTER, NOISE, WORSE, compare, comparison_table,
                                     comparisons_from_results, summary)
 from ekd.errors import EkdError
 

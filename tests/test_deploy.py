@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from ekd.cli import main
+from ekd.commands.cli import main
 from ekd.data import generate_identity_folder, load_image, to_tensor
-from ekd.deploy.embed import OnnxEmbeddingModel, collect_images, read_threshold
+from ekd.deploy.embedding_model import OnnxEmbeddingModel, collect_images, read_threshold
 from ekd.deploy.onnx_export import export_checkpoint, export_onnx, onnx_parity, read_metadata
 from ekd.deploy.stats import count_macs, model_stats, stats_table
-from ekd.engine.checkpoint import FORMAT, VERSION, save_atomic
 from ekd.errors import ConfigError, DataError, EkdError
 from ekd.eval.evaluate import embed_paths
 from ekd.models import build_backbone, count_parameters
+from ekd.utils.checkpoint_io import FORMAT, VERSION, save_atomic
 
 TOL = 1e-4
 # (backbone, input size, embedding size): small inputs keep CPU time low; one 112 px export.

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import synthetic_run_tree
-from ekd.cli import main
+from ekd.commands.cli import main
+from ekd.commands.diagnostics_report import diagnose
 from ekd.config import Config, from_dict
 from ekd.distill import build_distiller
 from ekd.distill.ekd import clamped_sigmoid
-from ekd.engine.diagnose import diagnose
 from ekd.engine.diagnostics import term_gradient_norms
 from ekd.engine.distributed import DistInfo
 from ekd.engine.trainer import train

@@ -1,4 +1,4 @@
-"""Tests of ekd.eval.metrics and ekd.eval.embed."""
+"""Tests of ekd.eval.metrics and ekd.eval.flip_embed."""
 
 from __future__ import annotations
 

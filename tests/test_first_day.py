@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ekd.cli import main
+from ekd.commands.cli import main
 from ekd.config import load_config
 from ekd.data import generate_identity_folder, write_pairs
-from ekd.deploy.embed import read_threshold
+from ekd.deploy.embedding_model import read_threshold
 from ekd.engine.trainer import Trainer, train
 from ekd.errors import ConfigError
 from test_scale import _die_after_first_epoch

@@ -27,10 +27,10 @@ from ekd.config import Config, _CHOICES, from_dict, load_config, validate
 from ekd.data.record_dataset import RecordDataset
 from ekd.data.recordio import IRHeader, RecordIOReader, RecordIOWriter, pack
 from ekd.data.verification_bin import load_bin
-from ekd.engine.checkpoint import load_file
 from ekd.errors import EkdError
 from ekd.eval.cfp import read_cfp_list, read_cfp_pairs
 from ekd.eval.protocols import read_lfw_pairs, read_pair_list
+from ekd.utils.checkpoint_io import load_file
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -26,9 +26,9 @@ from ekd.config import Config, from_dict  # noqa: E402
 from ekd.data import ImageFolderDataset  # noqa: E402
 from ekd.data.kinds.registry import fingerprint_of  # noqa: E402
 from ekd.engine.build import build_train_set  # noqa: E402
-from ekd.engine.teacher_cache import TeacherCache  # noqa: E402
-from ekd.engine.teacher_kinds import build_teacher  # noqa: E402
 from ekd.errors import DataError  # noqa: E402
+from ekd.teachers import build_teacher  # noqa: E402
+from ekd.teachers.cache import TeacherCache  # noqa: E402
 
 # LFW: A has 3 images, B 2, C 1, D 12 (all-pairs keeps D's first 10; View-2 also reads D_0012)
 LFW = {"A": 3, "B": 2, "C": 1, "D": 12, "E": 4}

@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ekd.cli import main
+from ekd.commands.cli import main
 from ekd.config import load_config
 from ekd.data import generate_identity_folder
 from ekd.engine import distributed as D
-from ekd.engine.checkpoint import load_file
 from ekd.engine.guard import GuardVerdict, TrainingStopped, read_rows, replay
 from ekd.engine.trainer import Trainer
+from ekd.utils.checkpoint_io import load_file
 
 from test_scale import _free_port, torchrun_env
 

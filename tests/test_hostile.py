@@ -13,10 +13,10 @@ import torch
 
 from ekd.config import load_config
 from ekd.data.verification_bin import BinDataset, load_bin
-from ekd.engine.checkpoint import FORMAT, load_file, load_state_strict, save_atomic
-from ekd.engine.teacher import load_teacher
 from ekd.errors import CheckpointError, ConfigError, DataError
 from ekd.models import build_backbone
+from ekd.teachers.checkpoint import load_teacher
+from ekd.utils.checkpoint_io import FORMAT, load_file, load_state_strict, save_atomic
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -164,7 +164,7 @@ def test_hostile_bin_refused_by_every_entry_point(tmp_path, protocol):
         load_bin(path)
     with pytest.raises(DataError, match="not allowed"):
         BinDataset(path)
-    from ekd.cli_data import bin_info
+    from ekd.commands.cli_data import bin_info
 
     with pytest.raises(DataError):
         bin_info(path)
@@ -191,7 +191,8 @@ def test_yaml_python_tags_are_refused(tmp_path, tag):
 def test_damaged_teacher_caches_and_embedding_files(tmp_path):
     import json
 
-    from ekd.engine.teacher_cache import MANIFEST, TeacherCache, import_npz
+    from ekd.teachers.cache import MANIFEST, TeacherCache
+    from ekd.teachers.cache_builder import import_npz
 
     for manifest in ('{"version": 1, "num_samples": 0, "embedding_size": 4}', "[1, 2]",
                      "[" * 100000, '{"version": 1, "num_samples": "x"}'):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ekd.cli import main
+from ekd.commands.cli import main
 from ekd.data import generate_identity_folder
-from ekd.deploy.embed import OnnxEmbeddingModel
+from ekd.deploy.embedding_model import OnnxEmbeddingModel
 from ekd.deploy.stats import Latency, ModelStats, busy_warnings
 
 pytest.importorskip("onnx")
@@ -120,7 +120,7 @@ def test_busy_machine_warning_follows_the_spread():
 
 
 def test_onnx_backbone_feeds_bgr_models_as_their_metadata_says(exported):
-    from ekd.deploy.embed import OnnxBackbone
+    from ekd.deploy.embedding_model import OnnxBackbone
 
     _, _, fp32, _, _ = exported
     model = OnnxEmbeddingModel(fp32)

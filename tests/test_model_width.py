@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ekd.cli import main
+from ekd.commands.cli import main
+from ekd.commands.eval_report import evaluate_checkpoint
 from ekd.config import load_config, validate
 from ekd.data import generate_identity_folder
-from ekd.engine.evaluation import evaluate_checkpoint
-from ekd.engine.teacher import load_model
 from ekd.errors import ConfigError
 from ekd.models import build_backbone, count_parameters
+from ekd.models.loading import load_model
 
 
 def _state(width: float, name: str = "mobilefacenet") -> dict[str, torch.Tensor]:

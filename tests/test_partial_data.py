@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from ekd.cli import main
+from ekd.commands.cli import main
 from ekd.data import generate_identity_folder
 from ekd.data.record_dataset import RecordDataset
 

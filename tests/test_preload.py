@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from test_scale import _free_port, torchrun_env
-from ekd.cli import main
+from ekd.commands.cli import main
 from ekd.config import load_config, save_config
 from ekd.data import ImageFolderDataset, generate_identity_folder
 from ekd.data.resident import ResidentBatches, ResidentImages, check_fits, resident_bytes

@@ -19,7 +19,7 @@ from multiprocessing.reduction import ForkingPickler
 from torch.utils.data import DataLoader
 
 from test_scale import _free_port, torchrun_env
-from ekd.cli import main
+from ekd.commands.cli import main
 from ekd.config import _CHOICES, load_config
 from ekd.data import generate_identity_folder
 from ekd.data.kinds import DATASET_KINDS, build_dataset, fingerprint_of
@@ -30,11 +30,12 @@ from ekd.data.robust import CorruptSampleWarning
 from ekd.data.sampler import BalancedBatchSampler
 from ekd.data.transforms import normalize
 from ekd.engine import distributed as D
-from ekd.engine.teacher_cache import DONE_FILE, TeacherCache, build_cache, file_fingerprint
-from ekd.engine.teacher_kinds import embedder_from_file
 from ekd.engine.trainer import Trainer
 from ekd.errors import CheckpointError, ConfigError, DataError
 from ekd.models import build_backbone
+from ekd.teachers.cache import DONE_FILE, TeacherCache, file_fingerprint
+from ekd.teachers.cache_builder import build_cache
+from ekd.teachers.cache_builder import embedder_from_file
 
 SIZE = 32
 

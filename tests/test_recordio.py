@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ekd.cli import main
+from ekd.commands.cli import main
+from ekd.commands.cli_data import recordio_info
 from ekd.data import ImageFolderDataset
 from ekd.data.rec_folder import pack_folder
 from ekd.data.record_dataset import RecordDataset
 from ekd.data.recordio import IRHeader, RecordIOReader, encode_record, pack, unpack
-from ekd.cli_data import recordio_info
 from ekd.errors import DataError
 
 MAGIC = 0xCED7230A

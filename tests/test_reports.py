@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ekd.cli import main
-from ekd.engine.checkpoint import FORMAT, VERSION
-from ekd.engine.evaluation import markdown_table, write_report
+from ekd.commands.cli import main
+from ekd.commands.eval_report import markdown_table, write_report
 from ekd.errors import ConfigError
 from ekd.eval.metrics import l2_normalize, tpr_at_fpr, verification_accuracy
 from ekd.eval.plots import roc_points, write_roc_plots
 from ekd.eval.protocols import all_pairs_scores, cap_per_identity, read_lfw_pairs
 from ekd.models import build_backbone
+from ekd.utils.checkpoint_io import FORMAT, VERSION
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_cfp import make_cfp  # noqa: E402

@@ -9,9 +9,9 @@ import torch
 
 from ekd.config import load_config
 from ekd.data import generate_identity_folder
-from ekd.engine.checkpoint import FORMAT, VERSION, load_file, save_atomic
 from ekd.engine.trainer import Trainer, train
 from ekd.models import build_backbone
+from ekd.utils.checkpoint_io import FORMAT, VERSION, load_file, save_atomic
 
 from test_scale import _die_after_first_epoch
 

@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from ekd.cli import main
+from ekd.commands.cli import main
 from ekd.config import load_config
 from ekd.data import generate_identity_folder
-from ekd.engine.checkpoint import load_file
 from ekd.engine.trainer import Trainer
+from ekd.utils.checkpoint_io import load_file
 
 SETTINGS = ["data.input_size=32", "model.embedding_size=32", "sampler.random_size=16",
             "sampler.identities_per_batch=4", "train.epochs=2", "train.progress=false",

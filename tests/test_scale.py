@@ -15,10 +15,11 @@ from ekd.config import load_config
 from ekd.data import generate_identity_folder
 from ekd.engine import distributed as D
 from ekd.engine.build import CXX_CANDIDATES
-from ekd.engine.checkpoint import load_file
-from ekd.engine.teacher_cache import TeacherCache, build_cache, dataset_fingerprint, import_npz
 from ekd.engine.trainer import Trainer, train
 from ekd.errors import CheckpointError, EkdError
+from ekd.teachers.cache import TeacherCache, dataset_fingerprint
+from ekd.teachers.cache_builder import build_cache, import_npz
+from ekd.utils.checkpoint_io import load_file
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +255,7 @@ def test_two_process_step_equals_one_process_on_concatenated_batch(folder, tmp_p
 
 
 def test_teacher_cache_cli_and_training_from_it(folder, tmp_path):
-    from ekd.cli import main
+    from ekd.commands.cli import main
 
     teacher = _teacher(folder, tmp_path)
     assert main(["teacher-cache", "--data", str(folder), "--input-size", "32", "--out",
@@ -284,7 +285,7 @@ def test_partial_fc_sampling_trains(folder, tmp_path):
 def test_onnx_teacher_matches_the_pytorch_teacher(folder, tmp_path):
     pytest.importorskip("onnxruntime")
     from ekd.deploy.onnx_export import export_onnx
-    from ekd.engine.teacher import load_teacher
+    from ekd.teachers.checkpoint import load_teacher
 
     teacher = _teacher(folder, tmp_path)
     loaded = load_teacher(teacher)
@@ -324,8 +325,8 @@ def test_resume_with_another_world_size(folder, tmp_path):
 def _eval_worker(rank, world, port, folder, out):
     torchrun_env(rank, world, port)
     torch.set_num_threads(1)
-    from ekd.eval.embed import embed_dataset
     from ekd.data import ListDataset
+    from ekd.eval.flip_embed import embed_dataset
     from ekd.models import build_backbone
 
     D.init_distributed("cpu")
@@ -340,8 +341,8 @@ def _eval_worker(rank, world, port, folder, out):
 
 
 def test_evaluation_is_sharded_and_gathered(folder, tmp_path):
-    from ekd.eval.embed import embed_dataset
     from ekd.data import ListDataset
+    from ekd.eval.flip_embed import embed_dataset
     from ekd.models import build_backbone
 
     mp.spawn(_eval_worker, args=(2, _free_port(), folder, tmp_path), nprocs=2, join=True)

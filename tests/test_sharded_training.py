@@ -12,10 +12,10 @@ from torch import nn
 
 from ekd.config import load_config
 from ekd.distill import Distiller
-from ekd.engine.checkpoint import load_file
 from ekd.engine.distill_inputs import check_sharding
 from ekd.engine.trainer import Trainer
 from ekd.errors import ConfigError
+from ekd.utils.checkpoint_io import load_file
 from test_scale import _free_port, calibrate_and_freeze_bn, torchrun_env
 from test_zoo_training import EMB, IDS, SIZE, _teacher, _tiny, folder  # noqa: F401 (fixture)
 

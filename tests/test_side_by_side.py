@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from ekd.engine import demo as D
-from ekd.engine.side_by_side import train_side_by_side
+from ekd.commands import demo as D
+from ekd.commands.side_by_side import train_side_by_side
 from ekd.errors import CheckpointError
 
 

@@ -7,10 +7,10 @@ import pickle
 import pytest
 import torch
 
-from ekd.engine.checkpoint import FORMAT, load_file, load_state_strict, save_atomic
-from ekd.engine.teacher import load_teacher
 from ekd.errors import CheckpointError, ConfigError
 from ekd.models import build_backbone
+from ekd.teachers.checkpoint import load_teacher
+from ekd.utils.checkpoint_io import FORMAT, load_file, load_state_strict, save_atomic
 
 
 def _ekd_checkpoint(path, backbone="mobilefacenet", emb=32, size=32):

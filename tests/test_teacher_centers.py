@@ -8,9 +8,10 @@ import torch
 
 from ekd.config import load_config
 from ekd.data import ImageFolderDataset, generate_identity_folder
-from ekd.engine.teacher_cache import TeacherCache, build_cache, mean_embedding_centers
 from ekd.engine.trainer import Trainer
 from ekd.errors import ConfigError, DataError
+from ekd.teachers.cache import TeacherCache, mean_embedding_centers
+from ekd.teachers.cache_builder import build_cache
 
 
 @pytest.fixture(scope="module")

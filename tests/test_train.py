@@ -7,15 +7,15 @@ import json
 import pytest
 import torch
 
-from ekd.cli import main
+from ekd.commands.cli import main
 from ekd.config import load_config
 from ekd.data import generate_identity_folder
-from ekd.engine.checkpoint import load_file
 from ekd.engine.optim import lr_factor, param_groups
-from ekd.engine.teacher import load_teacher
 from ekd.engine.trainer import Trainer, train
 from ekd.errors import CheckpointError, ConfigError
 from ekd.models import build_backbone
+from ekd.teachers.checkpoint import load_teacher
+from ekd.utils.checkpoint_io import load_file
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,15 @@ import torch.multiprocessing as mp
 from ekd.config import load_config
 from ekd.data import generate_identity_folder, write_pairs
 from ekd.data.verification_bin import make_bin
-from ekd.eval.protocols import read_pair_list
 from ekd.engine import distributed as D
-from ekd.engine.checkpoint import load_file
 from ekd.engine.distributed import DistInfo
 from ekd.engine.state import MetricsLog
 from ekd.engine.tensorboard_log import open_tensorboard
 from ekd.engine.trainer import Trainer, train
 from ekd.engine.validation import Validator
 from ekd.errors import ConfigError, DataError
+from ekd.eval.protocols import read_pair_list
+from ekd.utils.checkpoint_io import load_file
 from test_scale import _die_after_first_epoch, _free_port, torchrun_env
 
 
@@ -72,7 +72,7 @@ def _validator(data, *extra):
 
 def test_validation_rows_best_checkpoint_log_line_and_tensorboard(data, tmp_path, caplog):
 
-    from ekd.cli import main
+    from ekd.commands.cli import main
 
     run = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="ekd"):
@@ -230,7 +230,7 @@ def test_two_process_validation_equals_one_process(data, tmp_path):
 # --------------------------------------------------------------------------- bad input
 
 def test_missing_set_is_an_error_naming_the_file(data, tmp_path, capsys):
-    from ekd.cli import main
+    from ekd.commands.cli import main
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}")

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ekd.cli import main
-from ekd.cli_data import bin_info
+from ekd.commands.cli import main
+from ekd.commands.cli_data import bin_info
 from ekd.data.verification_bin import BinDataset, load_bin, read_bin, write_bin
 from ekd.errors import DataError
 from ekd.eval.evaluate import evaluate_bin, evaluate_pairs

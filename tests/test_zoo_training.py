@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ekd.cli import main
+from ekd.commands.cli import main
 from ekd.config import load_config
 from ekd.data import generate_identity_folder
-from ekd.engine.checkpoint import FORMAT, VERSION, load_file, save_atomic
 from ekd.engine.distill_inputs import distiller_extras
 from ekd.engine.trainer import Trainer
 from ekd.errors import ConfigError
 from ekd.models import build_backbone
+from ekd.utils.checkpoint_io import FORMAT, VERSION, load_file, save_atomic
 
 ZOO_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "zoo").glob("*.yaml"))
 IDS, EMB, SIZE = 12, 32, 32

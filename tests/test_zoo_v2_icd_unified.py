@@ -237,7 +237,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one
 def cached(tmp_path_factory):
     """An embedding-only teacher: a cache of a random projection over a tiny identity folder."""
     from ekd.data import ImageFolderDataset, generate_identity_folder
-    from ekd.engine.teacher_cache import build_cache
+    from ekd.teachers.cache_builder import build_cache
 
     root = tmp_path_factory.mktemp("faces") / "train"
     generate_identity_folder(root, num_identities=6, images_per_identity=4, image_size=32, seed=5)
@@ -258,8 +258,8 @@ def _overrides(root, cache, out, *extra):
 @pytest.mark.parametrize("name", ["icd_face", "unified_kd"])
 def test_trains_from_cached_embeddings_and_resumes_with_its_memory(name, cached, tmp_path):
     from ekd.config import load_config
-    from ekd.engine.checkpoint import load_file
     from ekd.engine.trainer import Trainer
+    from ekd.utils.checkpoint_io import load_file
 
     root, cache = cached
     spec = f"distill=[{{name: {name}, params: {{memory_size: 64}}}}]"

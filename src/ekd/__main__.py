@@ -1,6 +1,6 @@
 """Allow ``python -m ekd`` (and ``torchrun -m ekd``)."""
 
-from ekd.cli import main
+from ekd.commands.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

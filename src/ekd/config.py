@@ -21,7 +21,7 @@ from ekd.errors import ConfigError
 
 @dataclass
 class SyntheticConfig:
-    """The built-in procedural face dataset (see :mod:`ekd.data.synthetic`)."""
+    """The built-in procedural face dataset (see :mod:`ekd.data.synthetic_faces`)."""
 
     train_identities: int = 200  # identities of the training folder
     train_images: int = 16  # images per training identity

@@ -1,5 +1,5 @@
 """The built-in synthetic benchmark: training identities, disjoint evaluation identities and a
-pair list, generated once into a folder (:func:`ekd.data.synthetic.render_face` draws the faces)."""
+pair list, generated once into a folder (:func:`ekd.data.synthetic_faces.render_face` draws the faces)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ekd.data.folder import write_pairs
-from ekd.data.synthetic import generate_identity_folder
+from ekd.data.synthetic_faces import generate_identity_folder
 from ekd.errors import DataError
 
 try:

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 import ekd
-from ekd.engine.checkpoint import write_atomic
 from ekd.errors import CheckpointError, ConfigError, EkdError
 from ekd.models import count_parameters
 from ekd.models.complexity import count_macs
+from ekd.utils.checkpoint_io import write_atomic
 
 __all__ = ["OPSET", "ExportResult", "export_checkpoint", "export_onnx", "load_checkpoint",
            "onnx_parity", "ort_session", "random_parity", "read_metadata", "require_onnx",
@@ -216,8 +216,8 @@ def random_parity(model: nn.Module, onnx_path: str | Path, input_size: int,
 
 
 def load_checkpoint(checkpoint: str | Path, backbone: str | None = None, **kwargs):
-    """:func:`ekd.engine.teacher.load_model`, with a hint at ``--backbone`` for bare state_dicts."""
-    from ekd.engine.teacher import load_model
+    """:func:`ekd.models.loading.load_model`, with a hint at ``--backbone`` for bare state_dicts."""
+    from ekd.models.loading import load_model
 
     return load_model(checkpoint, backbone=backbone, backbone_hint="--backbone", **kwargs)
 

@@ -5,7 +5,7 @@ and writes an INT8 one in the QDQ format (``QuantizeLinear``/``DequantizeLinear`
 each quantized operator; onnxruntime's recommended format for CPU and for converters to mobile
 runtimes), with per-channel symmetric int8 weights and per-tensor uint8 activations whose ranges
 come from calibration images (min/max, onnxruntime's ``quantize_static``). The calibration images
-are read and normalised by ekd's own preprocessing (:func:`ekd.deploy.embed.preprocess`, the one
+are read and normalised by ekd's own preprocessing (:func:`ekd.deploy.embedding_model.preprocess`, the one
 ``ekd eval`` uses), so the ranges are those the deployed model will see.
 
 A part of the images (``holdout``) is kept out of calibration; :func:`parity` compares the fp32
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from ekd.data.transforms import load_image
-from ekd.deploy.embed import OnnxEmbeddingModel, collect_images, preprocess
+from ekd.deploy.embedding_model import OnnxEmbeddingModel, collect_images, preprocess
 from ekd.deploy.onnx_export import INPUT_NAME, require_onnx, require_onnxruntime
-from ekd.engine.checkpoint import write_atomic
 from ekd.errors import ConfigError, DataError
+from ekd.utils.checkpoint_io import write_atomic
 
 __all__ = ["CalibrationSplit", "Int8Export", "Int8Parity", "export_int8", "parity", "quantize_int8",
            "split_calibration"]

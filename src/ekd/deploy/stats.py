@@ -148,7 +148,7 @@ def onnx_stats(path: str | Path, batch_sizes: tuple[int, ...] = (1, 64), repeats
                warmup: int = 2) -> ModelStats:
     """Parameters, MACs (from ekd's export metadata), embedding size and onnxruntime CPU latency
     of an ``.onnx`` file (fp32, fp16 or INT8)."""
-    from ekd.deploy.embed import OnnxEmbeddingModel
+    from ekd.deploy.embedding_model import OnnxEmbeddingModel
 
     path = Path(path)
     model = OnnxEmbeddingModel(path, threads=torch.get_num_threads())

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ekd.config import DistillerConfig
-from ekd.engine import distributed as D
+from ekd.engine import distributed
 from ekd.engine.diagnostics import term_gradient_norms
 from ekd.errors import ConfigError
 
@@ -60,7 +60,7 @@ class AutoWeights:
         return {name for name, i in owners.items() if i in waiting}
 
     def observe(self, terms: dict[str, torch.Tensor], owners: dict[str, int], emb: torch.Tensor,
-                dist: D.DistInfo, step: int) -> list[dict]:
+                dist: distributed.DistInfo, step: int) -> list[dict]:
         """Measure each calibrating distiller's ratio on this step (a collective under torchrun:
         every rank calls it on the same steps); returns one record per weight fixed now."""
         if not self.pending or "ce" not in terms or not emb.requires_grad:

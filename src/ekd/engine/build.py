@@ -1,14 +1,12 @@
-"""Small builders shared by the engine: device, seeding, the training set and its loader, and the
-student's compiled forward."""
+"""Small builders of the training loop: the training set and its loader, and the student's compiled
+forward (the device and seeds: :mod:`ekd.utils.device`)."""
 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -17,24 +15,6 @@ from ekd.config import Config
 from ekd.data.kinds import build_dataset
 from ekd.data.resident import ResidentBatches, ResidentImages
 from ekd.errors import ConfigError
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` = the first CUDA device when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available; use 'cpu' or 'auto'")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"train.device: invalid device {name!r}: {exc}") from None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def build_train_set(cfg: Config):  # noqa: ANN201 - a dataset of the kind data.kind
@@ -52,12 +32,13 @@ def build_train_loader(cfg: Config, dataset: Dataset, sampler: Sampler[list[int]
     """Batches ``(images, labels, indices)`` of ``sampler``: a DataLoader reading the dataset, or,
     with ``data.preload``, the whole set decoded once onto ``device`` (:mod:`ekd.data.resident`;
     ``data.num_workers`` then only decode it)."""
-    dc = cfg.data
-    if dc.preload:
-        resident = ResidentImages.build(dataset, device, dc.preload_max_gb, dc.num_workers, progress)
+    data_config = cfg.data
+    if data_config.preload:
+        resident = ResidentImages.build(dataset, device, data_config.preload_max_gb, data_config.num_workers,
+                                        progress)
         return ResidentBatches(resident, sampler)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=dc.num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=dc.num_workers > 0,
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=data_config.num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=data_config.num_workers > 0,
                       generator=torch.Generator().manual_seed(cfg.train.seed + rank))
 
 

@@ -14,7 +14,7 @@ TensorBoard):
 With a ``val`` section and an EKD distiller, validation rows also hold the thresholds the
 student's (and, for a teacher that is a network, the teacher's) evaluation uses at EKD's FPRs
 (``<set>/thr@F``, ``<set>/teacher_thr@F``), so anchors can be read next to them.
-``ekd diagnose RUN_DIR`` (:mod:`ekd.engine.diagnose`) turns the rows into a summary and plots.
+``ekd diagnose RUN_DIR`` (:mod:`ekd.commands.diagnostics_report`) turns the rows into a summary and plots.
 
 Cost: one extra backward pass per term from the loss to the embedding (not through the
 backbone), on logged steps only.
@@ -25,13 +25,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ekd.engine import distributed as D
+from ekd.engine import distributed
 
 __all__ = ["distiller_diagnostics", "set_recording", "term_gradient_norms"]
 
 
 def term_gradient_norms(terms: dict[str, torch.Tensor], emb: torch.Tensor,
-                        dist: D.DistInfo) -> dict[str, float]:
+                        dist: distributed.DistInfo) -> dict[str, float]:
     """``grad/<term>`` (L2 norm of d term / d emb over the global batch) and, with a ``ce`` term,
     ``grad_share/<term>`` = that norm / the CE's. A term that does not depend on ``emb`` (or has
     zero weight) reports 0. Every rank must call this with the same term names (collectives)."""

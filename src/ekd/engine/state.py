@@ -3,7 +3,7 @@
 ``checkpoints/last.pt`` holds the student, head, optimiser, scheduler, grad scaler, distiller
 buffers, the epoch, the batch within the epoch (after Ctrl-C), the step, the skipped-step
 count, every RNG state and the best validation value so far (``val.keep_best``). Writes are
-atomic (see :mod:`ekd.engine.checkpoint`); only rank 0 writes under DDP. ``model.pt`` holds the
+atomic (see :mod:`ekd.utils.checkpoint_io`); only rank 0 writes under DDP. ``model.pt`` holds the
 model and head only.
 """
 
@@ -19,18 +19,18 @@ import numpy as np
 import torch
 
 from ekd.config import to_dict
-from ekd.engine import distributed as D
-from ekd.engine.checkpoint import FORMAT, VERSION, load_file, load_state_strict, save_atomic
+from ekd.engine import distributed
 from ekd.errors import CheckpointError
+from ekd.utils.checkpoint_io import FORMAT, VERSION, load_file, load_state_strict, save_atomic
 
 
 
-class Trainer(Protocol):
+class CheckpointedTrainer(Protocol):
     """What a checkpoint reads from and restores into (:class:`ekd.engine.trainer.Trainer`; a
     protocol here, so this module does not import the trainer that imports it)."""
 
     cfg: Any
-    dist: D.DistInfo
+    dist: distributed.DistInfo
     device: torch.device
     dataset: Any
     student: torch.nn.Module
@@ -103,7 +103,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_checkpoint(trainer: "Trainer", path: Path, training_state: bool = True,
+def save_training_checkpoint(trainer: "CheckpointedTrainer", path: Path, training_state: bool = True,
                              extra: dict | None = None) -> Path:
     """Write model + head (+ the full training state, + ``extra`` entries) atomically; rank 0
     only under DDP."""
@@ -132,11 +132,11 @@ def save_training_checkpoint(trainer: "Trainer", path: Path, training_state: boo
                         "epoch": trainer.state.epoch, "step": trainer.state.step})
         obj.update(extra or {})
         save_atomic(obj, path)
-    D.barrier(trainer.dist)
+    distributed.barrier(trainer.dist)
     return path
 
 
-def load_training_state(trainer: "Trainer", path: str | Path) -> None:
+def load_training_state(trainer: "CheckpointedTrainer", path: str | Path) -> None:
     """Restore everything :func:`save_training_checkpoint` wrote; errors name the file."""
     obj = load_file(path)
     needed = {"model", "head", "optimizer", "scheduler", "distillers", "state", "rng"}
@@ -163,14 +163,14 @@ def load_training_state(trainer: "Trainer", path: str | Path) -> None:
         trainer.state.batch_in_epoch = 0
 
 
-def _full_head_state(trainer: "Trainer") -> dict:
+def _full_head_state(trainer: "CheckpointedTrainer") -> dict:
     """The margin head as ``{"weight": [C, d]}`` whatever the sharding (Partial FC gathered)."""
     if trainer.partial_fc:
         return {"weight": trainer.head.full_weight().detach().cpu()}
     return trainer.head.state_dict()
 
 
-def _full_distiller_state(trainer: "Trainer") -> dict:
+def _full_distiller_state(trainer: "CheckpointedTrainer") -> dict:
     """The distillers' state with sharded class centres gathered to the full ``[C, d]``, so a
     checkpoint resumes under any world size (a collective under sharding)."""
     state = trainer.distillers.state_dict()
@@ -180,7 +180,7 @@ def _full_distiller_state(trainer: "Trainer") -> dict:
     return state
 
 
-def _load_head(trainer: "Trainer", state: dict, source: str) -> None:
+def _load_head(trainer: "CheckpointedTrainer", state: dict, source: str) -> None:
     weight = state.get("weight") if isinstance(state, dict) else None
     expected = (trainer.dataset.num_classes, trainer.cfg.model.embedding_size)
     if weight is None or tuple(weight.shape) != expected:
@@ -192,7 +192,7 @@ def _load_head(trainer: "Trainer", state: dict, source: str) -> None:
         load_state_strict(trainer.head, state, source, "head")
 
 
-def _reshard_head_momentum(trainer: "Trainer") -> None:
+def _reshard_head_momentum(trainer: "CheckpointedTrainer") -> None:
     """After resuming with another world size, cut the head's optimiser buffers (saved for the
     full ``[C, d]`` centres, or another shard) to this rank's Partial FC shard."""
     weight = trainer.head.weight

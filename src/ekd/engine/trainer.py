@@ -42,8 +42,7 @@ from ekd.data.sampler import BalancedBatchSampler
 from ekd.data.transforms import mirror_batch
 from ekd.distill import CLASS_EXTRAS
 from ekd.engine import distributed as D
-from ekd.engine.build import (build_train_loader, build_train_set, compiled_forward, resolve_device,
-                              seed_everything)
+from ekd.engine.build import build_train_loader, build_train_set, compiled_forward
 from ekd.engine.auto_weight import AutoWeights
 from ekd.engine.diagnostics import anchor_fprs, distiller_diagnostics, set_recording, term_gradient_norms
 from ekd.engine.distill_inputs import (build_distillers, check_sharding, distiller_extras, sharded,
@@ -53,13 +52,14 @@ from ekd.engine.guard import (DivergenceGuard, GuardVerdict, TrainingStopped, de
 from ekd.engine.optim import build_optimizer, build_scheduler, clip_grad_norm
 from ekd.engine.run_folder import claim_run_folder, continue_metrics
 from ekd.engine.state import MetricsLog, TrainState, load_training_state, save_training_checkpoint
-from ekd.engine.teacher_kinds import build_teacher
 from ekd.engine.tensorboard_log import open_tensorboard
 from ekd.engine.validation import build_validator, format_values
 from ekd.errors import ConfigError, EkdError
 from ekd.heads import PartialFC, build_head
 from ekd.heads.partial_fc import gather_global_batch, init_rows
 from ekd.models import build_backbone
+from ekd.teachers import build_teacher
+from ekd.utils.device import resolve_device, seed_everything
 
 log = logging.getLogger("ekd.train")
 #: Seconds between progress lines in the log when the progress bar is off.

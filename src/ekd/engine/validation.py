@@ -29,16 +29,16 @@ from torch import nn
 from ekd.config import Config, ValSetConfig
 from ekd.config_checks import val_metric_names, val_sets
 from ekd.data import BinDataset, ListDataset
-from ekd.engine.checkpoint import load_file
 from ekd.engine.distributed import DistInfo
 from ekd.engine.state import save_training_checkpoint
 from ekd.errors import ConfigError, DataError
 from ekd.eval.evaluate import THRESHOLD_FPRS, VerificationSet, bin_set, folder_set, fpr_key, pairs_set
 from ekd.eval.metrics import max_false_positives
 from ekd.eval.protocols import read_pair_list
+from ekd.utils.checkpoint_io import load_file
 
 if TYPE_CHECKING:
-    from ekd.engine.state import MetricsLog, TrainState, Trainer
+    from ekd.engine.state import CheckpointedTrainer, MetricsLog, TrainState
 
 log = logging.getLogger("ekd.val")
 BEST_NAME = "best.pt"
@@ -91,11 +91,11 @@ class Validator:
     """The ``val`` sets of a config, checked and read once: ``run(model)`` -> metric values."""
 
     def __init__(self, cfg: Config, dist_info: DistInfo, device: torch.device) -> None:
-        vc, size = cfg.val, cfg.data.input_size
+        val_config, size = cfg.val, cfg.data.input_size
         self.cfg, self.dist, self.device = cfg, dist_info, device
-        self.every_steps, self.keep_best = vc.every_steps, vc.keep_best
+        self.every_steps, self.keep_best = val_config.every_steps, val_config.keep_best
         self.sets: dict[str, tuple[str, VerificationSet]] = {}
-        for i, vs in enumerate(val_sets(vc)):
+        for i, vs in enumerate(val_sets(val_config)):
             key, kind = f"val.sets[{i}] ({vs.name})", set_kind(vs)
             if not Path(vs.path).exists():
                 raise DataError(f"{key}: not found: {vs.path}")
@@ -107,13 +107,13 @@ class Validator:
                 raise DataError(f"{key}: {vs.path} has {data.genuine} genuine and {data.impostors} "
                                 "impostor pairs; verification needs both")
             odd = next(((w, s) for w, s in _image_sizes(data.dataset) if s != (size, size)), None)
-            if odd and not vc.resize:
+            if odd and not val_config.resize:
                 raise DataError(f"{key}: {odd[0]} is {odd[1][0]}x{odd[1][1]} but data.input_size is "
                                 f"{size}: set val.resize=true to resize the validation images "
                                 f"bilinearly, or give a set made at {size}x{size}")
             if odd:
                 log.info("%s: images resized to %dx%d (e.g. %s is %dx%d)", key, size, size, odd[0], *odd[1])
-            for f in vc.fprs:
+            for f in val_config.fprs:
                 if max_false_positives(f, data.impostors) < 1:
                     log.info("%s: %s n/a: %d impostor pairs (needs %d)", key, fpr_key(f),
                              data.impostors, math.ceil(1 / f))
@@ -186,7 +186,7 @@ class Validator:
                                  progress=self._bar(label),
                                  threshold_fprs=self.threshold_fprs or THRESHOLD_FPRS)
 
-    def validate(self, trainer: "Trainer", metrics: "MetricsLog") -> ValResult:
+    def validate(self, trainer: "CheckpointedTrainer", metrics: "MetricsLog") -> ValResult:
         """Run once per step (a second call at the same step returns the first result): metrics
         row, log line, and ``best.pt`` when the ``keep_best`` metric improved."""
         st = trainer.state

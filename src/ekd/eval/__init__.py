@@ -1,4 +1,5 @@
-"""Evaluation layer: verification metrics, pair protocols and embedding extraction.
+"""Evaluation layer: verification metrics, pair protocols (LFW, CFP, IJB, pair lists), embedding
+extraction with flip test-time augmentation (:mod:`.flip_embed`) and evaluation on verification sets.
 
 ``extract_embeddings`` (which needs torch) is imported lazily on first use, so the numpy-only
 metrics and protocols can be used without importing torch.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ekd.eval.cfp import read_cfp_pairs
+from ekd.eval.ijb import read_ijb_meta, tpr_at_fpr_nearest
 from ekd.eval.metrics import (
     DEFAULT_FPRS,
     kfold_bounds,
@@ -18,8 +21,6 @@ from ekd.eval.metrics import (
     tpr_at_fpr,
     verification_accuracy,
 )
-from ekd.eval.cfp import read_cfp_pairs
-from ekd.eval.ijb import read_ijb_meta, tpr_at_fpr_nearest
 from ekd.eval.protocols import (
     PairList,
     all_pairs_scores,
@@ -29,7 +30,7 @@ from ekd.eval.protocols import (
 )
 
 if TYPE_CHECKING:
-    from ekd.eval.embed import extract_embeddings
+    from ekd.eval.flip_embed import extract_embeddings
 
 __all__ = [
     "DEFAULT_FPRS",
@@ -54,7 +55,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "extract_embeddings":
-        from ekd.eval.embed import extract_embeddings
+        from ekd.eval.flip_embed import extract_embeddings
 
         return extract_embeddings
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

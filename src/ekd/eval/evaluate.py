@@ -30,7 +30,7 @@ from ekd.data import ImageFolderDataset, ListDataset
 from ekd.data.verification_bin import BinDataset
 from ekd.errors import DataError
 from ekd.eval.bootstrap import PairScores, PairTail
-from ekd.eval.embed import embed_dataset
+from ekd.eval.flip_embed import embed_dataset
 from ekd.eval.metrics import roc_auc, threshold_at_fpr, tpr_at_fpr, verification_accuracy
 from ekd.eval.plots import roc_points
 from ekd.eval.protocols import PairList, all_pairs_scores, cap_per_identity

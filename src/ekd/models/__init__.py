@@ -1,4 +1,5 @@
-"""Face-recognition backbones and a name -> constructor registry."""
+"""Face-recognition backbones and a name -> constructor registry; :mod:`.loading` restores a
+backbone from an ekd checkpoint or an arcface_torch ``backbone.pth``."""
 
 from __future__ import annotations
 

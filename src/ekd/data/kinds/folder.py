@@ -23,9 +23,9 @@ def folder_fingerprint(root: str | os.PathLike[str], samples: Sequence[tuple[str
     return h.hexdigest()
 
 
-def _build(dc) -> ImageFolderDataset:  # noqa: ANN001 - ekd.config.DataConfig
-    return ImageFolderDataset(Path(dc.root), input_size=dc.input_size, train=False,
-                              on_corrupt=dc.on_corrupt)
+def _build(data_config) -> ImageFolderDataset:  # noqa: ANN001 - ekd.config.DataConfig
+    return ImageFolderDataset(Path(data_config.root), input_size=data_config.input_size, train=False,
+                              on_corrupt=data_config.on_corrupt)
 
 
 register_kind(DatasetKind("folder", ImageFolderDataset, _build,

@@ -25,9 +25,9 @@ def rec_fingerprint(ds: RecordDataset) -> str:
     return h.hexdigest()
 
 
-def _build(dc) -> RecordDataset:  # noqa: ANN001 - ekd.config.DataConfig
-    return RecordDataset(dc.root, input_size=dc.input_size, train=False, on_corrupt=dc.on_corrupt,
-                         accept_truncated=dc.accept_truncated)
+def _build(data_config) -> RecordDataset:  # noqa: ANN001 - ekd.config.DataConfig
+    return RecordDataset(data_config.root, input_size=data_config.input_size, train=False,
+                         on_corrupt=data_config.on_corrupt, accept_truncated=data_config.accept_truncated)
 
 
 register_kind(DatasetKind("rec", RecordDataset, _build, rec_fingerprint, lambda ds: str(ds.reader.path)))

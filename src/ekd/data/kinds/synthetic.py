@@ -1,4 +1,4 @@
-"""``data.kind: synthetic``: the built-in procedural identity folder (:mod:`ekd.data.synthetic`),
+"""``data.kind: synthetic``: the built-in procedural identity folder (:mod:`ekd.data.synthetic_faces`),
 generated once into ``data.synthetic.cache_dir``."""
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from ekd.data.kinds.registry import DatasetKind, register_kind
 from ekd.data.synthetic_benchmark import make_synthetic_benchmark
 
 
-def _build(dc) -> ImageFolderDataset:  # noqa: ANN001 - ekd.config.DataConfig
-    s = dc.synthetic
-    paths = make_synthetic_benchmark(Path(s.cache_dir), s.train_identities, s.train_images,
-                                     s.eval_identities, s.eval_images, s.image_size, s.num_pairs, s.seed)
-    return ImageFolderDataset(paths["train"], input_size=dc.input_size, train=False,
-                              on_corrupt=dc.on_corrupt)
+def _build(data_config) -> ImageFolderDataset:  # noqa: ANN001 - ekd.config.DataConfig
+    synthetic = data_config.synthetic
+    paths = make_synthetic_benchmark(Path(synthetic.cache_dir), synthetic.train_identities,
+                                     synthetic.train_images, synthetic.eval_identities, synthetic.eval_images,
+                                     synthetic.image_size, synthetic.num_pairs, synthetic.seed)
+    return ImageFolderDataset(paths["train"], input_size=data_config.input_size, train=False,
+                              on_corrupt=data_config.on_corrupt)
 
 
 register_kind(DatasetKind("synthetic", ImageFolderDataset, _build,

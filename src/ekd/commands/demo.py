@@ -8,11 +8,11 @@
 3. Train the EKD students (the settings of ``docs/methods.md``, "EKD options beyond the paper")
    on the same data, sampler and schedule as the no-KD ones, two seeds each; on a CPU two models
    at a time, each in its own process with its share of the cores
-   (:mod:`ekd.engine.side_by_side`).
+   (:mod:`ekd.commands.side_by_side`).
 4. Evaluate every model (pair-list 10-fold accuracy, all-pairs TPR at FPR), print the per-run
    table and the comparison: mean of the seeds, share of the teacher - no-KD gap closed per
    metric, and whether the EKD - no-KD difference exceeds the seed spread
-   (:mod:`ekd.engine.demo_report`).
+   (:mod:`ekd.commands.demo_report`).
 
 Everything (data, run directories, ``plan.json``, ``results.md``, ``metrics.json``) goes into one
 folder. ``docs/results/demo_synthetic.md`` has the measured runs, the convergence check of plan
@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
+from ekd.commands.demo_report import (ALL_PAIRS, PAIRS, comparison_table, comparisons_from_results,
+                                    summary)
+from ekd.commands.eval_report import evaluate_checkpoint, write_report
+from ekd.commands.side_by_side import train_side_by_side
 from ekd.config import Config, DistillerConfig, from_dict, validate
 from ekd.data.synthetic_benchmark import make_synthetic_benchmark
-from ekd.engine.demo_report import (ALL_PAIRS, PAIRS, comparison_table, comparisons_from_results,
-                                    summary)
-from ekd.engine.evaluation import evaluate_checkpoint, write_report
-from ekd.engine.make_teacher_cache import cache_for_data
-from ekd.engine.side_by_side import train_side_by_side
+from ekd.teachers.cache_builder import cache_for_data
 
 log = logging.getLogger("ekd.demo")
 

@@ -1,4 +1,4 @@
-"""A teacher given as an ONNX model, run with onnxruntime (the ``onnx`` extra).
+"""``teacher.kind: onnx``: a teacher given as an ONNX model, run with onnxruntime (the ``onnx`` extra).
 
 Any model that takes aligned face crops and returns embeddings works; its expected input is
 described in the config: colour order (RGB/BGR), layout (NCHW/NHWC) and normalisation
@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ekd.engine.teacher_base import Teacher
 from ekd.errors import CheckpointError, ConfigError
+from ekd.teachers.registry import Teacher, TeacherKind, register_kind
+
+__all__ = ["OnnxTeacher"]
 
 
 class OnnxTeacher(Teacher):
@@ -68,3 +70,12 @@ class OnnxTeacher(Teacher):
     @torch.no_grad()
     def embed(self, images: torch.Tensor, indices: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
         return self._run(images).to(self.device)
+
+
+def _build(teacher_config, input_size: int, dataset, device: torch.device) -> Teacher:  # noqa: ANN001
+    return OnnxTeacher(teacher_config.path, input_size, color=teacher_config.onnx_color,
+                       layout=teacher_config.onnx_layout, mean=teacher_config.onnx_mean,
+                       std=teacher_config.onnx_std, device=device)
+
+
+register_kind(TeacherKind("onnx", _build))

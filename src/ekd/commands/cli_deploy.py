@@ -102,7 +102,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from ekd.deploy.embed import (collect_images, embeddings_file, load_embedding_model,
+    from ekd.deploy.embedding_model import (collect_images, embeddings_file, load_embedding_model,
                                   save_embeddings)
 
     prepare_output_file(embeddings_file(args.output), "--output")
@@ -116,7 +116,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from ekd.deploy.embed import load_embedding_model, read_threshold
+    from ekd.deploy.embedding_model import load_embedding_model, read_threshold
 
     info: dict = {}
     if args.threshold is not None:

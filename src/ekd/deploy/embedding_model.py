@@ -161,7 +161,7 @@ class TorchEmbeddingModel(EmbeddingModel):
     def __init__(self, path: str | Path, backbone: str | None = None,
                  device: str | torch.device = "cpu") -> None:
         from ekd.deploy.onnx_export import load_checkpoint
-        from ekd.engine.build import resolve_device
+        from ekd.utils.device import resolve_device
 
         loaded = load_checkpoint(path, backbone)
         self.device = resolve_device(device) if isinstance(device, str) else device

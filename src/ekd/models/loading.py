@@ -1,16 +1,13 @@
-"""Frozen teachers loaded strictly from files.
+"""Backbones restored strictly from files.
 
 Accepted files:
 - an ekd model or training checkpoint (it records its backbone, embedding and input size);
 - an InsightFace arcface_torch ``backbone.pth`` (a bare ``state_dict``); its architecture must be
-  given (``teacher.backbone``), and it loads with ``strict=True``.
-
-:class:`ModelTeacher` runs such a model on every batch; the teacher kinds of ``teacher.kind``
-are built in :mod:`ekd.engine.teacher_kinds`.
+  given, and it loads with ``strict=True``.
 
 A missing file, a wrong architecture, or missing/unexpected keys raise
 :class:`~ekd.errors.CheckpointError` naming the file and the keys. No path returns a randomly
-initialised teacher.
+initialised model. (A frozen teacher made of such a model: :mod:`ekd.teachers.checkpoint`.)
 """
 
 from __future__ import annotations
@@ -21,12 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ekd.engine.checkpoint import FORMAT, load_file, load_state_strict
-from ekd.engine.teacher_base import Teacher
 from ekd.errors import CheckpointError, ConfigError
 from ekd.models import build_backbone
+from ekd.utils.checkpoint_io import FORMAT, load_file, load_state_strict
 
-__all__ = ["LoadedModel", "ModelTeacher", "Teacher", "freeze", "load_model", "load_teacher"]
+__all__ = ["LoadedModel", "freeze", "load_model"]
 
 
 @dataclass
@@ -93,26 +89,3 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def load_teacher(path: str | Path, backbone: str | None = None, embedding_size: int | None = None,
-                 input_size: int | None = None, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load and freeze a teacher."""
-    loaded = load_model(path, backbone, embedding_size, input_size)
-    loaded.model = freeze(loaded.model.to(device))
-    return loaded
-
-
-class ModelTeacher(Teacher):
-    """A frozen PyTorch backbone run on every batch."""
-
-    def __init__(self, loaded: LoadedModel, source: str) -> None:
-        self.model = loaded.model
-        self.embedding_size = loaded.embedding_size
-        self.input_size = loaded.input_size
-        self.head_state = loaded.head_state
-        self.source = source
-
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor, indices: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
-        return self.model(images)

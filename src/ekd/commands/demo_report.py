@@ -15,7 +15,7 @@ from typing import Sequence
 
 from ekd.errors import EkdError
 
-#: The demo's two evaluation sets (``ekd.engine.demo.eval_sets``).
+#: The demo's two evaluation sets (``ekd.commands.demo.eval_sets``).
 PAIRS, ALL_PAIRS = "synthetic pairs", "synthetic all-pairs"
 
 #: (label, evaluation set, metric key) of the comparison, in table order.
@@ -89,7 +89,7 @@ def compare(metric: str, teacher: float, nokd: Sequence[float], ekd: Sequence[fl
 def comparisons_from_results(teacher: dict, nokd: Sequence[dict], ekd: Sequence[dict],
                              metrics: Sequence[tuple[str, str, str]] = DEMO_METRICS
                              ) -> tuple[list[MetricComparison], list[str]]:
-    """Comparisons from :func:`ekd.engine.evaluation.evaluate_checkpoint` results (one per
+    """Comparisons from :func:`ekd.commands.eval_report.evaluate_checkpoint` results (one per
     seed), and the labels of the metrics left out because some model has no value for them
     (a set with too few negative pairs for that FPR)."""
     rows, skipped = [], []

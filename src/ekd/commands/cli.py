@@ -1,6 +1,6 @@
-"""Command line: ``ekd train``, ``eval``, ``teacher-cache``, ``demo``, ``diagnose`` here; ``data`` in
-:mod:`ekd.cli_data`; ``export``, ``stats``, ``embed``, ``verify`` in :mod:`ekd.cli_deploy`.
-Only argument wiring lives here."""
+"""Command line: ``ekd train``, ``eval``, ``teacher-cache``, ``demo``, ``diagnose`` here; ``data``
+in :mod:`ekd.commands.cli_data`; ``export``, ``stats``, ``embed``, ``verify`` in
+:mod:`ekd.commands.cli_deploy`. Only argument wiring lives here."""
 
 from __future__ import annotations
 
@@ -76,16 +76,16 @@ def _outputs_sets_labels(args: argparse.Namespace, models: list[str],
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ekd.engine.evaluation import check_inputs, evaluate_checkpoint, write_report
+    from ekd.commands.eval_report import check_inputs, evaluate_checkpoint, write_report
 
     out, sets, labels = _outputs_sets_labels(args, args.model, "--model")
     if args.plots and not args.out:
         raise EkdError("--plots needs --out")
     check_inputs(args.model, sets)
-    from ekd.engine import distributed as D
-    from ekd.engine.build import resolve_device
+    from ekd.engine import distributed
+    from ekd.utils.device import resolve_device
 
-    info = D.init_distributed(resolve_device(args.device).type)  # torchrun: embeddings sharded
+    info = distributed.init_distributed(resolve_device(args.device).type)  # torchrun: embeddings sharded
     try:
         results = {}
         for label, model in zip(labels, args.model):
@@ -97,13 +97,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if info.is_main:
             print(write_report(results, out, plots=args.plots))
     finally:
-        D.shutdown()
+        distributed.shutdown()
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from ekd.engine.compare import compare_models, compare_report
-    from ekd.engine.evaluation import check_inputs
+    from ekd.commands.compare import compare_models, compare_report
+    from ekd.commands.eval_report import check_inputs
 
     out, sets, labels = _outputs_sets_labels(args, args.models, "models")
     try:
@@ -120,7 +120,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ekd.engine.demo import run_demo
+    from ekd.commands.demo import run_demo
 
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
@@ -129,7 +129,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
-    from ekd.engine.diagnose import diagnose
+    from ekd.commands.diagnostics_report import diagnose
 
     out = prepare_output_dir(args.out) if args.out else None
     print(diagnose(args.run_dir, out, plots=not args.no_plots).text())
@@ -138,8 +138,8 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
 def _cmd_teacher_cache(args: argparse.Namespace) -> int:
     from ekd.engine.distributed import env_info
-    from ekd.engine.make_teacher_cache import cache_for_data
-    from ekd.engine.teacher_cache import TeacherCache
+    from ekd.teachers.cache import TeacherCache
+    from ekd.teachers.cache_builder import cache_for_data
 
     out = cache_for_data(args.data, args.input_size, prepare_output_dir(args.out), teacher=args.teacher,
                          backbone=args.backbone, from_npz=args.from_npz, batch_size=args.batch_size,
@@ -280,10 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="print the summary only")
     p.set_defaults(func=_cmd_diagnose)
 
-    from ekd.cli_data import add_data_commands
+    from ekd.commands.cli_data import add_data_commands
 
     add_data_commands(sub)
-    from ekd.cli_deploy import add_deploy_commands
+    from ekd.commands.cli_deploy import add_deploy_commands
 
     add_deploy_commands(sub)
     return parser

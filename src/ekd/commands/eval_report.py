@@ -7,13 +7,13 @@ from pathlib import Path
 
 from torch import nn
 
-from ekd.engine.teacher import LoadedModel, load_model
-from ekd.engine.build import resolve_device
 from ekd.errors import CheckpointError, ConfigError, DataError
 from ekd.eval.evaluate import (VerificationSet, bin_set, evaluate_ijb, folder_set, format_value,
                                fpr_key, pairs_set)
 from ekd.eval.protocols import read_lfw_pairs, read_pair_list
 from ekd.models import count_parameters
+from ekd.models.loading import LoadedModel, load_model
+from ekd.utils.device import resolve_device
 
 TABLE_FPRS = (1e-2, 1e-3, 1e-4, 1e-5)
 KINDS = ("pairs", "lfw", "folder", "bin", "cfp", "ijb")
@@ -78,7 +78,7 @@ def _load(path: str | Path, backbone: str | None) -> LoadedModel:
     """A checkpoint, or an ``.onnx`` file (fp32, fp16, INT8) run with onnxruntime on the CPU."""
     if Path(path).suffix.lower() != ".onnx":
         return load_model(path, backbone=backbone, backbone_hint="--backbone")
-    from ekd.deploy.embed import OnnxBackbone, OnnxEmbeddingModel
+    from ekd.deploy.embedding_model import OnnxBackbone, OnnxEmbeddingModel
 
     onnx = OnnxEmbeddingModel(path)
     return LoadedModel(OnnxBackbone(onnx), onnx.backbone or "onnx", onnx.embedding_size,

@@ -1,20 +1,6 @@
-"""Precomputed teacher embeddings: run a teacher once, distil many times without it.
-
-A cache is a folder with
-- ``embeddings.f16``: a float16 memory map ``[N, 2, D]`` — the direction (unit vector) of the
-  teacher's embedding of sample i as stored (``[:, 0]``) and of its mirror image (``[:, 1]``);
-- ``norms.f32``: their norms ``[N, 2]`` (float32), so raw embeddings of any magnitude are
-  restored to float16 relative precision without overflow;
-- ``manifest.json``: format version, N, D, the dataset fingerprint (of its kind, see
-  :mod:`ekd.data.kinds`: every image's relative path, label and file size for a folder; every
-  record's key, byte offset and label plus the file size for a ``.rec``, so that a cache keyed
-  by record index fits only that file), the teacher fingerprint (the SHA-256 of the teacher
-  file, or a caller-given id), the input size and whether the cache is complete.
-
-Opening a cache checks both fingerprints, so a cache made for another dataset (an image added,
-removed or relabelled, another ``.rec``) or another teacher is an error, never silently wrong
-targets; so is an unfinished cache. Training reads the teacher embedding of each sample by index
-and flip flag.
+"""Writing teacher caches (the format: :mod:`ekd.teachers.cache`), and ``ekd teacher-cache``'s work:
+embed a training set (identity folder or ``.rec``) with a teacher file once, on one process or under
+``torchrun`` (each rank its share of the chunks, resumable), or import a ``paths/emb/emb_flip`` npz.
 
 :func:`build_cache` scales to MS1MV2 (5.8M images x 2): rows are embedded in chunks of
 ``chunk_batches`` batches; under ``torchrun`` rank r takes chunks r, r + W, ...; each chunk is
@@ -29,139 +15,31 @@ paths relative to the dataset root) into a cache for an identity folder, matchin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ekd.data.kinds import fingerprint_of, kind_of
-from ekd.data.kinds.folder import folder_fingerprint
-from ekd.engine import distributed as D
-from ekd.engine.teacher_base import Teacher
+from ekd.config import DataConfig
+from ekd.data.kinds import build_dataset, fingerprint_of, kind_of
+from ekd.data.recordio import rec_paths
+from ekd.engine import distributed
 from ekd.errors import CheckpointError, DataError
+from ekd.teachers.cache import (CACHE_VERSION, DONE_FILE, EMB_FILE, MANIFEST, NORM_FILE, read_manifest,
+                                file_fingerprint)
+from ekd.teachers.checkpoint import load_teacher
+from ekd.teachers.onnx import OnnxTeacher
+from ekd.utils.device import resolve_device
+
+__all__ = ["build_cache", "cache_for_data", "embedder_from_file", "guess_data_kind", "import_npz"]
 
 log = logging.getLogger("ekd.teacher_cache")
-
-CACHE_VERSION = 1
-EMB_FILE = "embeddings.f16"
-NORM_FILE = "norms.f32"
-MANIFEST = "manifest.json"
-DONE_FILE = "chunks.done"
-
-#: The folder kind's fingerprint, ``(root, samples) -> sha256`` (kept under its old name).
-dataset_fingerprint = folder_fingerprint
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (the teacher's identity)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _read_manifest(path: Path) -> dict:
-    try:
-        manifest = json.loads(path.read_text())
-        n, d = int(manifest["num_samples"]), int(manifest["embedding_size"])
-        if n < 1 or d < 1:
-            raise ValueError(f"num_samples {n} and embedding_size {d} must be >= 1")
-    except (ValueError, KeyError, TypeError, OverflowError, RecursionError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
-    return manifest
-
-
-class TeacherCache:
-    """Read-only view of a cache folder, validated against a dataset and a teacher."""
-
-    def __init__(self, folder: str | Path, dataset_fp: str | None = None,
-                 teacher_fp: str | None = None, dataset_source: str | None = None) -> None:
-        self.folder = Path(folder)
-        manifest_path = self.folder / MANIFEST
-        if not manifest_path.is_file():
-            raise CheckpointError(f"teacher cache {self.folder}: {MANIFEST} not found "
-                                  "(create it with `ekd teacher-cache`)")
-        self.manifest = _read_manifest(manifest_path)
-        n, d = int(self.manifest["num_samples"]), int(self.manifest["embedding_size"])
-        if self.manifest.get("version") != CACHE_VERSION:
-            raise CheckpointError(f"{manifest_path}: cache version {self.manifest.get('version')} "
-                                  f"is not {CACHE_VERSION}; rebuild the cache")
-        if self.manifest.get("complete") is False:
-            raise CheckpointError(f"teacher cache {self.folder} is unfinished (an interrupted "
-                                  "`ekd teacher-cache`): run the same command again to resume it")
-        if dataset_fp is not None and self.manifest.get("dataset") != dataset_fp:
-            made = self.manifest.get("dataset_source")
-            raise CheckpointError(f"teacher cache {self.folder} was made for another dataset"
-                                  f"{f' ({made})' if made else ''} than {dataset_source or 'this one'} "
-                                  "(images added, removed, changed or relabelled, or another "
-                                  ".rec file): rebuild it")
-        if teacher_fp is not None and self.manifest.get("teacher") != teacher_fp:
-            raise CheckpointError(f"teacher cache {self.folder} was made with another teacher "
-                                  f"({self.manifest.get('teacher_name')}): rebuild it")
-        emb_path = self.folder / EMB_FILE
-        expected = n * 2 * d * 2
-        if not emb_path.is_file() or emb_path.stat().st_size != expected:
-            raise CheckpointError(f"{emb_path}: missing or truncated (expected {expected} bytes "
-                                  f"for {n} x 2 x {d} float16)")
-        self.embeddings = np.memmap(emb_path, dtype=np.float16, mode="r", shape=(n, 2, d))
-        norm_path = self.folder / NORM_FILE
-        if not norm_path.is_file() or norm_path.stat().st_size != n * 2 * 4:
-            raise CheckpointError(f"{norm_path}: missing or truncated (expected {n * 2 * 4} bytes)")
-        self.norms = np.memmap(norm_path, dtype=np.float32, mode="r", shape=(n, 2))
-
-    @property
-    def embedding_size(self) -> int:
-        return int(self.manifest["embedding_size"])
-
-    def __len__(self) -> int:
-        return int(self.manifest["num_samples"])
-
-    def lookup(self, indices: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
-        """Teacher embeddings (float32) of samples ``indices`` as seen (mirrored if ``flipped``)."""
-        idx = indices.cpu().numpy()
-        fl = flipped.cpu().numpy().astype(np.int64)
-        unit = self.embeddings[idx, fl].astype(np.float32)
-        return torch.from_numpy(unit * self.norms[idx, fl][:, None])
-
-
-class CachedTeacher(Teacher):
-    """Embeddings read from a :class:`TeacherCache` by index and flip."""
-
-    def __init__(self, cache: TeacherCache, source: str, device: torch.device | str) -> None:
-        self.cache = cache
-        self.embedding_size = cache.embedding_size
-        self.input_size = cache.manifest.get("input_size")
-        self.source = source
-        self.device = torch.device(device)
-
-    def embed(self, images: torch.Tensor, indices: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
-        return self.cache.lookup(indices, flipped).to(self.device, non_blocking=True)
-
-
-def mean_embedding_centers(cache: TeacherCache, labels: Sequence[int], num_classes: int,
-                           block: int = 1 << 16) -> torch.Tensor:
-    """Class centres of an embedding-only teacher: per identity, the L2-normalised mean of the
-    unit embeddings of its images and their mirror images (``[num_classes, D]``, float32).
-    The cache is read in blocks of ``block`` rows."""
-    labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    if labels_t.shape[0] != len(cache):
-        raise DataError(f"teacher cache {cache.folder}: {len(cache)} samples but {labels_t.shape[0]} labels")
-    sums = torch.zeros(num_classes, cache.embedding_size)
-    for a in range(0, len(cache), block):
-        directions = torch.from_numpy(np.asarray(cache.embeddings[a:a + block], dtype=np.float32)).sum(1)
-        sums.index_add_(0, labels_t[a:a + block], directions)
-    empty = (sums.norm(dim=1) == 0).nonzero().flatten().tolist()
-    if empty:
-        raise DataError(f"teacher cache {cache.folder}: no embedding for class(es) {empty[:10]}")
-    return sums / sums.norm(dim=1, keepdim=True)
 
 
 def _unit_and_norms(emb: np.ndarray, folder: Path, first_row: int) -> tuple[np.ndarray, np.ndarray]:
@@ -198,7 +76,7 @@ def _prepare(folder: Path, manifest: dict, n_chunks: int) -> None:
     the files full-size with no chunk done."""
     path = folder / MANIFEST
     if path.is_file():
-        old = _read_manifest(path)
+        old = read_manifest(path)
         same = {k: v for k, v in old.items() if k != "complete"} == manifest
         if same and (old.get("complete") or (folder / DONE_FILE).is_file()):
             if not old.get("complete"):
@@ -224,7 +102,7 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 def build_cache(teacher: Callable[[torch.Tensor], torch.Tensor], dataset, out: str | Path,
                 teacher_fp: str, teacher_name: str, batch_size: int = 128,
                 device: torch.device | str = "cpu", progress: bool = True, chunk_batches: int = 64,
-                num_workers: int = 0, dist: D.DistInfo | None = None,
+                num_workers: int = 0, dist: distributed.DistInfo | None = None,
                 stop_after_chunks: int | None = None) -> Path:
     """Embed every sample of ``dataset`` (any kind of :mod:`ekd.data.kinds`) and its mirror with
     ``teacher`` into the cache folder ``out``, chunk by chunk, resumably (see the module doc).
@@ -233,7 +111,7 @@ def build_cache(teacher: Callable[[torch.Tensor], torch.Tensor], dataset, out: s
     must call this. ``stop_after_chunks`` stops this rank after that many chunks, leaving the
     cache unfinished, as an interrupt would (for tests).
     """
-    dist = dist or D.DistInfo()
+    dist = dist or distributed.DistInfo()
     folder, n = Path(out), len(dataset)
     if batch_size < 1 or chunk_batches < 1:
         raise DataError(f"teacher cache: batch size ({batch_size}) and batches per chunk "
@@ -255,7 +133,7 @@ def build_cache(teacher: Callable[[torch.Tensor], torch.Tensor], dataset, out: s
                     "chunk_rows": rows}
         if dist.is_main:
             _prepare(folder, manifest, n_chunks)
-        D.barrier(dist)
+        distributed.barrier(dist)
         done = np.fromfile(folder / DONE_FILE, dtype=np.uint8) if (folder / DONE_FILE).is_file() \
             else np.ones(n_chunks, np.uint8)
         mine = [c for c in range(dist.rank, n_chunks, dist.world_size) if not done[c]]
@@ -264,7 +142,7 @@ def build_cache(teacher: Callable[[torch.Tensor], torch.Tensor], dataset, out: s
         if mine:
             _embed_chunks(teacher, dataset, folder, mine, rows, batch_size, d, device, num_workers,
                           progress and dist.is_main)
-        D.barrier(dist)
+        distributed.barrier(dist)
         if dist.is_main and (folder / DONE_FILE).is_file():
             left = int((np.fromfile(folder / DONE_FILE, dtype=np.uint8) == 0).sum())
             if left:
@@ -273,7 +151,7 @@ def build_cache(teacher: Callable[[torch.Tensor], torch.Tensor], dataset, out: s
             else:
                 _write_manifest(folder, {**manifest, "complete": True})
                 (folder / DONE_FILE).unlink()
-        D.barrier(dist)
+        distributed.barrier(dist)
     finally:
         dataset.train = was_train
     return folder
@@ -338,3 +216,54 @@ def import_npz(npz_path: str | Path, dataset, out: str | Path) -> Path:
                                        "teacher": file_fingerprint(npz_path),
                                        "teacher_name": npz_path.name, "input_size": None,
                                        "complete": True})
+
+
+def embedder_from_file(path: str | Path, backbone: str | None, input_size: int,
+                       device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """A teacher file (ekd checkpoint, arcface_torch ``backbone.pth`` or ``.onnx``) as a function
+    ``normalised images -> embeddings`` and a display name."""
+    if str(path).endswith(".onnx"):
+        onnx = OnnxTeacher(path, input_size, device=device)
+        return (lambda x: onnx.embed(x, None, None)), Path(path).name  # type: ignore[arg-type]
+    loaded = load_teacher(path, backbone, input_size=input_size, device=device)
+    return loaded.model, f"{loaded.backbone} ({Path(path).name})"
+
+
+def guess_data_kind(path: str | Path) -> str:
+    """``rec`` for a ``.rec``/``.idx`` file, its prefix or a folder holding ``train.rec``, else
+    ``folder``."""
+    p = Path(path)
+    if p.suffix in (".rec", ".idx") or (p.is_dir() and (p / "train.rec").is_file()):
+        return "rec"
+    if not p.exists() and rec_paths(p)[0].is_file():
+        return "rec"
+    return "folder"
+
+
+def cache_for_data(data: str | Path, input_size: int, out: str | Path, teacher: str | None = None,
+                   backbone: str | None = None, from_npz: str | None = None, batch_size: int = 128,
+                   device: str = "auto", progress: bool = True, data_kind: str = "auto",
+                   num_workers: int = 0, chunk_batches: int = 64, on_corrupt: str = "skip") -> Path:
+    """Write the teacher cache of the training set ``data`` (see ``ekd teacher-cache --help``)."""
+    if (teacher is None) == (from_npz is None):
+        raise DataError("give exactly one of a teacher file or --from-npz")
+    kind = guess_data_kind(data) if data_kind == "auto" else data_kind
+    if kind not in ("folder", "rec"):
+        raise DataError(f"--data-kind: {kind!r} is not one of auto, folder, rec")
+    dataset = build_dataset(DataConfig(kind=kind, root=str(data), input_size=input_size,
+                                       on_corrupt=on_corrupt))
+    if from_npz is not None:
+        return import_npz(from_npz, dataset, out)
+    dev = resolve_device(device)
+    started = not torch.distributed.is_initialized()
+    info = distributed.init_distributed(dev.type)
+    try:
+        if dev.type == "cuda" and info.enabled:
+            dev = torch.device("cuda", info.local_rank)
+        net, name = embedder_from_file(teacher, backbone, input_size, dev)  # type: ignore[arg-type]
+        fp = file_fingerprint(teacher)  # type: ignore[arg-type]
+        return build_cache(net, dataset, out, fp, name, batch_size, dev, progress=progress,
+                           chunk_batches=chunk_batches, num_workers=num_workers, dist=info)
+    finally:
+        if started:
+            distributed.shutdown()

@@ -23,15 +23,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ekd.engine.build import resolve_device
-from ekd.engine.evaluation import KINDS, _public, markdown_table, save_report, verification_set
-from ekd.engine.teacher import load_model
+from ekd.commands.eval_report import KINDS, _public, markdown_table, save_report, verification_set
 from ekd.errors import ConfigError, DataError
 from ekd.eval.bootstrap import (bootstrap_pair_metrics, interval, paired_difference, verdict,
                                 weighted_tpr_at_fpr)
-from ekd.eval.embed import embed_dataset
 from ekd.eval.evaluate import VerificationSet, fpr_key
+from ekd.eval.flip_embed import embed_dataset
 from ekd.models import count_parameters
+from ekd.models.loading import load_model
+from ekd.utils.device import resolve_device
 
 __all__ = ["compare_models", "compare_report", "COMPARE_FPRS"]
 
@@ -55,7 +55,7 @@ class _OnnxModule(nn.Module):
         super().__init__()
         import onnxruntime
 
-        from ekd.engine.teacher_onnx import OnnxTeacher
+        from ekd.teachers.onnx import OnnxTeacher
 
         shape = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).get_inputs()[0].shape
         size = shape[2] if len(shape) == 4 and isinstance(shape[2], int) else 112
