@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,6 @@ from ekd.engine.checkpoint import FORMAT, VERSION, save_atomic
 from ekd.eval.evaluate import folder_set
 from ekd.models import build_backbone
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
