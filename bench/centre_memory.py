@@ -9,7 +9,7 @@ logits, softmax). *After* (Partial FC class shards, :mod:`ekd.heads.sharded_ce`)
 Measured: one AdaDistill step (update + margin softmax + backward) per configuration, each in its
 own process (peak RSS from ``getrusage``), with a small batch:
 
-    python bench/centre_memory.py            # writes bench/results/centre_memory.{md,json}
+    python -m bench.centre_memory            # writes bench/results/centre_memory.{md,json}
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def main() -> None:
               "after_r01": after_bytes(c, 0.1)} for k, c in CLASSES.items()]
     runs = []
     for label, c, w, r, b, use in MEASURED:
-        out = subprocess.run([sys.executable, __file__, json.dumps([c, w, r, b, use])],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run([sys.executable, "-m", "bench.centre_memory", json.dumps([c, w, r, b, use])],
+                             check=True, capture_output=True, text=True, cwd=RESULTS.parent.parent).stdout
         runs.append({"config": label, "classes": c, "world": w, "sample_rate": r, "batch": b,
                      **json.loads(out.strip().splitlines()[-1])})
     lines = [f"Bytes per rank (GiB), d = {D}, global batch {N}, {WORLD} ranks, float32 "

@@ -10,7 +10,7 @@ backward, SGD step); batches are prefetched and mirrored as in training (``step_
 
 Usage::
 
-    python bench/compile_speed.py CONFIG [--set KEY=VALUE ...] [--steps 20] [--threads 1]
+    python -m bench.compile_speed CONFIG [--set KEY=VALUE ...] [--steps 20] [--threads 1]
                                   [--out bench/results] [--name NAME]
 
 e.g. a KD-table cell's own ``config.yaml`` (its run folder) with ``--threads 1`` as the table
@@ -24,19 +24,16 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.step_time import prefetch, timed_step
 
-from step_time import prefetch, timed_step  # noqa: E402
-
-from ekd.config import load_config  # noqa: E402
-from ekd.engine.trainer import Trainer  # noqa: E402
+from ekd.config import load_config
+from ekd.engine.trainer import Trainer
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -111,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     res.update(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
                load_start=load_start, load_end=os.getloadavg()[0], config=args.config.name,
                overrides=args.set, steps=args.steps,
-               command=" ".join(["python bench/compile_speed.py", args.config.name, *(f"--set {o}" for o in args.set),
+               command=" ".join(["python -m bench.compile_speed", args.config.name, *(f"--set {o}" for o in args.set),
                                  f"--steps {args.steps}", f"--threads {torch.get_num_threads()}"]))
     path = write_results(res, args.out, args.name or args.config.stem)
     print(path.read_text())

@@ -9,8 +9,8 @@ student width other than the plan's); finished rows are kept in
 ``bench/results/demo_convergence.json`` (keyed by the plan, so rows of earlier plans stay).
 ``--jobs 2`` trains two rows at once, one thread each, as the demo trains its students.
 
-    python bench/demo_convergence.py --demo demo_out --jobs 2 nokd:6:0 nokd:6:1 ekd:6:0 ekd:6:1 teacher:6:0
-    python bench/demo_convergence.py --demo demo_out nokd:12:0:0.5
+    python -m bench.demo_convergence --demo demo_out --jobs 2 nokd:6:0 nokd:6:1 ekd:6:0 ekd:6:1 teacher:6:0
+    python -m bench.demo_convergence --demo demo_out nokd:12:0:0.5
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ plan, wall time, jobs, load average, per-run metrics and the EKD vs no-KD compar
 choice of ``FULL`` rests on committed numbers. ``bench/demo_convergence.py --demo OUT`` then
 checks convergence on the same plan.
 
-    python bench/demo_plans.py B --out demo_plan_B --jobs 2
+    python -m bench.demo_plans B --out demo_plan_B --jobs 2
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ and with every step diagnosed (``log_every: 1``), in alternating blocks so that 
 hits both alike. The overhead of the default (``log_every: 10``) is the diagnosed step's extra
 time over 10 steps. Writes ``bench/results/diagnostics_overhead.{json,md}``.
 
-    python bench/diagnostics_overhead.py [--blocks 6] [--steps 5] [--threads 1]
+    python -m bench.diagnostics_overhead [--blocks 6] [--steps 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def time_steps(trainer: Trainer, steps: int) -> float:
         except StopIteration:
             batches = iter(trainer.loader)
             images, labels, indices = next(batches)
-        images, flipped = trainer._mirror(images)
+        images, flipped = trainer.mirror(images)
         t0 = time.perf_counter()
         trainer.train_step(images, labels, indices, flipped)
         times.append(time.perf_counter() - t0)
@@ -69,12 +69,12 @@ def time_gradient_norms(trainer: Trainer, repeats: int) -> float:
     from ekd.engine.diagnostics import term_gradient_norms
 
     images, labels, indices = next(iter(trainer.loader))
-    images, flipped = trainer._mirror(images)
+    images, flipped = trainer.mirror(images)
     times = []
     for _ in range(repeats):
         terms = trainer.compute_terms(images, labels, indices, flipped)
         t0 = time.perf_counter()
-        term_gradient_norms(terms, trainer._embedding, trainer.dist)
+        term_gradient_norms(terms, trainer.step_embedding, trainer.dist)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "diagnostics_overhead.json").write_text(json.dumps(result, indent=1))
     md = ["# Cost of train.diagnostics (CPU MobileFaceNet, 32 px, batch 128, CosFace + EKD)", "",
-          f"Command: `python bench/diagnostics_overhead.py --blocks {args.blocks} --steps {args.steps} "
+          f"Command: `python -m bench.diagnostics_overhead --blocks {args.blocks} --steps {args.steps} "
           f"--threads {args.threads}`; load average at the end {result['load_average']:.2f}.", "",
           "| | seconds per step |", "|---|---|",
           f"| diagnostics off | {t_off:.3f} |", f"| every step diagnosed | {t_on:.3f} |", "",

@@ -17,7 +17,7 @@ Timings: median of up to ``--repeats`` runs after one warm-up; runs slower than 
 3 times, slower than 20 s once. Torch threads: the default unless ``--threads``. Writes
 ``bench/results/<name>.{md,json}`` (default name ``distill_cost``).
 
-    python bench/distill_cost.py [--batches 128 512 2048] [--classes 10000] [--repeats 5]
+    python -m bench.distill_cost [--batches 128 512 2048] [--classes 10000] [--repeats 5]
                                  [--threads N] [--name distill_cost]
 """
 

@@ -16,10 +16,10 @@ stored embeddings. Each finished cell writes ``bench/results/ekd_ablation/<profi
 (committed; reruns skip it); :func:`report` writes ``docs/results/ekd_ablation.md`` from those
 files alone.
 
-    python bench/ekd_ablation.py [--seeds 2] [--rows ...] [--budget S] [--jobs 2]
-    python bench/ekd_ablation.py --smoke        # 2 steps per cell: the path
-    python bench/ekd_ablation.py --report-only
-    python bench/ekd_ablation.py --reproduce NAME   # retrain one committed cell, compare
+    python -m bench.ekd_ablation [--seeds 2] [--rows ...] [--budget S] [--jobs 2]
+    python -m bench.ekd_ablation --smoke        # 2 steps per cell: the path
+    python -m bench.ekd_ablation --report-only
+    python -m bench.ekd_ablation --reproduce NAME   # retrain one committed cell, compare
 """
 
 from __future__ import annotations
@@ -35,13 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from kd_cells import (CellStore, auto_weight_events, common_arguments, environment, git,  # noqa: E402
-                      layout_summary, run_and_report, train_cell)
-from kd_choices import choose_preset  # noqa: E402
-from kd_profiles import CPU2, TEACHER_EMBEDDINGS, Cell, Profile  # noqa: E402
-from kd_table import REPO, Table, reproduce, smoke  # noqa: E402
+from bench.kd_cells import (CellStore, auto_weight_events, common_arguments, environment, git,
+                            layout_summary, run_and_report, train_cell)
+from bench.kd_choices import choose_preset
+from bench.kd_profiles import CPU2, TEACHER_EMBEDDINGS, Cell, Profile
+from bench.kd_table import REPO, Table, reproduce, smoke
 
 SPLIT_SEED = 20221  # fixed: the split never changes between machines or sessions
 VAL_SHARE = 0.10
@@ -109,7 +107,7 @@ def split_identities(train_root: Path) -> tuple[list[str], list[str]]:
 class Ablation(Table):
     """The ablation cells as a table for :func:`kd_cells.run_all` (keys: (row, seed))."""
 
-    runner = Path(__file__)
+    runner = "bench.ekd_ablation"  # its --run-cell trains a cell on the split
 
     def __init__(self, profile: Profile, faces: Path, cache: Path, results: Path, rows: list[str],
                  seeds: int, teacher: str = "T2", row_configs: dict | None = None) -> None:

@@ -8,7 +8,7 @@ share of the squared soft-rank error that pulls positive pairs down / top-k nega
 teacher does) and the active-band shares. Runs trained since the trainer logs ``against_*``
 have them in ``metrics.jsonl`` already; this measures the cells trained before.
 
-    python bench/ekd_rank_direction.py CACHE/cells/T2-w0.5-ekd__ours-s0-... [...] [--batches 20]
+    python -m bench.ekd_rank_direction CACHE/cells/T2-w0.5-ekd__ours-s0-... [...] [--batches 20]
 
 Writes ``bench/results/ekd_rank_direction.json`` (``--out``).
 """
@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import prefetch  # noqa: E402
+from bench.step_time import prefetch
 
-from ekd.config import load_config  # noqa: E402
-from ekd.engine.diagnostics import distiller_diagnostics, set_recording  # noqa: E402
-from ekd.engine.trainer import Trainer  # noqa: E402
+from ekd.config import load_config
+from ekd.engine.diagnostics import distiller_diagnostics, set_recording
+from ekd.engine.trainer import Trainer
 
 OUT = Path(__file__).resolve().parent / "results" / "ekd_rank_direction.json"
 KEYS = ("against_pos", "against_neg", "active_pos", "active_neg")

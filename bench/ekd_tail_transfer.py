@@ -16,8 +16,8 @@ with ``--against CELL``, another cell's student. Per cell:
   impostors above the reference's threshold at F (100 = the student also scores them highest);
 - ``tpr@F`` and ``auc``: the student's own numbers (as in the ablation's cells).
 
-    python bench/ekd_tail_transfer.py CACHE/cells/T2-w0.5-no_kd-s0-... [...] [--faces FACES]
-    python bench/ekd_tail_transfer.py CELL... --against CACHE/cells/T2-w0.5-no_kd-s1-...
+    python -m bench.ekd_tail_transfer CACHE/cells/T2-w0.5-no_kd-s0-... [...] [--faces FACES]
+    python -m bench.ekd_tail_transfer CELL... --against CACHE/cells/T2-w0.5-no_kd-s1-...
 
 Writes ``bench/results/ekd_tail_transfer.json`` and ``.md`` (``--out``); rows of cells measured
 by an earlier invocation stay (a cell measured again replaces its row).
@@ -32,9 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ekd_ablation import teacher_val_embeddings, val_images  # noqa: E402
-from kd_table import REPO  # noqa: E402
+from bench.ekd_ablation import teacher_val_embeddings, val_images
+from bench.kd_table import REPO
 
 OUT = REPO / "bench" / "results" / "ekd_tail_transfer"
 TAIL_FPRS = (1e-3, 1e-4)
@@ -109,7 +108,7 @@ def measure(cell: Path, reference: np.ndarray) -> dict[str, float]:
 def report(rows: list[dict], out: Path) -> None:
     keys = [k for k in rows[0] if k not in ("cell", "reference", "method", "seed")]
     lines = ["# Does the student take the teacher's tail? (validation split of `bench/ekd_ablation.py`)", "",
-             "Written by `python bench/ekd_tail_transfer.py CELL...`; measures in its docstring.", "",
+             "Written by `python -m bench.ekd_tail_transfer CELL...`; measures in its docstring.", "",
              "| row | seed | against | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
     for r in rows:
         lines.append(f"| {r['method']} | {r['seed']} | {r.get('reference', 'teacher')} | "

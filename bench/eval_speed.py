@@ -7,7 +7,7 @@ Scores mimic LFW all-pairs (20,604,990 pairs, 14,508 genuine, float32 cosines). 
 * ``ekd.eval.plots.roc_points`` -- the ~300 ROC points kept for plots;
 * for scale, a full ``np.sort`` of the same scores and scikit-learn's ``roc_curve`` (if installed).
 
-Usage: ``python bench/eval_speed.py [--pairs 20604990] [--repeats 3]``; writes
+Usage: ``python -m bench.eval_speed [--pairs 20604990] [--repeats 3]``; writes
 ``bench/results/eval_speed.{md,json}``.
 """
 
@@ -78,7 +78,7 @@ def main() -> None:
              f"best of {args.repeats}; the requirement is <= 10 s without a full sort.", "",
              "| computation | seconds |", "|---|---|"]
     lines += [f"| {name} | {t:.2f} |" for name, t, _ in rows]
-    lines += ["", "Run: `python bench/eval_speed.py`."]
+    lines += ["", "Run: `python -m bench.eval_speed`."]
     (out / "eval_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -19,9 +19,9 @@ one call beside the checkout:
 ``restore`` (on the GPU machine, once parts 1 and 2 are there) writes the faces layout the
 table reads (``--faces``) and puts the T2 cache where the table looks for it (``--cache``)::
 
-    python bench/gpu_bundle.py pack --faces ../shared/data/faces --out .gpu_bundle
-    python bench/gpu_bundle.py restore --bundle .gpu_bundle --faces .gpu_faces --cache .gpu_cache
-    python bench/kd_table.py --profile gpu --faces .gpu_faces --cache .gpu_cache --budget 420
+    python -m bench.gpu_bundle pack --faces ../shared/data/faces --out .gpu_bundle
+    python -m bench.gpu_bundle restore --bundle .gpu_bundle --faces .gpu_faces --cache .gpu_cache
+    python -m bench.kd_table --profile gpu --faces .gpu_faces --cache .gpu_cache --budget 420
 
 Each part has ``part.json`` (its files, sizes, SHA-256); ``restore`` checks them. ``pack`` also
 writes ``bundle.json`` and prints each part's size plus the checkout's, against the 64 MiB limit.
@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
@@ -51,8 +50,8 @@ TEACHERS = {"T2": "teacher_dlib_r29", "T3": "teacher_dlib_r29_view32"}
 # -- what the GPU table reads ---------------------------------------------------------------
 def lfw_needed(faces: Path) -> list[str]:
     """LFW images the table's protocols read (``lfw/...`` paths, in the teacher file's order):
-    the all-pairs selection of ``kd_table_eval`` and every View-2 pair's images."""
-    from kd_table_eval import load_protocols
+    the all-pairs selection of ``kd_protocols`` and every View-2 pair's images."""
+    from bench.kd_protocols import load_protocols
 
     protocols = load_protocols(faces)
     wanted = {os.path.normpath(p) for p in (*protocols.all_pairs_paths, *protocols.lfw_pairs.paths1,

@@ -36,8 +36,8 @@ and writes to ``outputs/gpu_check_dry_run`` unless ``--out`` says otherwise.
 
 Usage::
 
-    python bench/gpu_check.py                    # on a CUDA machine (docs/gpu.md)
-    python bench/gpu_check.py --cpu-dry-run --out /tmp/gpu_check
+    python -m bench.gpu_check                    # on a CUDA machine (docs/gpu.md)
+    python -m bench.gpu_check --cpu-dry-run --out /tmp/gpu_check
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE_TARGET_S = 540.0  # T1 + the T1 key rows on one H200-class GPU (issue: 9 minutes)
@@ -161,7 +160,7 @@ def t2_cache_for(faces: Path, cache: Path) -> Path:
 # -- training with ekd's trainer --------------------------------------------------------------
 def check_tree(ctx: Context, **train: object) -> dict:
     """A T2-like cell config on the stand-in faces at the check shapes (fp32, NCHW, eager)."""
-    from kd_profiles import EKD_OURS, GPU
+    from bench.kd_profiles import EKD_OURS, GPU
 
     s = ctx.shapes
     return {
@@ -188,7 +187,7 @@ def first_step_terms(trainer) -> dict[str, float]:  # noqa: ANN001 - ekd.engine.
     images = images.to(trainer.device)
     if trainer.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    images, flipped = trainer._mirror(images)  # the flips of step 1 (seeded by epoch and batch)
+    images, flipped = trainer.mirror(images)  # the flips of step 1 (seeded by epoch and batch)
     terms = trainer.compute_terms(images, labels.to(trainer.device), indices, flipped)
     out = {k: float(v.detach()) for k, v in terms.items()}
     out["loss"] = sum(out.values())
@@ -288,7 +287,7 @@ def row_preload(ctx: Context) -> dict:
 
 
 def partial_fc_tree(ctx: Context, device: str) -> dict:
-    from kd_profiles import method_distill
+    from bench.kd_profiles import method_distill
 
     tree = check_tree(ctx, device=device)
     tree["head"]["sample_rate"] = 0.5
@@ -504,8 +503,8 @@ def run_rows(ctx: Context, log: Callable[[str], None],
 def timing_profile(cuda: bool):  # noqa: ANN201 - kd_profiles.Profile
     """The GPU profile; for the dry run its smoke version (``kd_table.py --smoke``) at one step
     of 8 images."""
-    from kd_profiles import GPU
-    from kd_table import smoke
+    from bench.kd_profiles import GPU
+    from bench.kd_table import smoke
 
     if cuda:
         return GPU
@@ -567,8 +566,8 @@ def time_cells(ctx: Context, faces: Path, faces_label: str, cache: Path | None,
     """One epoch of each kind of GPU-profile cell, with the configs of ``kd_table.Table``; the
     runs go to the scratch folder (never into a table cache). ``on_cell`` gets the timing so far
     after each cell."""
-    from kd_profiles import Cell
-    from kd_table import Table
+    from bench.kd_profiles import Cell
+    from bench.kd_table import Table
 
     profile = timing_profile(ctx.cuda)
     table = Table(profile, faces, ctx.work / "table_cache", ctx.work / "table_results")
@@ -609,7 +608,7 @@ def time_cells(ctx: Context, faces: Path, faces_label: str, cache: Path | None,
 
 def project(timing: dict, epochs: int) -> dict | None:
     """Seconds of T1 + its key rows and of the whole ``--profile gpu`` table at ``epochs``."""
-    from kd_profiles import GPU, plan_key
+    from bench.kd_profiles import GPU, plan_key
 
     cells = timing["cells"]
     if not cells or any(c.get("status") != "pass" for c in cells.values()) or "eval" not in timing:
@@ -648,7 +647,7 @@ def recommend_epochs(timing: dict, target_s: float = TABLE_TARGET_S, part: str =
 def environment(device: str) -> dict:
     import torch
 
-    from kd_cells import git
+    from bench.kd_cells import git
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
@@ -719,7 +718,7 @@ def write_report(out: Path, result: dict) -> tuple[Path, Path]:
         lines += ["", f"Per cell: Python start {_fmt(timing['import_s'])} s; evaluation {_fmt(ev['total_s'])} s "
                   f"(embedding {_fmt(ev['embed_s'])} s, all-pairs scoring {_fmt(ev['scoring_s'])} s, bootstrap "
                   f"{_fmt(ev['bootstrap_s'])} s: {ev['bootstrap_source']})."]
-    lines += ["", "## Projection of `python bench/kd_table.py --profile gpu` (plan_key, one seed)", ""]
+    lines += ["", "## Projection of `python -m bench.kd_table --profile gpu` (plan_key, one seed)", ""]
     proj = result.get("projection")
     if proj:
         lines += ["| epochs | T1 s | T1 key rows s | T1 + T1 rows min | T2 key rows s | whole table min |",
@@ -765,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = "cpu" if args.cpu_dry_run else "cuda"
     out = args.out or (REPO / ("outputs/gpu_check_dry_run" if args.cpu_dry_run else "bench/results"))
-    from kd_profiles import GPU_EPOCHS
+    from bench.kd_profiles import GPU_EPOCHS
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = args.work or Path(tmp)
@@ -779,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes = DRY_SHAPES if args.cpu_dry_run else GPU_SHAPES
         start = time.perf_counter()
         result = {"dry_run": args.cpu_dry_run, "complete": False,
-                  "command": "python bench/gpu_check.py" + (" --cpu-dry-run" if args.cpu_dry_run else ""),
+                  "command": "python -m bench.gpu_check" + (" --cpu-dry-run" if args.cpu_dry_run else ""),
                   "environment": environment(device), "shapes": dataclasses.asdict(shapes),
                   "bundle_parts": bundle_parts(REPO / ".gpu_bundle"), "rows": [], "timing": None,
                   "projection": None, "recommended_epochs": None, "whole_table_epochs": None,

@@ -16,12 +16,12 @@ case "$stage" in
   check)
     # straight into $OUT: the report is rewritten after every row, so a run stopped at the
     # time limit still brings back what it checked
-    $py bench/gpu_check.py --out "$out" 2>&1 | tee "$out/gpu_check.log"
+    $py -m bench.gpu_check --out "$out" 2>&1 | tee "$out/gpu_check.log"
     status=$?
     ;;
   table)
-    $py bench/gpu_bundle.py restore --bundle .gpu_bundle --faces .gpu_faces --cache .gpu_cache 2>&1 | tee "$out/restore.log" || exit 3
-    $py bench/kd_table.py --profile gpu --faces .gpu_faces --cache .gpu_cache --budget "${TABLE_BUDGET:-420}" \
+    $py -m bench.gpu_bundle restore --bundle .gpu_bundle --faces .gpu_faces --cache .gpu_cache 2>&1 | tee "$out/restore.log" || exit 3
+    $py -m bench.kd_table --profile gpu --faces .gpu_faces --cache .gpu_cache --budget "${TABLE_BUDGET:-420}" \
       2>&1 | tee "$out/kd_table_gpu.log"
     status=$?
     tar czf "$out/kd_table_gpu.tgz" bench/results/kd_table/gpu docs/results/kd_table_gpu* 2>/dev/null

@@ -10,7 +10,7 @@ the KD table), the paired INT8 - fp32 difference on the same resamples, the CPU 
 
 Usage::
 
-    python bench/int8_parity.py --model STUDENT.pt --name CELL [--faces ../shared/data/faces]
+    python -m bench.int8_parity --model STUDENT.pt --name CELL [--faces ../shared/data/faces]
 
 Writes ``bench/results/int8_<name>.json`` and ``.md``.
 """
@@ -22,28 +22,26 @@ import contextlib
 import io
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.kd_cells import BOOT_RESAMPLES, BOOT_SEED, all_pairs_tail, environment, git
+from bench.kd_protocols import load_protocols
+
+from ekd.commands.cli import main as ekd_main
+from ekd.data.folder import ListDataset
+from ekd.deploy.embedding_model import OnnxBackbone, OnnxEmbeddingModel
+from ekd.deploy.stats import model_stats, onnx_stats
+from ekd.deploy.onnx_export import load_checkpoint
+from ekd.eval.bootstrap import bootstrap_tpr, interval, paired_difference
+from ekd.eval.flip_embed import embed_dataset
+from ekd.eval.metrics import tpr_at_fpr
+from ekd.eval.protocols import all_pairs_scores
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-from kd_cells import BOOT_RESAMPLES, BOOT_SEED, all_pairs_tail, environment, git  # noqa: E402
-from kd_table_eval import load_protocols  # noqa: E402
-
-from ekd.commands.cli import main as ekd_main  # noqa: E402
-from ekd.data.folder import ListDataset  # noqa: E402
-from ekd.deploy.embedding_model import OnnxBackbone, OnnxEmbeddingModel  # noqa: E402
-from ekd.deploy.onnx_export import load_checkpoint  # noqa: E402
-from ekd.deploy.stats import model_stats, onnx_stats  # noqa: E402
-from ekd.eval.bootstrap import bootstrap_tpr, interval, paired_difference  # noqa: E402
-from ekd.eval.flip_embed import embed_dataset  # noqa: E402
-from ekd.eval.metrics import tpr_at_fpr  # noqa: E402
-from ekd.eval.protocols import all_pairs_scores  # noqa: E402
 
 FPRS = (1e-3, 1e-4)
 
@@ -176,7 +174,7 @@ def main() -> None:
     text = table(rec)
     Path(f"{out}.md").write_text(
         f"# fp32 vs INT8: {args.name} ({loaded.backbone}, {size} px, {rec['checkpoint']})\n\n"
-        f"Made by `python bench/int8_parity.py --model <cache>/cells/{args.name}/{cell_file(args.model)} "
+        f"Made by `python -m bench.int8_parity --model <cache>/cells/{args.name}/{cell_file(args.model)} "
         f"--name {args.name}` (`<cache>`: the KD table's cache folder); "
         f"{rec['protocol']}; latency: median [25th-75th percentile] of {args.repeats} runs, "
         f"{rec['threads']} CPU thread(s); size: the PyTorch weights (state_dict) or the ONNX "

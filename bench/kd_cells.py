@@ -266,8 +266,8 @@ def run_cell(cell_dir: Path) -> None:
     """Train (resuming a half-done run), evaluate, bootstrap one cell; writes the committed files
     and ``result.json`` in the cache. ``train_seconds`` sums every invocation of the cell (the
     cache's ``train_clock.json`` carries the time of interrupted ones)."""
+    from bench.kd_protocols import embed_student, load_eval_images, load_protocols, metrics_from_embeddings
     from ekd.models.loading import load_model
-    from kd_table_eval import embed_student, load_eval_images, load_protocols, metrics_from_embeddings
 
     spec, trained, train_s = train_cell(cell_dir)
     faces, cache = Path(spec["faces"]), Path(spec["cache"])
@@ -286,6 +286,15 @@ def run_cell(cell_dir: Path) -> None:
                          {"final_terms": trained.final_terms, "auto_weights": auto_weight_events(trained.run_dir)})
     CellStore(Path(spec["results"])).write(spec["name"], record, boot)
     _atomic(cell_dir / "result.json", json.dumps(record, indent=1, default=float))
+
+
+RUNNER = "bench.kd_table"  # the command whose ``--run-cell`` runs one cell (a table's ``runner`` overrides it)
+
+
+def cell_command(runner: str | Path) -> list[str]:
+    """The command line that starts ``runner``: a module (``bench.kd_table``) as ``python -m``
+    from the repository root (the cell subprocesses run there), or a script file."""
+    return [sys.executable, str(runner)] if isinstance(runner, Path) else [sys.executable, "-m", runner]
 
 
 def run_all(table, jobs: int, budget_s: float | None = None) -> float:  # noqa: ANN001
@@ -316,10 +325,8 @@ def run_all(table, jobs: int, budget_s: float | None = None) -> float:  # noqa: 
             table.write_cell(d, spec)
             env = {**os.environ, "OMP_NUM_THREADS": str(table.profile.threads)}
             with open(d / "log.txt", "a") as log:  # the child keeps its own handle
-                runner = getattr(table, "runner", Path(__file__).with_name("kd_table.py"))
-                proc = subprocess.Popen([sys.executable, str(runner),
-                                         "--run-cell", str(d)], stdout=log, stderr=subprocess.STDOUT,
-                                        env=env, cwd=REPO)
+                proc = subprocess.Popen([*cell_command(getattr(table, "runner", RUNNER)), "--run-cell", str(d)],
+                                        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
             running[str(d)] = (proc, name, time.perf_counter())
             bar.set_postfix_str(", ".join(v[1] for v in running.values()))
         if not running:

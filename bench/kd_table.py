@@ -2,7 +2,7 @@
 
 Data and protocols follow ``../shared/data/faces/README.md``: students train on ``train/``
 (CelebA-299 + CFP identities 001-450) and are scored on LFW View-2 (10-fold accuracy), LFW
-all-pairs (TPR at FPR 1e-3/1e-4/1e-5) and CFP fold 10 (FF, FP), see ``kd_table_eval.py``.
+all-pairs (TPR at FPR 1e-3/1e-4/1e-5) and CFP fold 10 (FF, FP), see ``kd_protocols.py``.
 
 Teachers: **T2** is the shared pretrained dlib ResNet (128-d), used through an embedding cache
 imported from ``teacher_dlib_r29/train.npz``; classifier-needing methods (kd, margin_distill,
@@ -19,14 +19,14 @@ subprocesses, ``--jobs`` at a time with ``--threads`` torch threads each.
 
 Profiles (``kd_profiles.py``): ``cpu`` (v1, 32 px, 2 epochs; kept reproducible), ``cpu2`` (v2:
 two students, MobileFaceNet and ``model.width: 0.5``, schedule fixed by ``kd_convergence.py``),
-``gpu`` (112 px, T1 + T2). The report (``kd_table_report.py``) writes ``docs/results/``.
+``gpu`` (112 px, T1 + T2). The report (``kd_report.py``) writes ``docs/results/``.
 
 Usage::
 
-    python bench/kd_table.py                      # CPU profile (default), 2 jobs x 1 thread
-    python bench/kd_table.py --profile cpu2       # v2 table
-    python bench/kd_table.py --profile gpu --budget 540   # one <= 600 s command; rerun resumes
-    python bench/kd_table.py --report-only        # rewrite the report from committed cells
+    python -m bench.kd_table                      # CPU profile (default), 2 jobs x 1 thread
+    python -m bench.kd_table --profile cpu2       # v2 table
+    python -m bench.kd_table --profile gpu --budget 540   # one <= 600 s command; rerun resumes
+    python -m bench.kd_table --report-only        # rewrite the report from committed cells
 
 Options: ``--faces`` (default ``../shared/data/faces`` beside the repository), ``--cache``
 (default ``$EKD_KD_TABLE_CACHE`` or ``~/.cache/ekd/kd_table``), ``--out`` (``docs/results``),
@@ -43,14 +43,12 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from kd_choices import PRESET_ROWS, PRESET_SEEDS, tuned_settings, tuning_records  # noqa: E402
-from kd_cells import (RESULTS, CellStore, recorded_channels_last, recorded_compile, run_all,  # noqa: E402,F401
-                      run_cell)
-from kd_profiles import (CPU, CPU2, CPU3, EKD_OURS, GPU, NEEDS_CENTERS, OTHERS, PLANS,  # noqa: E402,F401
-                         PROFILES, SEEDED, TEACHER_EMBEDDINGS, Cell, Profile, best_of, method_distill,
-                         zoo_distill)
+from bench.kd_choices import PRESET_ROWS, PRESET_SEEDS, tuned_settings, tuning_records
+from bench.kd_cells import (RESULTS, CellStore, recorded_channels_last, recorded_compile, run_all,  # noqa: F401
+                            run_cell)
+from bench.kd_profiles import (CPU, CPU2, CPU3, EKD_OURS, GPU, NEEDS_CENTERS, OTHERS, PLANS,  # noqa: F401
+                               PROFILES, SEEDED, TEACHER_EMBEDDINGS, Cell, Profile, best_of, method_distill,
+                               zoo_distill)
 
 REPO = Path(__file__).resolve().parents[1]
 TUNING = REPO / "bench" / "results" / "kd_tuning"  # the validation-split choices (bench/kd_tuning.py)
@@ -60,13 +58,6 @@ LAYOUT_KEYS = ("channels_last", "compile")  # train.*: layout, compiled step (ro
 # train.guard is off in cells: a diverged run is a result of the table (named "trained to chance"
 # by the report), not an error; recorded, not hashed (it changes nothing in a run that completes).
 RUN_CONTROL_KEYS = ("guard",)
-
-
-def preload_supported() -> bool:
-    """Whether this ekd has ``data.preload`` (added on another branch)."""
-    from ekd.config import DataConfig
-
-    return "preload" in {f.name for f in dataclasses.fields(DataConfig)}
 
 
 class Table:
@@ -97,7 +88,7 @@ class Table:
             model["width"] = cell.width
         data = {"kind": "folder", "root": str(self.faces / "train"), "input_size": p.input_size,
                 "num_workers": p.num_workers}
-        if p.preload and preload_supported():
+        if p.preload:
             data["preload"] = True
         return {
             "data": data,
@@ -185,7 +176,7 @@ class Table:
             if not (self.cache / f"teacher_{t.lower()}" / "manifest.json").is_file():
                 dataset = ImageFolderDataset(self.faces / "train", input_size=self.profile.input_size)
                 import_npz(self.faces / TEACHER_EMBEDDINGS[t] / "train.npz", dataset, self.cache / f"teacher_{t.lower()}")
-        from kd_table_eval import load_eval_images, load_protocols
+        from bench.kd_protocols import load_eval_images, load_protocols
 
         protocols = load_protocols(self.faces)
         load_eval_images(protocols, self.profile.input_size, self.cache)
@@ -195,8 +186,8 @@ class Table:
 
     def write_teacher_record(self, teacher: str, protocols) -> None:  # noqa: ANN001
         """``<teacher>-teacher``: a stored-embedding teacher's metrics and bootstrap samples."""
-        from kd_cells import all_pairs_tail, bootstrap_record, environment, git
-        from kd_table_eval import metrics_from_embeddings, teacher_lookup
+        from bench.kd_cells import all_pairs_tail, bootstrap_record, environment, git
+        from bench.kd_protocols import metrics_from_embeddings, teacher_lookup
 
         folder = TEACHER_EMBEDDINGS[teacher]
         lookup = teacher_lookup(self.faces, folder)
@@ -346,12 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.only is not None or args.match:
             table = LimitedTable(table, args.only, args.match)
         wall = run_all(table, args.jobs or profile.jobs, args.budget)
-    from kd_table_report import write_report
+    from bench.kd_report import write_report
 
-    out = write_report(table, args.out, wall, ["python", *sys.argv])
+    out = write_report(table, args.out, wall, ["python", "-m", "bench.kd_table", *sys.argv[1:]])
     print(f"report written to {out}")
     if not args.smoke and args.out.resolve() == (REPO / "docs" / "results").resolve():
-        from kd_table_summary import update_readme
+        from bench.kd_summary import update_readme
 
         block = (args.out / f"kd_table_{profile.name}_summary.md").read_text().rstrip("\n")
         if update_readme(REPO / "README.md", profile.name, block):

@@ -18,9 +18,9 @@ with ``adopted_from``). Committed cells: ``bench/results/kd_tuning/cpu3/``; repo
 ``docs/results/kd_tuning_cpu3.md``. The cpu3 table (``bench/kd_table.py --profile cpu3``) reads
 the choices from the committed cells.
 
-    python bench/kd_tuning.py [--phase grid|preset|all] [--budget S] [--jobs 2]
-    python bench/kd_tuning.py --smoke          # 2 steps per cell: the path
-    python bench/kd_tuning.py --report-only
+    python -m bench.kd_tuning [--phase grid|preset|all] [--budget S] [--jobs 2]
+    python -m bench.kd_tuning --smoke          # 2 steps per cell: the path
+    python -m bench.kd_tuning --report-only
 """
 
 from __future__ import annotations
@@ -30,16 +30,14 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from ekd_ablation import ROWS as ABLATION_ROWS  # noqa: E402
-from ekd_ablation import WIDTH, Ablation, collect_rows, compute_lines, rows_section  # noqa: E402
-from kd_cells import CellStore, common_arguments, run_and_report  # noqa: E402
-from kd_choices import (FEATURE_BASELINES, PRESET_BASE, PRESET_ROWS, PRESET_SEEDS,  # noqa: E402
-                        PRESET_VARIANTS, WEIGHT_GRID, choose_preset, choose_weight, grid_records,
-                        preset_weight_row, tuned_settings, tuning_records, weight_row)
-from kd_profiles import CPU3, Cell, auto_weighted  # noqa: E402
-from kd_table import REPO, smoke  # noqa: E402
+from bench.ekd_ablation import ROWS as ABLATION_ROWS
+from bench.ekd_ablation import WIDTH, Ablation, collect_rows, compute_lines, rows_section
+from bench.kd_cells import CellStore, common_arguments, run_and_report
+from bench.kd_choices import (FEATURE_BASELINES, PRESET_BASE, PRESET_ROWS, PRESET_SEEDS,
+                              PRESET_VARIANTS, WEIGHT_GRID, choose_preset, choose_weight, grid_records,
+                              preset_weight_row, tuned_settings, tuning_records, weight_row)
+from bench.kd_profiles import CPU3, Cell, auto_weighted
+from bench.kd_table import REPO, smoke
 
 RESULTS = REPO / "bench" / "results" / "kd_tuning"
 TEACHER = "T3"

@@ -5,7 +5,7 @@ FLOP counter, FLOPs / 2, one image), embedding size and the median CPU latency a
 Randomly initialised weights: the numbers do not depend on training. Latency depends on the
 machine and on its load; the files record the CPU, thread count and load average.
 
-    python bench/model_stats.py [--threads 1] [--repeats 10] [--out bench/results]
+    python -m bench.model_stats [--threads 1] [--repeats 10] [--out bench/results]
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ identities, packed into a ``.rec`` with ``ekd.data.rec_folder.pack_folder``, ima
 3. The share of a CPU MobileFaceNet training step (32 px, ``--steps`` steps) spent waiting for
    data (``data_wait`` of the trainer's ``metrics.jsonl``), with and without preloading.
 
-Usage: ``python bench/read_speed.py [--faces ../shared/data/faces] [--identities 100]``;
+Usage: ``python -m bench.read_speed [--faces ../shared/data/faces] [--identities 100]``;
 writes ``bench/results/read_speed.{md,json}``. Without the faces folder it uses random JPEGs.
 """
 
@@ -172,7 +172,7 @@ def write_results(result: dict, out: Path) -> None:
               for r in result["dataset"]]
     lines += ["", f"Single process, 1 torch thread, best of {result['repeats']} passes (warm page cache); "
               "each item is read + JPEG decode + normalised tensor (first row: bytes only).", "",
-              "Run: `python bench/read_speed.py` (a few minutes)."]
+              "Run: `python -m bench.read_speed` (a few minutes)."]
     (out / "read_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -8,7 +8,7 @@ LFW View-2 ``pairs.txt`` (10-fold accuracy, InsightFace ``verification.py``); LF
 fold 10 only and all 10 folds (same/diff interleaved, contiguous 10-fold accuracy).
 
 The shared folder lies beside the repository (``../shared/data/faces``); without it the script
-prints a message and exits 0. Usage: ``python bench/real_faces_eval.py``; writes
+prints a message and exits 0. Usage: ``python -m bench.real_faces_eval``; writes
 ``bench/results/real_faces_eval.{md,json}``.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 from ekd.eval.cfp import read_cfp_pairs
 from ekd.eval.metrics import tpr_at_fpr, verification_accuracy
 from ekd.eval.protocols import all_pairs_scores, read_lfw_pairs
-from kd_table_eval import lfw_all_pairs_selection, teacher_npz
+from bench.kd_protocols import lfw_all_pairs_selection, teacher_npz
 
 REPO = Path(__file__).resolve().parents[1]
 FACES = REPO.parent / "shared" / "data" / "faces"
@@ -88,7 +88,7 @@ def main() -> int:
              "| protocol | pairs | ekd result | README reference | seconds |", "|---|---|---|---|---|"]
     lines += [f"| {r['protocol']} | {r['pairs']:,} | {r['result']} | {r['reference']} | "
               f"{r['seconds']} |" for r in rows]
-    lines += ["", "Run: `python bench/real_faces_eval.py` (needs ../shared/data/faces)."]
+    lines += ["", "Run: `python -m bench.real_faces_eval` (needs ../shared/data/faces)."]
     (out / "real_faces_eval.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -18,7 +18,7 @@ through ``teacher.cache_teacher``). Data: a synthetic identity folder
 
 What is timed: ``trainer.train_step(images, labels, indices, flipped)`` — student forward, margin
 CE, teacher embeddings (cache lookup by index for (b), IResNet-50 forward for (c)), EKD, backward,
-SGD step. Batches are taken from ``trainer.loader`` and mirrored with ``trainer._mirror`` *before*
+SGD step. Batches are taken from ``trainer.loader`` and mirrored with ``trainer.mirror`` *before*
 timing (image loading and decoding are not timed), a few of them, reused cyclically. On CUDA the
 device is synchronised around each step. Each variant runs 2 warm-up steps, then the variants are
 timed in interleaved rounds (a, b, c, a, b, c, ...) so that load changes on a shared machine hit
@@ -26,7 +26,7 @@ all three alike; the result is the median over ``--steps`` rounds.
 
 Usage::
 
-    python bench/step_time.py [--input-size 56] [--batch 64] [--identities B/4] [--steps 10]
+    python -m bench.step_time [--input-size 56] [--batch 64] [--identities B/4] [--steps 10]
                               [--device auto] [--threads N] [--amp none] [--out bench/results]
 
 Defaults depend on the device: 56 px and batch 64 on CPU, 112 px and batch 256 on CUDA.
@@ -118,7 +118,7 @@ def prefetch(trainer: Trainer, count: int) -> list[tuple]:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(trainer.device)
         trainer.state.batch_in_epoch = b
-        images, flipped = trainer._mirror(images)
+        images, flipped = trainer.mirror(images)
         batches.append((images, labels, indices, flipped))
     trainer.state.batch_in_epoch = 0
     return batches
@@ -267,7 +267,7 @@ def main() -> None:
         "median_s": med, "times_s": times, "skipped_steps": skipped,
         "ratio_cached_over_plain": med["cached"] / med["plain"],
         "ratio_live_over_plain": med["live"] / med["plain"], "target_cached_over_plain": TARGET,
-        "command": "python bench/step_time.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.step_time " + " ".join(sys.argv[1:]),
     }
     mpath, jpath = write_results(res, args.out)
     print(mpath.read_text())

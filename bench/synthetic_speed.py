@@ -1,6 +1,6 @@
 """Rendering speed of ekd's synthetic faces (``ekd.data.synthetic_faces.render_face``), one process.
 
-Usage: ``python bench/synthetic_speed.py [--images 150] [--size 64]``; prints images/s (this
+Usage: ``python -m bench.synthetic_speed [--images 150] [--size 64]``; prints images/s (this
 used to be a report-only test; speed is measured here, not asserted in the test suite).
 """
 

@@ -89,11 +89,7 @@ def test_the_fixed_weight_gives_the_target_share_and_is_logged(tmp_path, teacher
     assert later and all(0.1 < s < 0.6 for s in later), later
     assert trainer.state.auto_weights == {"0": pytest.approx(weight)}
     # the benchmark's cell records carry the same event (bench/kd_cells.py)
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from kd_cells import auto_weight_events
+    from bench.kd_cells import auto_weight_events
 
     assert auto_weight_events(result.run_dir) == [event]
 

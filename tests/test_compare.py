@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,6 @@ from ekd.eval.evaluate import folder_set
 from ekd.models import build_backbone
 from ekd.utils.checkpoint_io import FORMAT, VERSION, save_atomic
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -92,12 +90,8 @@ def test_planted_impostor_errors_are_worse_at_low_fpr(setup, tmp_path, monkeypat
 
 
 def test_intervals_agree_with_the_benchmark(setup, tmp_path, monkeypatch):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import kd_cells
-        import kd_significance
-    finally:
-        sys.path.remove(str(BENCH))
+    import bench.kd_cells as kd_cells
+    import bench.kd_significance as kd_significance
     _plant_impostor_errors(monkeypatch)
     fprs = ",".join(f"{f:g}" for f in kd_cells.BOOT_FPRS)
     assert _compare(setup, "--label", "A", "--label", "B", "--out", str(tmp_path), "--fprs", fprs,

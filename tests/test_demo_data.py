@@ -56,11 +56,7 @@ def test_configs_train_teacher_on_all_and_students_on_their_subset(tmp_path):
 
 
 def test_the_demo_runs_the_measured_plan_d():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import demo_plans
+    import bench.demo_plans as demo_plans
 
     assert demo_plans.CANDIDATES["D"] == D.FULL  # docs/results/demo_synthetic.md measures D
     assert D.FULL.students_subset and D.QUICK.students_subset  # the quick run takes the same path

@@ -3,17 +3,11 @@ row (each a distiller build away from training), and the report built from commi
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import ekd_ablation as A  # noqa: E402
-from ekd.config import Config, from_dict, validate  # noqa: E402
-from ekd.distill import build_distiller  # noqa: E402
+import bench.ekd_ablation as A
+from ekd.config import Config, from_dict, validate
+from ekd.distill import build_distiller
 
 
 def test_split_is_fixed_disjoint_and_a_tenth(tmp_path):
@@ -102,7 +96,7 @@ def test_preset_falls_back_to_the_better_plain_ekd_and_waits_for_every_seed():
 def test_the_tables_ekd_ours_is_the_ablations_preset(tmp_path):
     """Once every ablation cell is committed, bench/kd_profiles.py's "EKD (ours)" must be the
     preset the rule chose (adopting it is a change of EKD_OURS; until then this skips)."""
-    import kd_profiles
+    import bench.kd_profiles as kd_profiles
 
     table = A.Ablation(A.CPU2, tmp_path / "faces", tmp_path / "cache", A.RESULTS, list(A.ROWS), 2)
     rows = {r: [x for s in range(2) if (x := table.result(A.Cell("T2", r, s, A.WIDTH)))]

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import ekd_tail_transfer as T  # noqa: E402
+import bench.ekd_tail_transfer as T
 
 
 def _pairs(n: int = 20000, seed: int = 0):

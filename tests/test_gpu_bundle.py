@@ -13,22 +13,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import bench.gpu_bundle as gpu_bundle
+from bench.kd_profiles import GPU, Cell
+from bench.kd_protocols import load_protocols
+from bench.kd_table import Table
+
+from ekd.config import Config, from_dict
+from ekd.data import ImageFolderDataset
+from ekd.data.kinds.registry import fingerprint_of
+from ekd.engine.build import build_train_set
+from ekd.teachers.cache import TeacherCache
+from ekd.teachers import build_teacher
+from ekd.errors import DataError
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-import gpu_bundle  # noqa: E402
-from kd_table_eval import load_protocols  # noqa: E402
-
-from kd_profiles import GPU, Cell  # noqa: E402
-from kd_table import Table  # noqa: E402
-
-from ekd.config import Config, from_dict  # noqa: E402
-from ekd.data import ImageFolderDataset  # noqa: E402
-from ekd.data.kinds.registry import fingerprint_of  # noqa: E402
-from ekd.engine.build import build_train_set  # noqa: E402
-from ekd.errors import DataError  # noqa: E402
-from ekd.teachers import build_teacher  # noqa: E402
-from ekd.teachers.cache import TeacherCache  # noqa: E402
 
 # LFW: A has 3 images, B 2, C 1, D 12 (all-pairs keeps D's first 10; View-2 also reads D_0012)
 LFW = {"A": 3, "B": 2, "C": 1, "D": 12, "E": 4}

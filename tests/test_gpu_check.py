@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+import bench.gpu_check as gpu_check
+from bench.kd_profiles import GPU_EPOCHS
 
-import gpu_check  # noqa: E402
-from kd_profiles import GPU_EPOCHS  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 CUDA_ONLY = {spec.name for spec in gpu_check.ROWS if spec.cuda_only}
 
@@ -26,7 +25,7 @@ CUDA_ONLY = {spec.name for spec in gpu_check.ROWS if spec.cuda_only}
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu-dry-run", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--cpu-dry-run", "--out", str(out)],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text(), proc.stdout

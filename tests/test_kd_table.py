@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
+import bench.kd_table as K
+import bench.kd_report as R
+from bench.kd_protocols import METRICS
 
-import kd_table as K  # noqa: E402
-import kd_table_report as R  # noqa: E402
-from kd_table_eval import METRICS  # noqa: E402
-
-from ekd.config import Config, from_dict, validate  # noqa: E402
+from ekd.config import Config, from_dict, validate
 
 
 def _fake_result(table, cell, tpr4, acc=0.7):
@@ -103,7 +99,7 @@ def test_summary_std_and_gap_closed():
 
 
 def test_teacher_reference_values(shared_faces):
-    from kd_table_eval import evaluate_teacher_npz, load_protocols
+    from bench.kd_protocols import evaluate_teacher_npz, load_protocols
 
     faces = shared_faces
     m = evaluate_teacher_npz(load_protocols(faces), faces)

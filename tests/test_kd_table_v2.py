@@ -12,16 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import kd_convergence as C  # noqa: E402
-import kd_significance as S  # noqa: E402
-import kd_table as K  # noqa: E402
-import kd_table_report as R  # noqa: E402
-import kd_table_summary as M  # noqa: E402
-from kd_profiles import V2_SEEDED  # noqa: E402
-from kd_table_eval import METRICS  # noqa: E402
+import bench.kd_convergence as C
+import bench.kd_convergence_criterion as V
+import bench.kd_significance as S
+import bench.kd_table as K
+import bench.kd_report as R
+import bench.kd_summary as M
+from bench.kd_profiles import V2_SEEDED
+from bench.kd_protocols import METRICS
 
 
 def _table(tmp_path, profile=K.CPU2):
@@ -39,7 +37,7 @@ def test_cpu_profile_cell_hashes_are_those_of_v1(tmp_path):
 def test_adopting_a_preset_changes_ekd_ours_in_v2_only(tmp_path, monkeypatch):
     """The ablation's preset replaces kd_profiles.EKD_OURS: the v2 table's "EKD (ours)" cells
     change with it, the v1 table's committed cells keep their names."""
-    import kd_profiles
+    import bench.kd_profiles as kd_profiles
 
     v1, v2 = _table(tmp_path, K.CPU), _table(tmp_path, K.CPU2)
     cell = K.Cell("T2", "EKD (ours)", 1)
@@ -72,7 +70,7 @@ def test_cpu2_plan_two_students_rows_and_seeds(tmp_path):
     assert len(plan) == 44 and {c.seed for c in plan if c.method == "icd_face"} == {0, 1, 2}
     assert [(c.method, c.seed) for c in plan[-2:]] == [("icd_face", 1), ("icd_face", 2)]
     # over budget, `drop` removes the three weakest v1 one-seed rows first, no three-seed row
-    from kd_profiles import WEAKEST_V1
+    from bench.kd_profiles import WEAKEST_V1
 
     dropped = _table(tmp_path, dataclasses.replace(K.CPU2, drop=WEAKEST_V1)).plan()
     assert WEAKEST_V1 == ("kd", "margin_distill", "fitnet")
@@ -91,7 +89,7 @@ def test_half_width_config_and_loader_settings_outside_the_hash(tmp_path):
 
 
 def test_memory_layout_is_recorded_but_outside_the_hash(tmp_path):
-    from kd_cells import layout_summary, recorded_channels_last
+    from bench.kd_cells import layout_summary, recorded_channels_last
 
     cell = K.Cell("T2", "EKD (ours)", 0, 0.5)
     assert _table(tmp_path).config_tree(cell)["train"]["channels_last"] is True  # cpu2: NHWC
@@ -107,7 +105,7 @@ def test_memory_layout_is_recorded_but_outside_the_hash(tmp_path):
 
 
 def test_compiled_step_is_recorded_but_outside_the_hash(tmp_path):
-    from kd_cells import layout_summary, recorded_compile
+    from bench.kd_cells import layout_summary, recorded_compile
 
     cell = K.Cell("T2", "EKD (ours)", 0)
     tree = _table(tmp_path).config_tree(cell)
@@ -127,7 +125,7 @@ def test_cell_runner_replans_only_when_a_cell_ends(tmp_path, monkeypatch):
     import os
     import types
 
-    import kd_cells
+    import bench.kd_cells as kd_cells
 
     real_sleep = kd_cells.time.sleep
     monkeypatch.setattr(kd_cells.time, "sleep", lambda s: real_sleep(0.02))  # poll often
@@ -175,7 +173,7 @@ def test_a_cell_run_by_another_runner_is_skipped(tmp_path):
     import subprocess
     import sys
 
-    from kd_cells import LOCK, hold_lock, lock_holder
+    from bench.kd_cells import LOCK, hold_lock, lock_holder
 
     busy, free = tmp_path / "busy", tmp_path / "free"
     busy.mkdir()
@@ -347,11 +345,11 @@ def test_convergence_criterion_and_report(tmp_path):
     def runs(accs, tprs):
         return [{"metrics": {"lfw_acc": a, "lfw_tpr@1e-3": t}} for a, t in zip(accs, tprs)]
 
-    ok = C.verdict(runs([0.83, 0.832], [0.20, 0.21]), runs([0.835, 0.836], [0.205, 0.215]))
+    ok = V.verdict(runs([0.83, 0.832], [0.20, 0.21]), runs([0.835, 0.836], [0.205, 0.215]))
     assert ok["converged"] and ok["d_acc"] == pytest.approx(0.0045)
-    by_spread = C.verdict(runs([0.83, 0.83], [0.20, 0.26]), runs([0.83, 0.83], [0.25, 0.27]))
+    by_spread = V.verdict(runs([0.83, 0.83], [0.20, 0.26]), runs([0.83, 0.83], [0.25, 0.27]))
     assert by_spread["rel_tpr3"] > 0.05 and by_spread["converged"]  # 0.03 < spread 0.06
-    assert not C.verdict(runs([0.80, 0.80], [0.2, 0.2]), runs([0.82, 0.82], [0.2, 0.2]))["converged"]
+    assert not V.verdict(runs([0.80, 0.80], [0.2, 0.2]), runs([0.82, 0.82], [0.2, 0.2]))["converged"]
     sweep = C.Sweep(tmp_path / "faces", tmp_path / "cache", tmp_path / "results", (32,), (2,), 2)
     assert len(sweep.plan()) == 4 and len(sweep.pending()) == 4
     # several E share their cells: 2 -> 4 and 4 -> 8 need 2, 4 and 8 epochs
@@ -369,7 +367,7 @@ def test_convergence_criterion_and_report(tmp_path):
 
 
 def test_table_report_shows_the_convergence_evidence(tmp_path):
-    import kd_cells
+    import bench.kd_cells as kd_cells
 
     table = _table(tmp_path)
     s, e = K.CPU2.input_size, K.CPU2.epochs
@@ -407,7 +405,7 @@ def test_smoke_profile_and_limited_table(tmp_path):
 def test_cell_training_time_adds_up_over_interrupted_invocations(tmp_path):
     import time
 
-    import kd_cells
+    import bench.kd_cells as kd_cells
 
     clock = tmp_path / "train_clock.json"
 
@@ -425,7 +423,7 @@ def test_cell_training_time_adds_up_over_interrupted_invocations(tmp_path):
 
 
 def test_convergence_cells_become_the_no_kd_cells(tmp_path):
-    import kd_cells
+    import bench.kd_cells as kd_cells
 
     table = _table(tmp_path)
     sweep = C.Sweep(tmp_path / "faces", tmp_path / "cache", tmp_path / "results",

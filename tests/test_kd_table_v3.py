@@ -5,21 +5,15 @@ cells shared with cpu2."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
+import bench.kd_choices as H
+import bench.kd_table as K
+import bench.kd_tuning as T
+from bench.kd_cells import CellStore
+from bench.kd_profiles import V3_AUTO, V3_GATE, ZOO_V2, gate_verdict
 
-import kd_choices as H  # noqa: E402
-import kd_table as K  # noqa: E402
-import kd_tuning as T  # noqa: E402
-from kd_cells import CellStore  # noqa: E402
-from kd_profiles import V3_AUTO, V3_GATE, ZOO_V2, gate_verdict  # noqa: E402
-
-from ekd.config import Config, from_dict, validate  # noqa: E402
+from ekd.config import Config, from_dict, validate
 
 
 def _val(tpr3, tpr4=0.05):
@@ -54,7 +48,7 @@ def test_weight_rule_waits_for_the_grid_and_extends_it_past_a_best_largest_weigh
 
 
 def test_tuning_rows_are_valid_t3_configs_and_no_kd_shares_the_t2_ablation_hash(tmp_path):
-    import ekd_ablation as A
+    import bench.ekd_ablation as A
 
     table = _tuning(tmp_path)
     cells = table.plan()
@@ -174,7 +168,7 @@ def test_cpu3_adopts_cpu2_no_kd_cells_and_keeps_cpu2_hashes(tmp_path):
 
 
 def test_tuning_adopts_the_t2_ablations_no_kd_cells(tmp_path):
-    import ekd_ablation as A
+    import bench.ekd_ablation as A
 
     ablation = A.Ablation(A.CPU2, tmp_path / "faces", tmp_path / "cache", tmp_path / "ekd_ablation", ["no KD"], 2)
     source = ablation.cell_name(K.Cell("T2", "no KD", 0, 0.5))
@@ -204,7 +198,7 @@ def test_a_cell_stopped_before_its_first_checkpoint_starts_again(tmp_path):
     the next invocation starts it again instead of being refused as "another run"."""
     import json
 
-    import kd_cells
+    import bench.kd_cells as kd_cells
     from conftest import synthetic_run_tree
 
     cell_dir = tmp_path / "cell"

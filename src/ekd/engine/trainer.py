@@ -196,6 +196,17 @@ class Trainer:
         return mirror_batch(images, (self.cfg.train.seed * 1_000_003 + self.dist.rank) * 1_000_003
                             + st.epoch * 100_003 + st.batch_in_epoch)
 
+    def mirror(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, flipped)`` as :meth:`fit` feeds the current step (epoch and batch of
+        :attr:`state`) to :meth:`train_step`: for code that drives the steps itself (benchmarks)."""
+        return self._mirror(images)
+
+    @property
+    def step_embedding(self) -> torch.Tensor | None:
+        """The student embedding of the batch :meth:`compute_terms` last saw (float32, with its
+        graph); None once :meth:`train_step` has used it."""
+        return self._embedding
+
     def compute_terms(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
                       flipped: torch.Tensor) -> dict[str, torch.Tensor]:
         """All named loss terms of one batch (margin CE + every distiller on the global batch)."""

@@ -2,7 +2,7 @@
 (one row per run), Markdown per student (mean ± std over seeds, the share of the teacher-student
 gap closed, identity-bootstrap intervals and paired differences, ``kd_significance.py``), LFW
 all-pairs ROC plots, a capacity plot (gap closed at TPR@1e-4 vs student parameters), how the
-numbers were made, and the README's summary block (``kd_table_summary.py``).
+numbers were made, and the README's summary block (``kd_summary.py``).
 
 Gap closed for metric m = (student_m - noKD_m) / (teacher_m - noKD_m), on seed means, with the
 no-KD row of the same student.
@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_cells import environment, git, layout_summary
-from kd_profiles import TEACHER_EMBEDDINGS, plan_stage
-from kd_significance import REFERENCES, significance
-from kd_table_eval import METRICS
-from kd_table_summary import at_chance, summary_block
+from bench.kd_cells import environment, git, layout_summary
+from bench.kd_convergence_criterion import committed_runs, evidence_lines
+from bench.kd_profiles import TEACHER_EMBEDDINGS, plan_stage
+from bench.kd_protocols import METRICS
+from bench.kd_significance import REFERENCES, significance
+from bench.kd_summary import at_chance, summary_block
 
 LABELS = {"lfw_acc": "LFW acc", "lfw_tpr@1e-3": "TPR@1e-3", "lfw_tpr@1e-4": "TPR@1e-4",
           "lfw_tpr@1e-5": "TPR@1e-5", "cfp_ff_acc": "CFP-FF", "cfp_fp_acc": "CFP-FP"}
@@ -242,8 +243,6 @@ def markdown(table, runs: list[dict], teachers: dict, missing: list[str], wall: 
 def convergence_section(table) -> list[str]:  # noqa: ANN001
     """The convergence evidence behind a v2 profile's schedule, from the committed sweep cells
     (``bench/kd_convergence.py``) at the profile's input size; [] when there are none."""
-    from kd_convergence import committed_runs, evidence_lines
-
     p = table.profile
     runs = {k: r for k, r in committed_runs(table.store.root.parent / "convergence").items()
             if k[0] == p.input_size} if p.plan == "v2" else {}
@@ -257,7 +256,7 @@ def convergence_section(table) -> list[str]:  # noqa: ANN001
             else "**not** converged by the criterion")
     return ["## Convergence of the no-KD student", "",
             f"The schedule ({p.epochs} epochs at {p.input_size} px) is {said}: the no-KD MobileFaceNet "
-            f"trained for E and 2E epochs, {seeds} seeds each (`python bench/kd_convergence.py`, "
+            f"trained for E and 2E epochs, {seeds} seeds each (`python -m bench.kd_convergence`, "
             f"committed cells in `bench/results/kd_table/convergence/`; the {p.epochs}-epoch runs are "
             "this table's full-width no-KD cells).", "", *evidence, ""]
 

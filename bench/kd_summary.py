@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from kd_significance import significance
+from bench.kd_significance import significance
 
 KEY = "lfw_tpr@1e-4"
 NAMED = ("EKD (authors)", "EKD (ours)")
