@@ -45,10 +45,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ekd.distill import DISTILLERS, Distiller, needs_teacher_classifier  # noqa: E402
 from kd_choices import PRESET_ROWS, PRESET_SEEDS, tuned_settings, tuning_records  # noqa: E402
 from kd_cells import (RESULTS, CellStore, recorded_channels_last, recorded_compile, run_all,  # noqa: E402,F401
                       run_cell)
-from kd_profiles import (CPU, CPU2, CPU3, EKD_OURS, GPU, NEEDS_CENTERS, OTHERS, PLANS,  # noqa: E402,F401
+from kd_profiles import (CPU, CPU2, CPU3, EKD_OURS, GPU, OTHERS, PLANS,  # noqa: E402,F401
                          PROFILES, SEEDED, TEACHER_EMBEDDINGS, Cell, Profile, best_of, method_distill,
                          zoo_distill)
 
@@ -86,7 +87,8 @@ class Table:
             return {"kind": "none"}
         if teacher in TEACHER_EMBEDDINGS:
             return {"kind": "cache", "path": str(self.cache / f"teacher_{teacher.lower()}"),
-                    "centers": "mean_embedding" if method in NEEDS_CENTERS else "classifier"}
+                    "centers": "mean_embedding" if needs_teacher_classifier(DISTILLERS.get(method, Distiller))
+                    else "classifier"}
         return {"kind": "checkpoint", "path": str(self.t1_dir() / "run" / "model.pt")}
 
     def config_tree(self, cell: Cell) -> dict:

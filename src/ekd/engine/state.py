@@ -175,8 +175,9 @@ def _full_distiller_state(trainer: "Trainer") -> dict:
     checkpoint resumes under any world size (a collective under sharding)."""
     state = trainer.distillers.state_dict()
     for i, d in enumerate(trainer.distillers):
-        if hasattr(d, "full_centres"):
-            state[f"{i}.centres"] = d.full_centres().cpu()
+        centres = d.full_centres()  # None: the distiller holds no class centres
+        if centres is not None:
+            state[f"{i}.centres"] = centres.cpu()
     return state
 
 
