@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ekd.distill import (DISTILLERS, EXTRAS, STUDENT_CLASSIFIER_EXTRAS, TRAINER_FILLED_PARAMS, Distiller,
-                         distiller_params, needs_teacher_classifier)
+                         distiller_params, needs_teacher_classifier, supports_class_shard)
 from ekd.distill.base import EXTRA_INPUTS
 from test_distill_zoo import CLASSES, DIM, Extras, make
 
@@ -39,7 +39,7 @@ def test_the_contract_is_declared_on_the_base_class_with_defaults():
     base = Distiller()
     assert (base.requires, base.optional, base.replaces_ce, base.needs_positive_pairs,
             base.shard_hint, base.fprs) == (frozenset(), frozenset(), False, False, "", ())
-    assert base.full_centres() is None and not base.supports_class_shard and base.diagnostics() == {}
+    assert base.full_centres() is None and not supports_class_shard(base) and base.diagnostics() == {}
     assert set(EXTRA_INPUTS) == EXTRAS and all(EXTRA_INPUTS.values())
     assert set(TRAINER_FILLED_PARAMS) == {"student_dim", "teacher_dim", "num_classes", "class_shard"}
 
@@ -104,11 +104,11 @@ def test_fprs_shard_hint_and_full_centres_are_declared_where_used(name):
         assert bool(distiller.fprs) == ("fprs" in distiller_params(name)), name
         assert all(0 < f < 1 for f in distiller.fprs)
         # shard_hint: only where the method can be refused under Partial FC
-        refusable = bool(distiller.requires & STUDENT_CLASSIFIER_EXTRAS) and not distiller.supports_class_shard
+        refusable = bool(distiller.requires & STUDENT_CLASSIFIER_EXTRAS) and not supports_class_shard(distiller)
         if cls.shard_hint and len(_instances(name)) == 1:
             assert refusable, name
     if cls.shard_hint:  # some variant of the method is refused under Partial FC
-        assert any(d.requires & STUDENT_CLASSIFIER_EXTRAS and not d.supports_class_shard
+        assert any(d.requires & STUDENT_CLASSIFIER_EXTRAS and not supports_class_shard(d)
                    for d in _instances(name)), name
     # full_centres: overridden exactly by the methods that hold class centres
     holds = "centres" in make(name).state_dict()

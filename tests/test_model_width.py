@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ekd.cli import main
-from ekd.config import load_config, validate
+from ekd.config import validate
+from ekd.engine.preflight import load_checked_config as load_config
 from ekd.data import generate_identity_folder
 from ekd.engine.evaluation import evaluate_checkpoint
 from ekd.engine.teacher import load_model

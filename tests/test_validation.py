@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ekd.config import load_config
+from ekd.engine.preflight import load_checked_config as load_config
 from ekd.data import generate_identity_folder, write_pairs
 from ekd.data.verification_bin import make_bin
 from ekd.eval.protocols import read_pair_list

@@ -16,7 +16,7 @@ from ekd.output_paths import prepare_output_dir
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ekd.config import load_config
+    from ekd.engine.preflight import load_checked_config as load_config
     from ekd.engine.trainer import train
 
     overrides = [*args.set, "train.overwrite=true"] if args.overwrite else args.set

@@ -10,7 +10,8 @@ Importing this package registers every method: ``ekd`` (the paper), the baseline
 from ekd.distill.adadistill import AdaDistillLoss
 from ekd.distill.base import (CLASS_EXTRAS, DISTILLERS, EXTRA_INPUTS, EXTRAS, STUDENT_CLASSIFIER_EXTRAS,
                               TEACHER_CLASSIFIER_EXTRAS, TRAINER_FILLED_PARAMS, Distiller, build_distiller,
-                              distiller_params, needs_teacher_classifier, register_distiller)
+                              distiller_params, needs_teacher_classifier, register_distiller,
+                              supports_class_shard)
 from ekd.distill.cckd import CCKDLoss
 from ekd.distill.cosine import CosineLoss
 from ekd.distill.coupleface import CoupleFaceLoss
@@ -33,4 +34,4 @@ __all__ = ["CLASS_EXTRAS", "DISTILLERS", "EXTRAS", "EXTRA_INPUTS", "STUDENT_CLAS
            "CoupleFaceLoss", "Distiller", "EKDLoss", "FitNetLoss", "GKDLoss", "HardDarkRankLoss", "ICDFaceLoss",
            "KDLoss", "MarginDistillLoss", "ProxylessKDLoss", "RKDLoss", "SPLoss", "ShrinkTeaNetLoss",
            "TripletDistillLoss", "UnifiedKDLoss", "build_distiller", "distiller_params",
-           "needs_teacher_classifier", "register_distiller"]
+           "needs_teacher_classifier", "register_distiller", "supports_class_shard"]

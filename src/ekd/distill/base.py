@@ -86,11 +86,6 @@ class Distiller(nn.Module):
         self.record_diagnostics = False
         self._diagnostics: dict[str, float] = {}
 
-    @property
-    def supports_class_shard(self) -> bool:
-        """Whether the method takes per-rank class extras (``class_shard`` in ``optional``)."""
-        return "class_shard" in self.optional
-
     def full_centres(self) -> torch.Tensor | None:
         """Class centres the method holds per rank, gathered to the full ``[C, d]`` for a
         checkpoint (a collective under sharding); ``None`` for methods that hold none."""
@@ -120,6 +115,11 @@ class Distiller(nn.Module):
 def needs_teacher_classifier(distiller: Distiller | type[Distiller]) -> bool:
     """Whether a distiller (class or instance) needs the teacher's class centres."""
     return bool(distiller.requires & TEACHER_CLASSIFIER_EXTRAS)
+
+
+def supports_class_shard(distiller: Distiller | type[Distiller]) -> bool:
+    """Whether a distiller takes per-rank class extras (``class_shard`` in ``optional``)."""
+    return "class_shard" in distiller.optional
 
 
 def register_distiller(name: str) -> Callable[[type[Distiller]], type[Distiller]]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ekd.config import Config, DistillerConfig
 from ekd.distill import (CLASS_EXTRAS, EXTRAS, STUDENT_CLASSIFIER_EXTRAS, TRAINER_FILLED_PARAMS, Distiller,
-                         build_distiller, distiller_params, needs_teacher_classifier)
+                         build_distiller, distiller_params, needs_teacher_classifier, supports_class_shard)
 from ekd.errors import ConfigError
 from ekd.heads import MarginHead, PartialFC
 from ekd.heads.sharded_ce import ClassShard
@@ -74,7 +74,7 @@ def teacher_centers_for(distillers: nn.ModuleList, head_state: dict | None, teac
 def check_sharding(distillers: nn.ModuleList) -> None:
     """Refuse distillers that need the student's classifier but cannot work on its shards."""
     refused = [d.name for d in distillers
-               if d.requires & STUDENT_CLASSIFIER_EXTRAS and not d.supports_class_shard]
+               if d.requires & STUDENT_CLASSIFIER_EXTRAS and not supports_class_shard(d)]
     if refused:
         hints = "".join(f"; {d.name}: {d.shard_hint}" for d in distillers
                         if d.name in refused and d.shard_hint)
@@ -121,7 +121,7 @@ def distiller_extras(distillers: nn.ModuleList, emb: torch.Tensor, teacher_emb: 
 
     per_distiller = []
     for d in distillers:
-        shard = class_shard if d.supports_class_shard else None
+        shard = class_shard if supports_class_shard(d) else None
         keys = set(d.requires) | ({"class_shard"} & d.optional if shard is not None else set())
         per_distiller.append({k: value(k, shard if k in CLASS_EXTRAS | {"class_shard"} else None)
                               for k in sorted(keys)})

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from ekd.config import Config, TrainConfig, save_config
 from ekd.data.sampler import BalancedBatchSampler
 from ekd.data.transforms import mirror_batch
-from ekd.distill import CLASS_EXTRAS
+from ekd.distill import CLASS_EXTRAS, supports_class_shard
 from ekd.engine import distributed
 from ekd.engine.build import (build_train_loader, build_train_set, compiled_forward, resolve_device,
                               seed_everything)
@@ -49,6 +49,7 @@ from ekd.engine.distill_inputs import build_distillers, check_sharding, distille
 from ekd.engine.guard import (DivergenceGuard, GuardVerdict, TrainingStopped, decide, kept_checkpoint,
                               prepare_checkpoint)
 from ekd.engine.optim import build_optimizer, build_scheduler, clip_grad_norm
+from ekd.engine.preflight import check_against_registries
 from ekd.engine.run_folder import claim_run_folder, continue_metrics
 from ekd.engine.state import MetricsLog, TrainState, load_training_state, save_training_checkpoint
 from ekd.engine.teacher_kinds import build_teacher
@@ -79,6 +80,7 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        check_against_registries(cfg)  # backbones, distillers, FPRs: before any heavy work
         resume = self._join_processes(cfg.train)
         self._build_data(cfg)
         self._build_teacher(cfg)  # and the validation sets: both checked before any image is read
@@ -169,7 +171,7 @@ class Trainer:
                                       cfg.teacher.path, self.dataset.num_classes, t_dim)
         if self.class_shard is not None:
             check_sharding(self.distillers)
-            if centers is not None and all(d.supports_class_shard for d in self.distillers
+            if centers is not None and all(supports_class_shard(d) for d in self.distillers
                                            if d.requires & CLASS_EXTRAS):
                 centers = self.class_shard.rows(centers).clone()  # this rank's rows only
                 self.teacher.head_state = None  # type: ignore[union-attr]  # frees the full matrix

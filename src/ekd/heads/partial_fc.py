@@ -91,7 +91,11 @@ class PartialFC(nn.Module):
     returns the global mean cross-entropy, identical on every rank. See the module docstring
     for the gradient-scale rule. Sampling happens only in training mode with
     ``sample_rate < 1`` and uses torch's global RNG; ``last_index`` holds the kept local rows.
+    It offers the trainer the interface of a plain head (:class:`ekd.heads.margin.MarginHead`:
+    ``loss``, ``shard``, ``sharded``, ``class_cosine``).
     """
+
+    sharded = True  # each rank holds its own class rows
 
     def __init__(self, margin_head_kind: str, embedding_size: int, num_classes: int,
                  scale: float = 64.0, margin: float = 0.5, sample_rate: float = 1.0,
