@@ -358,7 +358,7 @@ def row_nccl(ctx: Context) -> dict:
                "data_wait": end["data_wait"], "nccl_all_reduce": "pass"}
     if world == 1:
         figures["note"] = ("one GPU: world size 1, where the trainer joins no process group "
-                           "(ekd.engine.distributed); NCCL checked by a 1-process all_reduce only")
+                           "(ekd.utils.distributed); NCCL checked by a 1-process all_reduce only")
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
         first = next((r for r in rows if r.get("step") == 1 and "epoch_end" not in r), None)
         if first is not None:  # rank 0 of one sees the single-process batch and flips

@@ -127,7 +127,6 @@ EKD_OURS = {**EKD_OURS_V1, "params": {**EKD_OURS_V1["params"], "one_sided": True
 SEEDED = ("no KD", "EKD (authors)", "EKD (ours)", "AdaDistill", "EKD + AdaDistill")
 OTHERS = ("fitnet", "kd", "darkrank", "sp", "cckd", "rkd", "cosine", "shrinkteanet",
           "triplet_distill", "margin_distill", "proxylesskd")
-NEEDS_CENTERS = ("kd", "margin_distill", "proxylesskd", "gkd")
 # v2 rows. Full-width student: V2_SEEDED + the best of ZOO_V2 at 3 seeds, the rest at 1 seed.
 V2_SEEDED = ("no KD", "EKD (authors)", "EKD (ours)", "AdaDistill", "proxylesskd")
 ZOO_V2 = ("coupleface", "gkd", "icd_face", "unified_kd")

@@ -46,9 +46,10 @@ from pathlib import Path
 from bench.kd_choices import PRESET_ROWS, PRESET_SEEDS, tuned_settings, tuning_records
 from bench.kd_cells import (RESULTS, CellStore, recorded_channels_last, recorded_compile, run_all,  # noqa: F401
                             run_cell)
-from bench.kd_profiles import (CPU, CPU2, CPU3, EKD_OURS, GPU, NEEDS_CENTERS, OTHERS, PLANS,  # noqa: F401
+from bench.kd_profiles import (CPU, CPU2, CPU3, EKD_OURS, GPU, OTHERS, PLANS,  # noqa: F401
                                PROFILES, SEEDED, TEACHER_EMBEDDINGS, Cell, Profile, best_of, method_distill,
                                zoo_distill)
+from ekd.distill import DISTILLERS, Distiller, needs_teacher_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 TUNING = REPO / "bench" / "results" / "kd_tuning"  # the validation-split choices (bench/kd_tuning.py)
@@ -77,7 +78,8 @@ class Table:
             return {"kind": "none"}
         if teacher in TEACHER_EMBEDDINGS:
             return {"kind": "cache", "path": str(self.cache / f"teacher_{teacher.lower()}"),
-                    "centers": "mean_embedding" if method in NEEDS_CENTERS else "classifier"}
+                    "centers": "mean_embedding" if needs_teacher_classifier(DISTILLERS.get(method, Distiller))
+                    else "classifier"}
         return {"kind": "checkpoint", "path": str(self.t1_dir() / "run" / "model.pt")}
 
     def config_tree(self, cell: Cell) -> dict:

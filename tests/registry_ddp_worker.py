@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 from ekd.distill import CLASS_EXTRAS, DISTILLERS, build_distiller, distiller_params
-from ekd.engine import distributed as D
-from ekd.engine.distill_inputs import check_sharding, distiller_extras, sharded
+from ekd.utils import distributed as D
+from ekd.distill.base import supports_class_shard as sharded
+from ekd.engine.distill_inputs import check_sharding, distiller_extras
 from ekd.errors import ConfigError
 from ekd.heads import ArcFace, PartialFC
 from ekd.heads.partial_fc import gather_global_batch, init_rows

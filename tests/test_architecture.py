@@ -2,6 +2,8 @@
 functions counted everywhere:
 
 - ``models/``, ``heads/``, ``distill/`` and ``data/`` never import ``engine/``, ``eval/`` or the CLI;
+- ``ekd``'s packages form the layers of :data:`EKD_LAYERS` (docs/architecture.md): a package
+  imports only packages of lower layers, and every package has a layer;
 - no two modules of ``ekd`` or of ``bench`` import each other, directly or through others;
 - the config modules (``ekd.config*``) sit at the bottom: they import no ``ekd.eval``,
   ``ekd.models`` or ``ekd.distill`` (the checks that need those registries run where they are
@@ -213,7 +215,55 @@ def test_bench_uses_public_names_only_and_runs_as_a_package():
     assert not wrong, wrong
 
 
-@pytest.mark.xfail(strict=True, reason="config at the bottom lands with arch-contract")
+#: ekd's packages, bottom to top (docs/architecture.md): a package imports lower layers only.
+EKD_LAYERS = (
+    ("ekd", "ekd.errors"),  # the version string, the error types
+    ("ekd.utils", "ekd.config", "ekd.output_paths", "ekd.functional"),  # shared helpers, typed configs
+    ("ekd.data", "ekd.models", "ekd.heads"),  # building blocks
+    ("ekd.distill", "ekd.eval"),  # distillers (on heads), evaluation protocols (on data)
+    ("ekd.teachers", "ekd.deploy"),  # teacher kinds, deployment (on models, data, eval)
+    ("ekd.engine",),  # the training loop
+    ("ekd.commands",),  # the ekd command line
+    ("ekd.__main__",),  # python -m ekd
+)
+
+
+def package_of(module: str) -> str:
+    """``ekd.engine.trainer`` -> ``ekd.engine``; ``ekd.errors`` -> ``ekd.errors``; ``ekd`` -> ``ekd``."""
+    return ".".join(module.split(".")[:2])
+
+
+def ekd_layer_violations(graph: dict[str, set[str]], layers=EKD_LAYERS) -> list[str]:  # noqa: ANN001
+    """Imports from a package to one of the same or a higher layer, and packages with no layer."""
+    level = {package: i for i, row in enumerate(layers) for package in row}
+    wrong = []
+    for module, deps in graph.items():
+        if not module.startswith("ekd"):
+            continue
+        mine = package_of(module)
+        if mine not in level:
+            wrong.append(f"{mine} has no layer in EKD_LAYERS")
+            continue
+        for dep in deps:
+            theirs = package_of(dep)
+            if dep.startswith("ekd") and theirs != mine and level.get(theirs, len(layers)) >= level[mine]:
+                wrong.append(f"{module} imports {dep} (layer {level.get(theirs, '?')} >= {level[mine]})")
+    return sorted(set(wrong))
+
+
+def test_ekd_packages_import_lower_layers_only():
+    wrong = ekd_layer_violations(_graph())
+    assert not wrong, wrong
+
+
+def test_the_layer_checker_sees_an_upward_import_and_an_unplaced_package():
+    graph = {"ekd.teachers.cache": {"ekd.engine.distributed"}, "ekd.engine.trainer": {"ekd.teachers.cache"},
+             "ekd.newthing.x": set(), "ekd.models.iresnet": {"ekd.errors"}}
+    assert ekd_layer_violations(graph) == [
+        "ekd.newthing has no layer in EKD_LAYERS",
+        "ekd.teachers.cache imports ekd.engine.distributed (layer 5 >= 4)"]
+
+
 def test_config_modules_import_no_eval_models_or_distill():
     wrong = config_violations(_repository_graph())
     assert not wrong, wrong

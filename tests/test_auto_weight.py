@@ -11,7 +11,7 @@ import torch
 from conftest import synthetic_run_tree
 from ekd.config import Config, from_dict, validate
 from ekd.engine.diagnostics import term_gradient_norms
-from ekd.engine.distributed import DistInfo
+from ekd.utils.distributed import DistInfo
 from ekd.engine.trainer import Trainer, train
 from ekd.errors import ConfigError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ekd.config import load_config
+from ekd.engine.preflight import load_checked_config as load_config
 from ekd.errors import ConfigError
 from ekd.models import MIN_INPUT_SIZE
 

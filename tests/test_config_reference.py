@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ekd.config import Config
-from ekd.config_reference import config_reference, field_comments
+from ekd.config.reference import config_reference, field_comments
 from ekd.errors import ConfigError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
@@ -30,7 +30,7 @@ def _keys(cls: type, prefix: str = "") -> list[str]:
 
 def test_config_reference_is_current():
     assert DOC.read_text() == config_reference(), (
-        "docs/config.md is out of date: run python -m ekd.config_reference docs/config.md")
+        "docs/config.md is out of date: run python -m ekd.config.reference docs/config.md")
 
 
 def test_every_key_has_a_row_with_type_default_and_meaning():
@@ -58,7 +58,7 @@ def test_comments_are_read_from_the_source_and_a_missing_one_is_an_error(monkeyp
     comments = field_comments(Example)
     assert comments["alpha"] == "Two lines above the field become one."
     assert comments["beta"] == "after the field" and comments["gamma"] == ""
-    import ekd.config_reference as ref
+    import ekd.config.reference as ref
 
     monkeypatch.setattr(ref, "field_comments", lambda cls: {})
     with pytest.raises(ConfigError, match="without a comment"):

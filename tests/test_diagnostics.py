@@ -16,7 +16,7 @@ from ekd.config import Config, from_dict
 from ekd.distill import build_distiller
 from ekd.distill.ekd import clamped_sigmoid
 from ekd.engine.diagnostics import term_gradient_norms
-from ekd.engine.distributed import DistInfo
+from ekd.utils.distributed import DistInfo
 from ekd.engine.trainer import train
 from ekd.errors import DataError
 

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from ekd.commands.cli import main
 from ekd.config import load_config
 from ekd.data import generate_identity_folder
-from ekd.engine import distributed as D
+from ekd.utils import distributed as D
 from ekd.engine.guard import GuardVerdict, TrainingStopped, read_rows, replay
 from ekd.engine.trainer import Trainer
 from ekd.utils.checkpoint_io import load_file

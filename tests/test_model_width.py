@@ -8,7 +8,8 @@ import torch
 
 from ekd.commands.cli import main
 from ekd.commands.eval_report import evaluate_checkpoint
-from ekd.config import load_config, validate
+from ekd.config import validate
+from ekd.engine.preflight import load_checked_config as load_config
 from ekd.data import generate_identity_folder
 from ekd.errors import ConfigError
 from ekd.models import build_backbone, count_parameters

@@ -22,7 +22,7 @@ from ekd.data import ImageFolderDataset, generate_identity_folder
 from ekd.data.resident import ResidentBatches, ResidentImages, check_fits, resident_bytes
 from ekd.data.robust import CorruptSampleWarning
 from ekd.data.transforms import normalize, to_tensor
-from ekd.engine import distributed as D
+from ekd.utils import distributed as D
 from ekd.engine.trainer import Trainer, train
 from ekd.errors import ConfigError, DataError
 

@@ -29,7 +29,7 @@ from ekd.data.recordio import IRHeader, RecordIOWriter, pack
 from ekd.data.robust import CorruptSampleWarning
 from ekd.data.sampler import BalancedBatchSampler
 from ekd.data.transforms import normalize
-from ekd.engine import distributed as D
+from ekd.utils import distributed as D
 from ekd.engine.trainer import Trainer
 from ekd.errors import CheckpointError, ConfigError, DataError
 from ekd.models import build_backbone

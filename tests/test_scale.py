@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from ekd.config import load_config
 from ekd.data import generate_identity_folder
-from ekd.engine import distributed as D
+from ekd.utils import distributed as D
 from ekd.engine.build import CXX_CANDIDATES
 from ekd.engine.trainer import Trainer, train
 from ekd.errors import CheckpointError, EkdError

@@ -165,7 +165,7 @@ def _fixed_batch(trainer: Trainer, rank: int, world: int) -> tuple:
 def _trainer_worker(rank: int, world: int, port: int, folder: Path, teacher: Path, out: Path) -> None:
     import os
 
-    from ekd.engine import distributed as D
+    from ekd.utils import distributed as D
 
     torchrun_env(rank, world, port)
     torch.set_num_threads(1)

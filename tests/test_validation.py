@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ekd.config import load_config
+from ekd.engine.preflight import load_checked_config as load_config
 from ekd.data import generate_identity_folder, write_pairs
 from ekd.data.verification_bin import make_bin
-from ekd.engine import distributed as D
-from ekd.engine.distributed import DistInfo
+from ekd.utils import distributed as D
+from ekd.utils.distributed import DistInfo
 from ekd.engine.state import MetricsLog
 from ekd.engine.tensorboard_log import open_tensorboard
 from ekd.engine.trainer import Trainer, train

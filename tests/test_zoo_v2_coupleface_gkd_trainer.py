@@ -71,7 +71,7 @@ def test_gkd_needs_the_teachers_classifier(tiny, tmp_path):
 TWO_PROCESS_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
     from ekd.distill import build_distiller
-    from ekd.engine.distributed import DistInfo, gather_no_grad
+    from ekd.utils.distributed import DistInfo, gather_no_grad
     from ekd.heads.partial_fc import gather_global_batch
 
     CONFIGS = {"coupleface": {"top_k": 3}, "gkd": {"logits": "teacher_centers", "scale": 16.0},

@@ -16,7 +16,7 @@ from ekd.output_paths import prepare_output_dir
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ekd.config import load_config
+    from ekd.engine.preflight import load_checked_config as load_config
     from ekd.engine.trainer import train
 
     overrides = [*args.set, "train.overwrite=true"] if args.overwrite else args.set
@@ -82,7 +82,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.plots and not args.out:
         raise EkdError("--plots needs --out")
     check_inputs(args.model, sets)
-    from ekd.engine import distributed
+    from ekd.utils import distributed
     from ekd.utils.device import resolve_device
 
     info = distributed.init_distributed(resolve_device(args.device).type)  # torchrun: embeddings sharded
@@ -137,7 +137,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def _cmd_teacher_cache(args: argparse.Namespace) -> int:
-    from ekd.engine.distributed import env_info
+    from ekd.utils.distributed import env_info
     from ekd.teachers.cache import TeacherCache
     from ekd.teachers.cache_builder import cache_for_data
 

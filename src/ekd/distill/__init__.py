@@ -8,7 +8,10 @@ Importing this package registers every method: ``ekd`` (the paper), the baseline
 """
 
 from ekd.distill.adadistill import AdaDistillLoss
-from ekd.distill.base import DISTILLERS, Distiller, build_distiller, distiller_params, register_distiller
+from ekd.distill.base import (CLASS_EXTRAS, DISTILLERS, EXTRA_INPUTS, EXTRAS, STUDENT_CLASSIFIER_EXTRAS,
+                              TEACHER_CLASSIFIER_EXTRAS, TRAINER_FILLED_PARAMS, Distiller, build_distiller,
+                              distiller_params, needs_teacher_classifier, register_distiller,
+                              supports_class_shard)
 from ekd.distill.cckd import CCKDLoss
 from ekd.distill.cosine import CosineLoss
 from ekd.distill.coupleface import CoupleFaceLoss
@@ -26,14 +29,9 @@ from ekd.distill.sp import SPLoss
 from ekd.distill.triplet_distill import TripletDistillLoss
 from ekd.distill.unified_kd import UnifiedKDLoss
 
-#: Keys a distiller may list in ``requires`` (or ``optional``); the trainer provides exactly these.
-EXTRAS = frozenset({"teacher_logits", "student_logits", "teacher_centers", "student_head",
-                    "random_size", "class_shard"})
-#: Extras that depend on the class range a rank holds under sharding.
-CLASS_EXTRAS = frozenset({"teacher_logits", "student_logits", "teacher_centers", "student_head"})
-
-__all__ = ["CLASS_EXTRAS", "DISTILLERS", "EXTRAS", "AdaDistillLoss", "CCKDLoss", "CosineLoss", "CoupleFaceLoss",
-           "Distiller", "EKDLoss", "FitNetLoss", "GKDLoss", "HardDarkRankLoss", "ICDFaceLoss",
+__all__ = ["CLASS_EXTRAS", "DISTILLERS", "EXTRAS", "EXTRA_INPUTS", "STUDENT_CLASSIFIER_EXTRAS",
+           "TEACHER_CLASSIFIER_EXTRAS", "TRAINER_FILLED_PARAMS", "AdaDistillLoss", "CCKDLoss", "CosineLoss",
+           "CoupleFaceLoss", "Distiller", "EKDLoss", "FitNetLoss", "GKDLoss", "HardDarkRankLoss", "ICDFaceLoss",
            "KDLoss", "MarginDistillLoss", "ProxylessKDLoss", "RKDLoss", "SPLoss", "ShrinkTeaNetLoss",
            "TripletDistillLoss", "UnifiedKDLoss", "build_distiller", "distiller_params",
-           "register_distiller"]
+           "needs_teacher_classifier", "register_distiller", "supports_class_shard"]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from ekd.functional import unit
 from ekd.errors import ConfigError
+from ekd.functional import unit
+from ekd.heads.margin import margin_target
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -71,23 +70,10 @@ def check_positive(name: str, **values: float) -> None:
             raise ConfigError(f"distiller '{name}': {key} must be > 0, got {value!r}")
 
 
-def margin_target(cos_target: torch.Tensor, margin: torch.Tensor | float, kind: str) -> torch.Tensor:
-    """Target-class cosine after the margin, per sample (``margin`` scalar or ``[N]``).
-
-    ArcFace (Deng et al., CVPR 2019, Eq. 3): ``cos(theta + m)``, continued monotonically by
-    ``cos(theta) - sin(pi - m) * m`` once ``theta + m > pi`` (as :class:`ekd.heads.ArcFace`).
-    CosFace (Wang et al., CVPR 2018, Eq. 4): ``cos(theta) - m``.
-    """
-    m = torch.as_tensor(margin, dtype=cos_target.dtype, device=cos_target.device)
-    if kind == "cosface":
-        return cos_target - m
-    if kind != "arcface":
-        raise ConfigError(f"margin kind must be 'arcface' or 'cosface', got {kind!r}")
-    sin_target = torch.sqrt((1.0 - cos_target * cos_target).clamp_min(1e-12))
-    phi = cos_target * torch.cos(m) - sin_target * torch.sin(m)
-    threshold = torch.cos(math.pi - m)
-    fallback = cos_target - torch.sin(math.pi - m) * m
-    return torch.where(cos_target > threshold, phi, fallback)
+def margin_as_tensor(margin: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """``margin`` (a number, or one per sample) as a tensor of ``like``'s dtype and device: the
+    distillers apply :func:`ekd.heads.margin.margin_target` in the cosines' precision."""
+    return torch.as_tensor(margin, dtype=like.dtype, device=like.device)
 
 
 def margin_cross_entropy(student: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor,
@@ -101,5 +87,6 @@ def margin_cross_entropy(student: torch.Tensor, centres: torch.Tensor, labels: t
     cos = F.linear(unit(student), unit(centres.to(student.dtype))).clamp(-1.0, 1.0)
     idx = torch.arange(cos.shape[0], device=cos.device)
     logits = cos.clone()
-    logits[idx, labels] = margin_target(cos[idx, labels], margin, kind)
+    target = cos[idx, labels]
+    logits[idx, labels] = margin_target(target, margin_as_tensor(margin, target), kind)
     return F.cross_entropy(logits * scale, labels)

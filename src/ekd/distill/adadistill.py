@@ -35,9 +35,10 @@ from __future__ import annotations
 import torch
 
 from ekd.functional import cosine, unit
-from ekd.distill._utils import check_dims, check_positive, margin_cross_entropy, margin_target, pair
+from ekd.distill._utils import check_dims, check_positive, margin_as_tensor, margin_cross_entropy, pair
 from ekd.distill.base import Distiller, register_distiller
 from ekd.errors import ConfigError
+from ekd.heads.margin import margin_target
 from ekd.heads.partial_fc import init_rows
 from ekd.heads.sharded_ce import ClassShard, shard_margin_cross_entropy
 
@@ -209,5 +210,6 @@ class AdaDistillLoss(Distiller):
         else:
             loss, _ = shard_margin_cross_entropy(
                 s, self.centres, labels, self.class_shard,
-                lambda cos, rows: margin_target(cos, self.margin, self.kind), self.scale, self.training)
+                lambda cos, rows: margin_target(cos, margin_as_tensor(self.margin, cos), self.kind),
+                self.scale, self.training)
         return {"adadistill": loss}

@@ -84,6 +84,8 @@ class EKDLoss(Distiller):
             teacher; ``ekd diagnose`` reports that share of the loss as "against".
     """
 
+    needs_positive_pairs = True  # its positive term ranks same-identity pairs
+
     def __init__(self, weight: float = 1.0, fprs: Sequence[float] = PAPER_FPRS,
                  temperature: float = 0.01, momentum: float = 0.01, top_k: int = 2000,
                  pos_weight: float = 0.02, neg_weight: float = 0.01, clamp: float = 50.0,

@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 
 from ekd.functional import unit
-from ekd.distill._utils import check_dims, check_positive, margin_cross_entropy, margin_target, pair
+from ekd.distill._utils import check_dims, check_positive, margin_as_tensor, margin_cross_entropy, pair
 from ekd.distill.base import Distiller, register_distiller
 from ekd.errors import ConfigError
+from ekd.heads.margin import margin_target
 from ekd.heads.sharded_ce import ClassShard, shard_margin_cross_entropy
 
 
@@ -66,7 +67,7 @@ class MarginDistillLoss(Distiller):
             m = self.margins(t, centres, labels, shard)  # type: ignore[arg-type]
         if shard is not None:
             loss, _ = shard_margin_cross_entropy(
-                s, centres, labels, shard, lambda cos, rows: margin_target(cos, m[rows], "arcface"),  # type: ignore[arg-type]
+                s, centres, labels, shard, lambda cos, rows: margin_target(cos, margin_as_tensor(m[rows], cos), "arcface"),
                 self.scale, self.training)
             return {"margin_distill": loss}
         return {"margin_distill": margin_cross_entropy(s, centres, labels, self.scale, m, "arcface")}

@@ -39,6 +39,8 @@ def pair_distances(x: torch.Tensor, kind: str) -> torch.Tensor:
 class TripletDistillLoss(Distiller):
     """Triplet loss with teacher-derived, per-triplet margins in ``[m_min, m_max]``."""
 
+    needs_positive_pairs = True  # every triplet needs an anchor-positive pair
+
     def __init__(self, weight: float = 1.0, m_min: float = 0.2, m_max: float = 0.5,
                  distance: str = "l2", mining: str = "all") -> None:
         super().__init__(weight)

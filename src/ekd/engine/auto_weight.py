@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ekd.config import DistillerConfig
-from ekd.engine import distributed
+from ekd.utils import distributed
 from ekd.engine.diagnostics import term_gradient_norms
 from ekd.errors import ConfigError
 

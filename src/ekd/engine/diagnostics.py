@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ekd.engine import distributed
+from ekd.utils import distributed
 
 __all__ = ["distiller_diagnostics", "set_recording", "term_gradient_norms"]
 
@@ -79,8 +79,9 @@ def distiller_diagnostics(distillers: nn.ModuleList) -> dict[str, float]:
 
 
 def anchor_fprs(distillers: nn.ModuleList) -> tuple[float, ...]:
-    """The FPRs of every EKD-style distiller's anchors (for the validation thresholds)."""
+    """The FPRs of every distiller's threshold anchors (:attr:`ekd.distill.base.Distiller.fprs`:
+    EKD's), for the validation thresholds."""
     fprs: set[float] = set()
     for d in distillers:
-        fprs.update(getattr(d, "fprs", ()))
+        fprs.update(d.fprs)
     return tuple(sorted(fprs, reverse=True))

@@ -1,6 +1,6 @@
 """Building the configured distillers and the extra inputs they declare (``requires``).
 
-The vocabulary of extras is :data:`ekd.distill.EXTRAS`: margin-free logits of student and
+The vocabulary of extras is :data:`ekd.distill.base.EXTRA_INPUTS`: margin-free logits of student and
 teacher against their own class centres, the teacher's class centres, the student's margin head
 and the size of the random part of the batch. Only extras some distiller needs are computed;
 what cannot be provided (e.g. teacher logits for a teacher without classifier) is refused when
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ekd.config import Config, DistillerConfig
-from ekd.distill import CLASS_EXTRAS, EXTRAS, Distiller, build_distiller, distiller_params
+from ekd.distill import (CLASS_EXTRAS, EXTRAS, STUDENT_CLASSIFIER_EXTRAS, TRAINER_FILLED_PARAMS, Distiller,
+                         build_distiller, distiller_params, needs_teacher_classifier, supports_class_shard)
 from ekd.errors import ConfigError
 from ekd.heads import MarginHead, PartialFC
 from ekd.heads.sharded_ce import ClassShard
@@ -32,16 +33,15 @@ def build_distillers(cfg: Config, teacher_dim: int | None, num_classes: int,
     """Every configured distiller; ``student_dim``/``teacher_dim``/``num_classes`` (and the
     rank's ``class_shard`` under sharding) are filled in when the distiller's ``__init__``
     accepts them and the config does not set them."""
-    known = {"student_dim": cfg.model.embedding_size, "teacher_dim": teacher_dim,
-             "num_classes": num_classes, "class_shard": class_shard}
+    known = dict(zip(TRAINER_FILLED_PARAMS, (cfg.model.embedding_size, teacher_dim, num_classes, class_shard)))
 
-    def build(d: DistillerConfig) -> Distiller:
-        accepted = distiller_params(d.name)
-        auto = {k: v for k, v in known.items() if k in accepted and k not in d.params and v is not None}
-        weight = 1.0 if d.weight == "auto" else d.weight  # "auto": fixed after calibration (auto_weight.py)
-        return build_distiller(d.name, weight, **auto, **d.params)
+    def build(entry: DistillerConfig) -> Distiller:
+        accepted = distiller_params(entry.name)
+        auto = {k: v for k, v in known.items() if k in accepted and k not in entry.params and v is not None}
+        weight = 1.0 if entry.weight == "auto" else entry.weight  # "auto": fixed after calibration (auto_weight.py)
+        return build_distiller(entry.name, weight, **auto, **entry.params)
 
-    return nn.ModuleList(build(d) for d in cfg.distill)
+    return nn.ModuleList(build(entry) for entry in cfg.distill)
 
 
 def teacher_centers_for(distillers: nn.ModuleList, head_state: dict | None, teacher_path: str | None,
@@ -53,7 +53,7 @@ def teacher_centers_for(distillers: nn.ModuleList, head_state: dict | None, teac
         if unknown:
             raise ConfigError(f"distiller '{d.name}' requires {', '.join(unknown)}, which the "
                               f"trainer does not provide (it provides {', '.join(sorted(EXTRAS))})")
-        if not d.requires & {"teacher_logits", "teacher_centers"}:
+        if not needs_teacher_classifier(d):
             continue
         if not head_state or "weight" not in head_state:
             raise ConfigError(
@@ -71,18 +71,13 @@ def teacher_centers_for(distillers: nn.ModuleList, head_state: dict | None, teac
     return centers
 
 
-def sharded(distiller: Distiller) -> bool:
-    """Whether ``distiller`` takes per-rank class extras (``class_shard`` in ``optional``)."""
-    return "class_shard" in distiller.optional
-
-
 def check_sharding(distillers: nn.ModuleList) -> None:
     """Refuse distillers that need the student's classifier but cannot work on its shards."""
     refused = [d.name for d in distillers
-               if d.requires & {"student_head", "student_logits"} and not sharded(d)]
+               if d.requires & STUDENT_CLASSIFIER_EXTRAS and not supports_class_shard(d)]
     if refused:
         hints = "".join(f"; {d.name}: {d.shard_hint}" for d in distillers
-                        if d.name in refused and getattr(d, "shard_hint", ""))
+                        if d.name in refused and d.shard_hint)
         raise ConfigError(f"distiller(s) {', '.join(refused)} need the student's full classifier, "
                           "which Partial FC (head.sample_rate < 1 or several processes) shards "
                           "across ranks, and do not support class shards (class_shard); use "
@@ -108,8 +103,7 @@ def distiller_extras(distillers: nn.ModuleList, emb: torch.Tensor, teacher_emb: 
         if shard is not None and centers is not None and centers.shape[0] == shard.num_classes:
             centers = shard.rows(centers)
         if key == "student_logits":  # margin-free s * cos against the student's own centres
-            out: object = (head.shard_cosine(emb) if shard is not None  # type: ignore[union-attr]
-                           else head.cosine(emb)) * head.scale  # type: ignore[union-attr]
+            out: object = head.class_cosine(emb) * head.scale
         elif key == "teacher_logits":
             with torch.no_grad():
                 cos = F.linear(F.normalize(teacher_emb.float()), F.normalize(centers))
@@ -127,7 +121,7 @@ def distiller_extras(distillers: nn.ModuleList, emb: torch.Tensor, teacher_emb: 
 
     per_distiller = []
     for d in distillers:
-        shard = class_shard if sharded(d) else None
+        shard = class_shard if supports_class_shard(d) else None
         keys = set(d.requires) | ({"class_shard"} & d.optional if shard is not None else set())
         per_distiller.append({k: value(k, shard if k in CLASS_EXTRAS | {"class_shard"} else None)
                               for k in sorted(keys)})

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ekd.engine.distributed import DistInfo
+from ekd.utils.distributed import DistInfo
 from ekd.errors import EkdError
 
 __all__ = ["GuardVerdict", "TrainingStopped", "DivergenceGuard", "decide", "prepare_checkpoint",

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ekd.config import to_dict
-from ekd.engine import distributed
+from ekd.utils import distributed
 from ekd.errors import CheckpointError
 from ekd.utils.checkpoint_io import FORMAT, VERSION, load_file, load_state_strict, save_atomic
 
@@ -175,8 +175,9 @@ def _full_distiller_state(trainer: "CheckpointedTrainer") -> dict:
     checkpoint resumes under any world size (a collective under sharding)."""
     state = trainer.distillers.state_dict()
     for i, d in enumerate(trainer.distillers):
-        if hasattr(d, "full_centres"):
-            state[f"{i}.centres"] = d.full_centres().cpu()
+        centres = d.full_centres()  # None: the distiller holds no class centres
+        if centres is not None:
+            state[f"{i}.centres"] = centres.cpu()
     return state
 
 

@@ -3,7 +3,7 @@
 Per step (EKD, Sec. 4.1): the student embeds the batch; the margin cross-entropy sees the
 random part of the batch (``train.ce_on: random``, the authors' split) or all of it; the
 distillers see the *global* batch (student embeddings all-gathered differentiably, see
-:mod:`ekd.engine.distributed`) with the frozen teacher's embeddings, plus the extras they
+:mod:`ekd.utils.distributed`) with the frozen teacher's embeddings, plus the extras they
 ``requires``. Methods that train the student on another classifier (``replaces_ce``) drop the
 margin cross-entropy. The total loss is the sum of all named terms, each logged separately.
 Under Partial FC the classifier-based distillers get this rank's class shard (same range as the
@@ -32,31 +32,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ekd.config import Config, save_config
+from ekd.config import Config, TrainConfig, save_config
 from ekd.data.sampler import BalancedBatchSampler
 from ekd.data.transforms import mirror_batch
-from ekd.distill import CLASS_EXTRAS
-from ekd.engine import distributed as D
+from ekd.distill import CLASS_EXTRAS, supports_class_shard
+from ekd.utils import distributed
 from ekd.engine.build import build_train_loader, build_train_set, compiled_forward
 from ekd.engine.auto_weight import AutoWeights
 from ekd.engine.diagnostics import anchor_fprs, distiller_diagnostics, set_recording, term_gradient_norms
-from ekd.engine.distill_inputs import (build_distillers, check_sharding, distiller_extras, sharded,
-                                      teacher_centers_for)
+from ekd.engine.distill_inputs import build_distillers, check_sharding, distiller_extras, teacher_centers_for
 from ekd.engine.guard import (DivergenceGuard, GuardVerdict, TrainingStopped, decide, kept_checkpoint,
                               prepare_checkpoint)
 from ekd.engine.optim import build_optimizer, build_scheduler, clip_grad_norm
+from ekd.engine.preflight import check_against_registries
 from ekd.engine.run_folder import claim_run_folder, continue_metrics
 from ekd.engine.state import MetricsLog, TrainState, load_training_state, save_training_checkpoint
 from ekd.engine.tensorboard_log import open_tensorboard
 from ekd.engine.validation import build_validator, format_values
 from ekd.errors import ConfigError, EkdError
-from ekd.heads import PartialFC, build_head
-from ekd.heads.partial_fc import gather_global_batch, init_rows
+from ekd.heads import build_training_head
+from ekd.heads.partial_fc import gather_global_batch
 from ekd.models import build_backbone
 from ekd.teachers import build_teacher
 from ekd.utils.device import resolve_device, seed_everything
@@ -81,105 +80,142 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        tc = cfg.train
-        device = resolve_device(tc.device)
-        self._owns_group = D.env_info().enabled and not D.is_initialized()  # close() leaves it
-        self.dist = D.init_distributed(device.type)
+        check_against_registries(cfg)  # backbones, distillers, FPRs: before any heavy work
+        resume = self._join_processes(cfg.train)
+        self._build_data(cfg)
+        self._build_teacher(cfg)  # and the validation sets: both checked before any image is read
+        self._build_batches(cfg)
+        self._build_student(cfg)
+        self._build_head(cfg)
+        self._build_distillers(cfg)
+        self._build_optimiser(cfg)
+        if resume:
+            self._resume(resume)
+
+    # -- building, in order (each builder reads what the ones before it made) ---------------
+    def _join_processes(self, train: TrainConfig) -> Path | None:
+        """Device, process group (under ``torchrun``), the seed of the initial weights and the run
+        folder, claimed before any heavy work; returns the checkpoint to resume from, if any."""
+        device = resolve_device(train.device)
+        self._owns_group = distributed.env_info().enabled and not distributed.is_initialized()  # close() leaves it
+        self.dist = distributed.init_distributed(device.type)
         if device.type == "cuda" and self.dist.enabled:
             device = torch.device("cuda", self.dist.local_rank)
         self.device = device
-        seed_everything(tc.seed)  # identical initial weights on every rank
-        self.run_dir = Path(tc.output_dir)
-        # before any heavy work: the folder holds no other run (or continues/overwrites it)
-        resume = claim_run_folder(self.run_dir, tc.resume, tc.overwrite, clear=self.dist.is_main)
-        D.barrier(self.dist)
+        seed_everything(train.seed)  # identical initial weights on every rank
+        self.run_dir = Path(train.output_dir)
+        # the folder holds no other run (or continues/overwrites it)
+        resume = claim_run_folder(self.run_dir, train.resume, train.overwrite, clear=self.dist.is_main)
+        distributed.barrier(self.dist)
+        return resume
+
+    def _build_data(self, cfg: Config) -> None:
+        """The training set (listed and checked, no image decoded yet)."""
         self.dataset = build_train_set(cfg)
         self._log_dropped_data("training on the readable part")
-        # the teacher (file, kind, cache match) before any image is read; its initialisation
-        # draws no numbers from the stream the student's initial weights come from
+
+    def _build_teacher(self, cfg: Config) -> None:
+        """The teacher (file, kind, cache match) and the validation sets, before any image is read
+        (``data.preload`` reads them all); the teacher's initialisation draws no numbers from the
+        stream the student's initial weights come from."""
         with torch.random.fork_rng(devices=[]):
-            self.teacher = build_teacher(cfg.teacher, cfg.data.input_size, self.dataset, device)
-        self.validator = build_validator(cfg, self.dist, device)  # every val set checked and read now
-        sc = cfg.sampler
-        self.sampler = BalancedBatchSampler(self.dataset.labels, sc.random_size, sc.identities_per_batch,
-                                            sc.samples_per_identity, seed=tc.seed, rank=self.dist.rank,
+            self.teacher = build_teacher(cfg.teacher, cfg.data.input_size, self.dataset, self.device)
+        self.validator = build_validator(cfg, self.dist, self.device)  # every val set checked and read now
+
+    def _build_batches(self, cfg: Config) -> None:
+        """The batch sampler (EKD, Sec. 3.3: random part + P identities x K) and the batches."""
+        train, sampler = cfg.train, cfg.sampler
+        self.sampler = BalancedBatchSampler(self.dataset.labels, sampler.random_size,
+                                            sampler.identities_per_batch, sampler.samples_per_identity,
+                                            seed=train.seed, rank=self.dist.rank,
                                             world_size=self.dist.world_size)
-        if tc.max_steps_per_epoch:
-            self.sampler.batches_per_epoch = min(self.sampler.batches_per_epoch, tc.max_steps_per_epoch)
-        self.loader = build_train_loader(cfg, self.dataset, self.sampler, device, self.dist.rank,
-                                         progress=tc.progress and self.dist.is_main)
-        self.use_amp = tc.amp != "none" and device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if tc.amp == "bf16" else torch.float16
-        mc = cfg.model
-        student = build_backbone(mc.backbone, embedding_size=mc.embedding_size,
-                                 input_size=cfg.data.input_size, dropout=mc.dropout,
-                                 width=mc.width).to(device)
-        self.channels_last = tc.channels_last
+        if train.max_steps_per_epoch:
+            self.sampler.batches_per_epoch = min(self.sampler.batches_per_epoch, train.max_steps_per_epoch)
+        self.loader = build_train_loader(cfg, self.dataset, self.sampler, self.device, self.dist.rank,
+                                         progress=train.progress and self.dist.is_main)
+
+    def _build_student(self, cfg: Config) -> None:
+        """The student backbone, its DDP wrapper and training forward, and the mixed precision."""
+        train, model, device = cfg.train, cfg.model, self.device
+        self.use_amp = train.amp != "none" and device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if train.amp == "bf16" else torch.float16
+        student = build_backbone(model.backbone, embedding_size=model.embedding_size,
+                                 input_size=cfg.data.input_size, dropout=model.dropout,
+                                 width=model.width).to(device)
+        self.channels_last = train.channels_last
         if self.channels_last:
             student = student.to(memory_format=torch.channels_last)
         self.student = student
         self.student_ddp: nn.Module = (DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
                                        if self.dist.enabled else student)
         # the training forward: compiled (train.compile) or the (DDP-wrapped) module itself
-        self.student_forward = compiled_forward(self.student_ddp, device) if tc.compile else self.student_ddp
-        hc = cfg.head
-        # Partial FC (class centres sharded over ranks, negatives sampled) when sampling or
-        # with several processes; a plain margin head otherwise.
-        self.partial_fc = hc.sample_rate < 1.0 or self.dist.enabled
-        if self.partial_fc:
-            self.head = PartialFC(hc.kind, mc.embedding_size, self.dataset.num_classes, hc.scale,
-                                  hc.margin, hc.sample_rate, self.dist.rank, self.dist.world_size,
-                                  seed=tc.seed).to(device)
-        else:
-            self.head = build_head(hc.kind, mc.embedding_size, self.dataset.num_classes,
-                                   hc.scale, hc.margin).to(device)
-            with torch.no_grad():  # the same initial centres as Partial FC for any world size
-                self.head.weight.copy_(init_rows(0, self.dataset.num_classes, self.dataset.num_classes,
-                                                 mc.embedding_size, tc.seed))
-        t_dim = self.teacher.embedding_size if self.teacher else None
+        self.student_forward = compiled_forward(self.student_ddp, device) if train.compile else self.student_ddp
+
+    def _build_head(self, cfg: Config) -> None:
+        """The margin head: Partial FC when sampling or with several processes (same interface)."""
+        head = cfg.head
+        self.head = build_training_head(head.kind, cfg.model.embedding_size, self.dataset.num_classes,
+                                        head.scale, head.margin, head.sample_rate, self.dist.rank,
+                                        self.dist.world_size, self.dist.enabled, cfg.train.seed).to(self.device)
+        self.partial_fc = self.head.sharded
         # Under sharding the classifier-based distillers hold/see this rank's class range only.
-        self.class_shard = self.head.shard if self.partial_fc else None
-        self.distillers = build_distillers(cfg, t_dim, self.dataset.num_classes, self.class_shard).to(device)
+        self.class_shard = self.head.shard
+
+    def _build_distillers(self, cfg: Config) -> None:
+        """The distillers, the teacher's class centres they need, their ``weight: auto``
+        calibration and the validation thresholds of their anchors (diagnostics)."""
+        train = cfg.train
+        t_dim = self.teacher.embedding_size if self.teacher else None
+        self.distillers = build_distillers(cfg, t_dim, self.dataset.num_classes, self.class_shard).to(self.device)
         centers = teacher_centers_for(self.distillers, self.teacher.head_state if self.teacher else None,
                                       cfg.teacher.path, self.dataset.num_classes, t_dim)
         if self.class_shard is not None:
             check_sharding(self.distillers)
-            if centers is not None and all(sharded(d) for d in self.distillers if d.requires & CLASS_EXTRAS):
+            if centers is not None and all(supports_class_shard(d) for d in self.distillers
+                                           if d.requires & CLASS_EXTRAS):
                 centers = self.class_shard.rows(centers).clone()  # this rank's rows only
                 self.teacher.head_state = None  # type: ignore[union-attr]  # frees the full matrix
-        self.teacher_centers = centers.to(device) if centers is not None else None
-        self.ce_replaced = any(getattr(d, "replaces_ce", False) for d in self.distillers)
-        self.auto_weights = AutoWeights(cfg.distill, self.distillers, tc.auto_weight_steps, not self.ce_replaced)
+        self.teacher_centers = centers.to(self.device) if centers is not None else None
+        self.ce_replaced = any(d.replaces_ce for d in self.distillers)
+        self.auto_weights = AutoWeights(cfg.distill, self.distillers, train.auto_weight_steps, not self.ce_replaced)
         self._term_owner: dict[str, int] = {}  # loss term name -> index of the distiller that made it
         self._auto_weight_events: list[dict] = []  # weights fixed this step, for the log
-        if self.validator is not None and tc.diagnostics:
+        if self.validator is not None and train.diagnostics:
             self.validator.threshold_fprs = anchor_fprs(self.distillers)
             self.validator.teacher_model = getattr(self.teacher, "model", None)
         self.diagnostics: dict[str, float] = {}  # the last logged step's (ekd.engine.diagnostics)
         self._embedding: torch.Tensor | None = None  # the current step's, set by compute_terms
+
+    def _build_optimiser(self, cfg: Config) -> None:
+        """SGD over student, head and distillers, the schedule, the loss scaler, the per-rank
+        random streams, the training state and the divergence guard."""
+        train, optim = cfg.train, cfg.optim
         steps_per_epoch = len(self.sampler)
-        self.total_steps = steps_per_epoch * tc.epochs
-        oc = cfg.optim
-        self.optimizer = build_optimizer([self.student, self.head, self.distillers], oc.lr, oc.momentum,
-                                         oc.weight_decay)
+        self.total_steps = steps_per_epoch * train.epochs
+        self.optimizer = build_optimizer([self.student, self.head, self.distillers], optim.lr, optim.momentum,
+                                         optim.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps,
-                                         int(round(oc.warmup_epochs * steps_per_epoch)), oc.scheduler,
-                                         [int(m * steps_per_epoch) for m in oc.milestones], oc.gamma)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.use_amp and tc.amp == "fp16")
-        seed_everything(tc.seed + self.dist.rank)  # per-rank streams (dropout)
+                                         int(round(optim.warmup_epochs * steps_per_epoch)), optim.scheduler,
+                                         [int(m * steps_per_epoch) for m in optim.milestones], optim.gamma)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp and train.amp == "fp16")
+        seed_everything(train.seed + self.dist.rank)  # per-rank streams (dropout)
         self.state = TrainState()
         self._stop_requested = False
-        self.guard = DivergenceGuard(tc.guard, int(round(tc.guard.warmup_epochs * steps_per_epoch)))
-        if resume:
-            load_training_state(self, resume)
-            self.auto_weights.restore(self.state.auto_weights)
-            if self.dist.is_main:  # metrics.jsonl continues from the checkpoint's step
-                continue_metrics(self.run_dir / "metrics.jsonl", self.state.step)
-            if self.validator is not None:
-                self.validator.restore_best(self.state, self.run_dir)
-            if self.dist.is_main:
-                log.info("resumed from %s at epoch %d/%d, step %d", resume,
-                         min(self.state.epoch + 1, tc.epochs), tc.epochs, self.state.step)
+        self.guard = DivergenceGuard(train.guard, int(round(train.guard.warmup_epochs * steps_per_epoch)))
+
+    def _resume(self, checkpoint: Path) -> None:
+        """Continue a run from ``checkpoint``: weights, optimiser, schedule, state, random
+        streams, fixed auto weights, the metrics log and the best validation."""
+        epochs = self.cfg.train.epochs
+        load_training_state(self, checkpoint)
+        self.auto_weights.restore(self.state.auto_weights)
+        if self.dist.is_main:  # metrics.jsonl continues from the checkpoint's step
+            continue_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+        if self.validator is not None:
+            self.validator.restore_best(self.state, self.run_dir)
+        if self.dist.is_main:
+            log.info("resumed from %s at epoch %d/%d, step %d", checkpoint,
+                     min(self.state.epoch + 1, epochs), epochs, self.state.step)
 
     def _log_dropped_data(self, when: str) -> None:
         """``data.accept_truncated``: say (at the start and the end) what the run did not see."""
@@ -215,16 +251,13 @@ class Trainer:
         emb = self._embedding = emb.float()
         n_ce = self.cfg.sampler.random_size if self.cfg.train.ce_on == "random" else len(labels)
         terms: dict[str, torch.Tensor] = {}
-        if not self.ce_replaced:
-            if self.partial_fc:  # global mean over the gathered CE part of every rank's batch
-                terms["ce"] = self.head(*gather_global_batch(emb[:n_ce], labels[:n_ce]))
-            else:
-                terms["ce"] = F.cross_entropy(self.head(emb[:n_ce], labels[:n_ce]), labels[:n_ce])
+        if not self.ce_replaced:  # global mean over the gathered CE part of every rank's batch
+            terms["ce"] = self.head.loss(*gather_global_batch(emb[:n_ce], labels[:n_ce]))
         if len(self.distillers):
             assert self.teacher is not None
             with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
                 teacher_emb = self.teacher.embed(images, indices, flipped)
-            teacher_emb = D.gather_no_grad(teacher_emb.float(), self.dist)
+            teacher_emb = distributed.gather_no_grad(teacher_emb.float(), self.dist)
             all_emb, all_labels = gather_global_batch(emb, labels)
             extras = distiller_extras(self.distillers, all_emb, teacher_emb, self.head,
                                       self.teacher_centers, self.cfg.sampler.random_size,
@@ -239,7 +272,7 @@ class Trainer:
     def _sync_small_grads(self) -> None:
         """Average distiller gradients over ranks (DDP does the student's; each rank's Partial FC
         shard gradient is already exact and must not be averaged)."""
-        D.average_replicated_grads(self.distillers, self.dist)
+        distributed.average_replicated_grads(self.distillers, self.dist)
 
     def _clip_grads(self) -> None:
         """``optim.clip_grad_norm``: clip the norm over all trained parameters (Partial FC's
@@ -247,10 +280,10 @@ class Trainer:
         max_norm = self.cfg.optim.clip_grad_norm
         if max_norm is None:
             return
-        shards = list(self.head.parameters()) if self.partial_fc else []
+        shards = list(self.head.parameters()) if self.head.sharded else []
         ids = {id(p) for p in shards}
         others = [p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in ids]
-        clip_grad_norm(others, shards, float(max_norm), distributed=self.partial_fc and self.dist.enabled)
+        clip_grad_norm(others, shards, float(max_norm), distributed=bool(shards) and self.dist.enabled)
 
     def _grads_finite(self) -> bool:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -340,7 +373,7 @@ class Trainer:
         self.student_ddp = self.student_forward = self.student
         if self._owns_group:
             self._owns_group = False
-            D.shutdown()
+            distributed.shutdown()
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
@@ -459,7 +492,7 @@ class Trainer:
                                    "data_wait": waited / max(spent, 1e-9), **terms, **self.diagnostics})
                     waited = spent = 0.0
                     self.diagnostics = {}
-                    loss = D.all_reduce_mean(terms["loss"], self.dist, self.device) \
+                    loss = distributed.all_reduce_mean(terms["loss"], self.dist, self.device) \
                         if cfg.train.guard.enabled else terms["loss"]
                     self._check_guard(self.guard.observe_loss(st.step, loss))
                 if self.validator is not None and self.validator.due(st.step):
@@ -474,7 +507,7 @@ class Trainer:
             tick = time.perf_counter()  # logging and validation are left out of both times
             if self._stop_requested:
                 break
-        summary = {k: D.all_reduce_mean(v / max(steps, 1), self.dist, self.device) for k, v in sums.items()}
+        summary = {k: distributed.all_reduce_mean(v / max(steps, 1), self.dist, self.device) for k, v in sums.items()}
         elapsed = time.perf_counter() - t0
         data_wait = epoch_waited / max(epoch_spent, 1e-9)
         val = (self.validator.validate(self, metrics).values

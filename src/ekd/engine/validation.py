@@ -26,10 +26,10 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
-from ekd.config import Config, ValSetConfig
-from ekd.config_checks import val_metric_names, val_sets
+from ekd.config import Config, ValSetConfig, val_sets
 from ekd.data import BinDataset, ListDataset
-from ekd.engine.distributed import DistInfo
+from ekd.utils.distributed import DistInfo
+from ekd.engine.preflight import val_metric_names
 from ekd.engine.state import save_training_checkpoint
 from ekd.errors import ConfigError, DataError
 from ekd.eval.evaluate import THRESHOLD_FPRS, VerificationSet, bin_set, folder_set, fpr_key, pairs_set

@@ -46,9 +46,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ekd.functional import unit
 from ekd.errors import CheckpointError, ConfigError, DataError
-from ekd.heads.margin import ArcFace, CosFace, MarginHead
+from ekd.functional import unit
+from ekd.heads.margin import HEADS, margin_target
 from ekd.heads.sharded_ce import (ClassShard, SumGradAcrossRanks, sample_classes, shard_margin_cross_entropy,
                                   shard_range)
 
@@ -56,7 +56,6 @@ __all__ = ["ClassShard", "PartialFC", "gather_global_batch", "init_rows", "shard
 
 #: Rows per initialisation block; each block has its own seeded generator (see ``_init_shard``).
 INIT_BLOCK = 1024
-_MARGIN_KINDS = {"arcface": ArcFace, "cosface": CosFace}
 
 
 def _block_seed(seed: int, block: int) -> int:
@@ -92,16 +91,20 @@ class PartialFC(nn.Module):
     returns the global mean cross-entropy, identical on every rank. See the module docstring
     for the gradient-scale rule. Sampling happens only in training mode with
     ``sample_rate < 1`` and uses torch's global RNG; ``last_index`` holds the kept local rows.
+    It offers the trainer the interface of a plain head (:class:`ekd.heads.margin.MarginHead`:
+    ``loss``, ``shard``, ``sharded``, ``class_cosine``).
     """
+
+    sharded = True  # each rank holds its own class rows
 
     def __init__(self, margin_head_kind: str, embedding_size: int, num_classes: int,
                  scale: float = 64.0, margin: float = 0.5, sample_rate: float = 1.0,
                  rank: int = 0, world_size: int = 1, process_group: Any = None,
                  seed: int = 0) -> None:
         super().__init__()
-        if margin_head_kind not in _MARGIN_KINDS:
+        if margin_head_kind not in HEADS:
             raise ConfigError(f"partial_fc: unknown margin head '{margin_head_kind}'; valid: "
-                              f"{', '.join(_MARGIN_KINDS)}")
+                              f"{', '.join(HEADS)}")
         if embedding_size < 1 or num_classes < 1:
             raise ConfigError(f"partial_fc: need num_classes >= 1 and embedding_size >= 1, got "
                               f"{num_classes}, {embedding_size}")
@@ -131,12 +134,6 @@ class PartialFC(nn.Module):
                               max(1, math.ceil(round(self.sample_rate * self.shard_size, 9))))
         self.weight = nn.Parameter(init_rows(self.shard_start, self.shard_end, num_classes,
                                              embedding_size, seed))
-        # Margin maths by composition; kept in a tuple so that its (unused, 1x1) weight is
-        # neither registered as a parameter nor saved in the state dict; fork_rng keeps its
-        # 1x1 init from advancing the caller's global RNG.
-        with torch.random.fork_rng(devices=[]):
-            helper = _MARGIN_KINDS[margin_head_kind](1, 1, scale, margin)
-        self._margin_fn: tuple[MarginHead] = (helper,)
         self.last_index: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
@@ -161,7 +158,7 @@ class PartialFC(nn.Module):
 
     def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
         """The margin applied to target cosines (ArcFace or CosFace, as configured)."""
-        return self._margin_fn[0].target_logit(cos_target)
+        return margin_target(cos_target, self.margin, self.kind)
 
     def shard_cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Margin-free cosines ``[B, shard_size]`` of the global batch against this rank's
@@ -170,6 +167,14 @@ class PartialFC(nn.Module):
         if self.distributed:
             emb = SumGradAcrossRanks.apply(emb, self.process_group)
         return F.linear(unit(emb), unit(self.weight.float())).clamp(-1, 1)
+
+    def class_cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The head interface's margin-free cosines: this rank's classes (:meth:`shard_cosine`)."""
+        return self.shard_cosine(embeddings)
+
+    def loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The head interface's cross-entropy: :meth:`forward` on the global batch."""
+        return self(embeddings, labels)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean margin-softmax cross-entropy over the global batch (same value on every rank)."""

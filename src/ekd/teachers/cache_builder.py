@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ekd.config import DataConfig
 from ekd.data.kinds import build_dataset, fingerprint_of, kind_of
 from ekd.data.recordio import rec_paths
-from ekd.engine import distributed
+from ekd.utils import distributed
 from ekd.errors import CheckpointError, DataError
 from ekd.teachers.cache import (CACHE_VERSION, DONE_FILE, EMB_FILE, MANIFEST, NORM_FILE, read_manifest,
                                 file_fingerprint)

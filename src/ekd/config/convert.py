@@ -1,4 +1,4 @@
-"""Typed conversion of plain YAML data into the config dataclasses.
+"""Typed conversion of plain YAML data into the config dataclasses (:mod:`ekd.config.schema`).
 
 Every value is checked against its annotation; unknown keys are errors listing the valid ones.
 """
@@ -96,14 +96,3 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
 def to_dict(cfg: Any) -> dict:
     """The config as plain Python data (for YAML, checkpoints and hashing)."""
     return dataclasses.asdict(cfg)
-
-
-@dataclasses.dataclass
-class ValSetConfig:
-    """One validation set; ``val.sets`` entries are these mappings or a bare path string."""
-
-    path: str = ""  # InsightFace .bin, pair list ("path1 path2 label"), or identity folder
-    name: str | None = None  # metric prefix; default: the file or folder name without suffix
-    kind: str | None = None  # "bin" | "pairs" | "folder"; default: .bin file, folder, else pair list
-    root: str | None = None  # pairs: folder of the list's relative paths (default: the list's)
-    color: str = "rgb"  # bin: channel order fed to the model ("rgb" | "bgr")

@@ -1,22 +1,10 @@
-"""Typed run configuration: dataclasses loaded from YAML with ``--set a.b=c`` overrides.
-
-Every section is a dataclass; loading is strict: an unknown key or a value of the wrong type is a
-:class:`~ekd.errors.ConfigError` that names the key and lists the valid ones. Impossible values
-(negative sizes, a balanced part larger than the dataset allows, ...) are rejected by
-:func:`validate`.
-"""
+"""The run configuration's schema: one dataclass per YAML section, each field with its type,
+its default and, beside it, the one-line comment that becomes its row of ``docs/config.md``
+(:mod:`ekd.config.reference`)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import yaml
-
-from ekd.config_types import ValSetConfig, _valid_keys, from_dict, to_dict  # noqa: F401  (re-exported)
-from ekd.errors import ConfigError
 
 
 @dataclass
@@ -209,6 +197,17 @@ class EvalConfig:
 
 
 @dataclass
+class ValSetConfig:
+    """One validation set; ``val.sets`` entries are these mappings or a bare path string."""
+
+    path: str = ""  # InsightFace .bin, pair list ("path1 path2 label"), or identity folder
+    name: str | None = None  # metric prefix; default: the file or folder name without suffix
+    kind: str | None = None  # "bin" | "pairs" | "folder"; default: .bin file, folder, else pair list
+    root: str | None = None  # pairs: folder of the list's relative paths (default: the list's)
+    color: str = "rgb"  # bin: channel order fed to the model ("rgb" | "bgr")
+
+
+@dataclass
 class ValConfig:
     """Verification during training (docs/training.md): every ``every_steps`` steps and at every
     epoch end; metrics ``<set>/<acc|auc|tpr@F>``; ``keep_best`` names one of them for best.pt."""
@@ -235,191 +234,3 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     val: ValConfig = field(default_factory=ValConfig)
-
-
-_CHOICES = {
-    "data.kind": ("folder", "rec", "synthetic"),  # = ekd.data.kinds.DATASET_KINDS (tested)
-    "data.on_corrupt": ("skip", "error"),
-    "head.kind": ("arcface", "cosface"),
-    "teacher.kind": ("none", "checkpoint", "onnx", "cache"),
-    "teacher.centers": ("classifier", "mean_embedding"),
-    "teacher.onnx_color": ("RGB", "BGR"),
-    "teacher.onnx_layout": ("NCHW", "NHWC"),
-    "train.amp": ("none", "bf16", "fp16"),
-    "optim.scheduler": ("cosine", "step"),
-    "train.ce_on": ("random", "all"),
-}
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` (list items by index: ``distill.0.weight``) in a nested mapping."""
-    parts = dotted.split(".")
-    node: Any = tree
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        where = ".".join(parts[:depth + 1])
-        if isinstance(node, list):
-            index = int(part) if part.isdecimal() and len(part) < 10 else len(node)
-            if not node:
-                raise ConfigError(f"--set {dotted}: the list {'.'.join(parts[:depth])} is empty; "
-                                  "add its entries in the YAML file (or --set "
-                                  f"{'.'.join(parts[:depth])}=[...])")
-            if index >= len(node):
-                raise ConfigError(f"--set {dotted}: {where} is not an index of a list of {len(node)}")
-            if last:
-                node[index] = value
-            else:
-                node = node[index]
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth])} is not a section")
-        if last:
-            node[part] = value
-        elif node.get(part) is None and parts[depth + 1].isdecimal():
-            raise ConfigError(f"--set {dotted}: the list {where} is empty; add its entries in the "
-                              f"YAML file (or --set {where}=[...])")
-        else:
-            node = node.setdefault(part, {})
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """Parse ``a.b=c`` strings; values are read as YAML scalars (``1e-4``, ``true``, ``[1,2]``)."""
-    out = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        value = _safe_yaml(raw, f"--set {key}: cannot parse value {raw!r}") if raw.strip() else ""
-        out.append((key.strip(), value))
-    return out
-
-
-def _safe_yaml(text: str, what: str) -> Any:
-    """``yaml.safe_load`` (plain data only: a ``!!python/...`` tag is an error, never code run);
-    every failure, including PyYAML's ValueErrors on impossible dates, is a ConfigError."""
-    try:
-        return yaml.safe_load(text)
-    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise ConfigError(f"{what}: {type(exc).__name__}: {exc}") from None
-
-
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping safely; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the config file: {exc}") from None
-    data = _safe_yaml(text, f"{path}: invalid YAML")
-    if data is None:
-        raise ConfigError(f"{path}: the file is empty (no settings); start from a file in "
-                          "configs/, e.g. configs/ekd_synthetic.yaml")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections ({_valid_keys(Config)})")
-    return data
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> Config:
-    """Load a :class:`Config` from YAML (optional) plus ``--set`` overrides, then validate."""
-    tree: dict = dict(base or {})
-    if path is not None:
-        tree.update(read_yaml(path))
-    for key, value in parse_overrides(overrides or []):
-        _set_path(tree, key, value)
-    cfg = from_dict(Config, tree)
-    if path is not None and "data" not in tree:
-        raise ConfigError(f"{path}: no 'data' section, so nothing says what to train on; add "
-                          "data: {kind: synthetic} (ekd's synthetic faces) or data: {kind: folder, "
-                          "root: FOLDER, input_size: 112}")
-    validate(cfg)
-    return cfg
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def validate(cfg: Config) -> None:
-    """Reject impossible values with errors that name the key and the valid choices."""
-    for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
-    positive = {
-        "data.input_size": cfg.data.input_size,
-        "model.embedding_size": cfg.model.embedding_size,
-        "sampler.samples_per_identity": cfg.sampler.samples_per_identity,
-        "train.epochs": cfg.train.epochs,
-        "eval.batch_size": cfg.eval.batch_size,
-        "val.batch_size": cfg.val.batch_size,
-        "train.log_every": cfg.train.log_every,
-        "data.preload_max_gb": cfg.data.preload_max_gb,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
-    nonneg = {
-        "sampler.random_size": cfg.sampler.random_size,
-        "sampler.identities_per_batch": cfg.sampler.identities_per_batch,
-        "data.num_workers": cfg.data.num_workers,
-        "optim.weight_decay": cfg.optim.weight_decay,
-        "optim.warmup_epochs": cfg.optim.warmup_epochs,
-    }
-    for key, value in nonneg.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
-    if cfg.sampler.random_size + cfg.sampler.identities_per_batch == 0:
-        raise ConfigError("sampler: the batch is empty (random_size and identities_per_batch are both 0)")
-    if cfg.train.ce_on == "random" and cfg.sampler.random_size == 0:
-        raise ConfigError("train.ce_on is 'random' but sampler.random_size is 0: "
-                          "set train.ce_on=all or a positive random_size")
-    if cfg.data.kind in ("folder", "rec") and not cfg.data.root:
-        raise ConfigError(f"data.root is required when data.kind is '{cfg.data.kind}'")
-    if cfg.teacher.kind != "none" and not cfg.teacher.path:
-        raise ConfigError(f"teacher.path is required when teacher.kind is '{cfg.teacher.kind}'")
-    if not 0 < cfg.head.sample_rate <= 1:
-        raise ConfigError(f"head.sample_rate must be in (0, 1], got {cfg.head.sample_rate}")
-    if cfg.train.max_bad_steps < 1:
-        raise ConfigError(f"train.max_bad_steps must be >= 1, got {cfg.train.max_bad_steps}")
-    guard = cfg.train.guard
-    if guard.loss_factor is not None and guard.loss_factor <= 1:
-        raise ConfigError(f"train.guard.loss_factor must be > 1 (or null: rule off), got {guard.loss_factor}")
-    if guard.loss_windows < 1:
-        raise ConfigError(f"train.guard.loss_windows must be >= 1, got {guard.loss_windows}")
-    if guard.chance_within is not None and not 0 <= guard.chance_within < 0.5:
-        raise ConfigError(f"train.guard.chance_within must be in [0, 0.5) (or null: rule off), "
-                          f"got {guard.chance_within}")
-    if guard.warmup_epochs < 0:
-        raise ConfigError(f"train.guard.warmup_epochs must be >= 0, got {guard.warmup_epochs}")
-    if cfg.teacher.onnx_std <= 0:
-        raise ConfigError(f"teacher.onnx_std must be > 0, got {cfg.teacher.onnx_std}")
-    if cfg.distill and cfg.teacher.kind == "none":
-        names = ", ".join(d.name for d in cfg.distill)
-        raise ConfigError(f"distill lists {names} but teacher.kind is 'none': "
-                          "a distiller needs a teacher (set teacher.kind and teacher.path)")
-    for i, d in enumerate(cfg.distill):
-        if isinstance(d.weight, str):
-            if d.weight != "auto":
-                raise ConfigError(f"distill[{i}].weight must be a number or 'auto', got {d.weight!r}")
-            if d.target_share is not None and not (math.isfinite(d.target_share) and d.target_share > 0):
-                raise ConfigError(f"distill[{i}].target_share must be a number > 0, got {d.target_share}")
-        else:
-            if d.weight < 0:
-                raise ConfigError(f"distill[{i}].weight must be >= 0, got {d.weight}")
-            if d.target_share is not None:
-                raise ConfigError(f"distill[{i}].target_share is used with weight: auto only "
-                                  f"(weight is {d.weight:g})")
-    if cfg.train.auto_weight_steps < 1:
-        raise ConfigError(f"train.auto_weight_steps must be >= 1, got {cfg.train.auto_weight_steps}")
-    from ekd.config_checks import check_more  # needs the model/distiller registries
-
-    check_more(cfg)
