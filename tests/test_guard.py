@@ -141,3 +141,44 @@ def test_two_processes_stop_together(data, tmp_path):
     assert got == [{"stopped": "guard", "step": 4}, {"stopped": "loss", "step": 4}]
     stop = read_rows(tmp_path / "run" / "metrics.jsonl")[-1]  # rank 0 records it
     assert stop["stopped"] == "guard" and stop["step"] == 4
+
+
+def test_planted_collapse_without_a_validation_set_is_stopped_by_the_batch_rule(data, tmp_path, monkeypatch,
+                                                                                capsys):
+    original = Trainer.train_step
+
+    def collapse(self, *args):  # from step 4 on every weight is zero: one embedding for all faces
+        out = original(self, *args)
+        if self.state.step >= 4:
+            with torch.no_grad():
+                for p in self.student.parameters():
+                    p.zero_()
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", collapse)
+    run = tmp_path / "run"
+    assert _train(data, run, "train.guard.loss_factor=null", "train.guard.warmup_epochs=1",
+                  "train.guard.batch_windows=3") == 2
+    err = capsys.readouterr().err
+    assert "stopped at step 7 by the batch chance rule" in err and "pair AUC 0.5000" in err
+    rows = read_rows(run / "metrics.jsonl")
+    assert rows[-1]["stopped"] == "batch chance" and rows[-1]["metric"] == "batch_auc"
+    aucs = {r["step"]: r["batch_auc"] for r in rows if "batch_auc" in r}
+    assert all(aucs[s] != 0.5 for s in (1, 2, 3, 4)) and all(aucs[s] == 0.5 for s in (5, 6, 7))
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)  # no loss said so
+    cfg = load_config(data / "run.yaml", [*SETTINGS, "train.guard.loss_factor=null", "train.guard.warmup_epochs=1",
+                                          "train.guard.batch_windows=3"]).train.guard
+    verdict = replay(rows, cfg)
+    assert (verdict.rule, verdict.step) == ("batch chance", 7)
+    cfg.batch_windows = None
+    assert replay(rows, cfg) is None
+
+
+def test_batch_pair_auc():
+    from ekd.engine.guard import batch_pair_auc
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    separated = torch.eye(3)[labels] + 0.01 * torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    assert batch_pair_auc(separated, labels) == 1.0
+    assert batch_pair_auc(torch.zeros(6, 3), labels) == 0.5
+    assert math.isnan(batch_pair_auc(separated, torch.arange(6)))  # no genuine pair

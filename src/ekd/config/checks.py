@@ -96,6 +96,8 @@ def _check_guard(guard: GuardConfig) -> None:
         raise ConfigError(f"train.guard.loss_factor must be > 1 (or null: rule off), got {guard.loss_factor}")
     if guard.loss_windows < 1:
         raise ConfigError(f"train.guard.loss_windows must be >= 1, got {guard.loss_windows}")
+    if guard.batch_windows is not None and guard.batch_windows < 1:
+        raise ConfigError(f"train.guard.batch_windows must be >= 1 (or null: rule off), got {guard.batch_windows}")
     if guard.chance_within is not None and not 0 <= guard.chance_within < 0.5:
         raise ConfigError(f"train.guard.chance_within must be in [0, 0.5) (or null: rule off), "
                           f"got {guard.chance_within}")

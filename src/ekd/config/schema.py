@@ -140,6 +140,10 @@ class GuardConfig:
     loss_windows: int = 10  # logging windows in a row above the limit before the loss rule stops
     # chance rule: a validation set's acc or auc at most 0.5 + chance_within after warm-up
     chance_within: float | None = 0.05
+    # batch chance rule (no validation set needed): the training batch's genuine-vs-impostor
+    # pair AUC of the student's embeddings at most 0.5 + chance_within for this many logging
+    # windows in a row after warm-up; null: off
+    batch_windows: int | None = 10
     # neither rule fires up to this many epochs (a short run may end near chance)
     warmup_epochs: float = 2.0
 

@@ -10,8 +10,15 @@ Rules, each configurable, all off with ``train.guard.enabled: false``:
   the minimum counts from the first logged step, so a blow-up during warm-up is caught when it
   ends. Only a positive minimum is used;
 - **chance**: a validation set's accuracy or AUC at or below ``0.5 + chance_within`` after
-  ``warmup_epochs`` (a collapsed model with a finite loss). Neither rule fires up to the end of
-  warm-up, so a short run that ends near chance is not an error.
+  ``warmup_epochs`` (a collapsed model with a finite loss);
+- **batch chance**: without a validation set too: the AUC of the training batch's genuine
+  against impostor pairs, scored by the student's embeddings (``batch_auc`` in
+  ``metrics.jsonl``, :func:`batch_pair_auc`), at or below ``0.5 + chance_within`` for
+  ``batch_windows`` logging windows in a row after warm-up. A healthy student separates the
+  identities it trains on within the first epochs; a collapsed one (every face one embedding, a
+  finite loss) scores 0.5.
+
+No rule fires up to the end of warm-up, so a short run that ends near chance is not an error.
 
 The guard sees the values written to ``metrics.jsonl`` (the loss averaged over ranks), so
 :func:`replay` applies it to a finished run's file. Under ``torchrun`` the stop decision is
@@ -34,8 +41,9 @@ import torch.distributed as dist
 
 from ekd.utils.distributed import DistInfo
 from ekd.errors import EkdError
+from ekd.eval.metrics import roc_auc
 
-__all__ = ["GuardVerdict", "TrainingStopped", "DivergenceGuard", "decide", "prepare_checkpoint",
+__all__ = ["GuardVerdict", "TrainingStopped", "DivergenceGuard", "batch_pair_auc", "decide", "prepare_checkpoint",
            "kept_checkpoint", "replay", "read_rows"]
 
 LAST_GOOD = "last_good.pt"
@@ -72,6 +80,7 @@ class DivergenceGuard:
         self.min_loss = math.inf
         self.strikes = 0  # logging windows in a row above loss_factor x min_loss
         self.counted_after = -1  # losses logged at or before this step are not the loss any more
+        self.batch_strikes = 0  # logging windows in a row with the training batch at chance
 
     def loss_redefined(self, step: int) -> None:
         """The total loss gained a term at ``step`` (a ``weight: auto`` distiller's weight was
@@ -82,7 +91,7 @@ class DivergenceGuard:
     @property
     def suspect(self) -> bool:
         """A rule is pending: a checkpoint written now may already hold a diverging model."""
-        return self.strikes > 0
+        return self.strikes > 0 or self.batch_strikes > 0
 
     def observe_loss(self, step: int, loss: float) -> GuardVerdict | None:
         """One logged loss value; a verdict when the loss rule fires."""
@@ -102,6 +111,24 @@ class DivergenceGuard:
                             f"{floor:.4g} for {self.strikes} logging windows in a row "
                             "(train.guard.loss_factor, train.guard.loss_windows)")
 
+    def observe_batch(self, step: int, auc: float) -> GuardVerdict | None:
+        """One logged training-batch pair AUC (NaN: the batch had no genuine or no impostor
+        pair); a verdict when the batch chance rule fires."""
+        cfg = self.cfg
+        if not cfg.enabled or cfg.chance_within is None or cfg.batch_windows is None or not math.isfinite(auc):
+            return None
+        if step <= self.warmup_steps or auc > 0.5 + cfg.chance_within:
+            self.batch_strikes = 0
+            return None
+        self.batch_strikes += 1
+        if self.batch_strikes < cfg.batch_windows:
+            return None
+        return GuardVerdict("batch chance", "batch_auc", auc, step,
+                            f"the training batch's pair AUC {auc:.4f} is at chance (at most 0.5 + "
+                            f"{cfg.chance_within:g}, train.guard.chance_within) for {self.batch_strikes} "
+                            f"logging windows in a row after warm-up (train.guard.batch_windows): "
+                            "the student no longer separates the identities it trains on")
+
     def observe_validation(self, step: int, values: dict) -> GuardVerdict | None:
         """One validation's ``<set>/<metric>`` values; a verdict when a set is at chance."""
         cfg = self.cfg
@@ -115,6 +142,19 @@ class DivergenceGuard:
                                     f"{cfg.chance_within:g}, train.guard.chance_within) after "
                                     f"warm-up ({self.warmup_steps} steps, train.guard.warmup_epochs)")
         return None
+
+
+def batch_pair_auc(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
+    """AUC of a batch's genuine against impostor pairs (the upper triangle of the cosine matrix
+    of ``embeddings``, pairs of equal ``labels`` genuine); NaN without both kinds of pair. A zero
+    embedding scores 0 with everything (ties count 1/2: AUC 0.5)."""
+    emb = torch.nn.functional.normalize(embeddings.detach().float(), dim=1)
+    rows, cols = torch.triu_indices(len(emb), len(emb), 1, device=emb.device)
+    scores = (emb[rows] * emb[cols]).sum(1)
+    same = labels[rows] == labels[cols]
+    if bool(same.all()) or not bool(same.any()):
+        return math.nan
+    return roc_auc(scores.cpu().numpy(), same.cpu().numpy())
 
 
 def decide(verdict: GuardVerdict | None, info: DistInfo, device: torch.device, step: int) -> None:
@@ -154,7 +194,7 @@ def read_rows(path: str | Path) -> list[dict]:
 
 
 def replay(rows: Iterable[dict], cfg) -> GuardVerdict | None:  # noqa: ANN001 - GuardConfig
-    """Apply the loss and chance rules to the rows of a run's ``metrics.jsonl`` (steps per
+    """Apply the loss, batch chance and chance rules to the rows of a run's ``metrics.jsonl`` (steps per
     epoch from its first ``epoch_end`` row): the verdict the guard would have given, or None."""
     rows = list(rows)
     ends = [r["step"] for r in rows if r.get("epoch_end")]
@@ -167,6 +207,8 @@ def replay(rows: Iterable[dict], cfg) -> GuardVerdict | None:  # noqa: ANN001 - 
                                                              if "/" in k})
         elif "epoch_end" not in row and "stopped" not in row and "loss" in row:
             verdict = guard.observe_loss(row["step"], row["loss"])
+            if verdict is None and row.get("batch_auc") is not None:
+                verdict = guard.observe_batch(row["step"], row["batch_auc"])
         else:
             continue
         if verdict is not None:

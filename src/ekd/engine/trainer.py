@@ -45,7 +45,7 @@ from ekd.engine.build import build_train_loader, build_train_set, compiled_forwa
 from ekd.engine.auto_weight import AutoWeights
 from ekd.engine.diagnostics import anchor_fprs, distiller_diagnostics, set_recording, term_gradient_norms
 from ekd.engine.distill_inputs import build_distillers, check_sharding, distiller_extras, teacher_centers_for
-from ekd.engine.guard import (DivergenceGuard, GuardVerdict, TrainingStopped, decide, kept_checkpoint,
+from ekd.engine.guard import (DivergenceGuard, GuardVerdict, TrainingStopped, batch_pair_auc, decide, kept_checkpoint,
                               prepare_checkpoint)
 from ekd.engine.optim import build_optimizer, build_scheduler, clip_grad_norm
 from ekd.engine.preflight import check_against_registries
@@ -185,6 +185,7 @@ class Trainer:
             self.validator.teacher_model = getattr(self.teacher, "model", None)
         self.diagnostics: dict[str, float] = {}  # the last logged step's (ekd.engine.diagnostics)
         self._embedding: torch.Tensor | None = None  # the current step's, set by compute_terms
+        self._batch_auc: float | None = None  # the logged step's training-batch pair AUC (guard)
 
     def _build_optimiser(self, cfg: Config) -> None:
         """SGD over student, head and distillers, the schedule, the loss scaler, the per-rank
@@ -302,6 +303,10 @@ class Trainer:
         terms = self.compute_terms(images, labels, indices, flipped)
         set_recording(self.distillers, False)
         embedding, self._embedding = self._embedding, None  # not kept (with its graph) past the step
+        guard = self.cfg.train.guard
+        if guard.enabled and guard.batch_windows is not None and guard.chance_within is not None \
+                and (self.state.step + 1) % self.cfg.train.log_every == 0:  # the batch chance rule
+            self._batch_auc = batch_pair_auc(embedding, labels)
         held = self.auto_weights.held_back(self._term_owner) if self.auto_weights.calibrating else set()
         total = sum(v for k, v in terms.items() if k not in held)  # weight "auto": measured, not applied yet
         self.optimizer.zero_grad(set_to_none=True)
@@ -488,13 +493,20 @@ class Trainer:
                 bar.set_postfix({**{k: f"{v:.3g}" for k, v in terms.items()}, "lr": f"{lr:.3g}",
                                  "img/s": f"{rate:.0f}"})
                 if st.step % cfg.train.log_every == 0:
+                    batch = {}
+                    if self._batch_auc is not None:  # the mean over ranks' batches (null: no pairs)
+                        auc = distributed.all_reduce_mean(self._batch_auc, self.dist, self.device)
+                        batch["batch_auc"] = auc if math.isfinite(auc) else None
+                    self._batch_auc = None
                     metrics.write({"epoch": st.epoch, "step": st.step, "lr": lr, "images_per_s": rate,
-                                   "data_wait": waited / max(spent, 1e-9), **terms, **self.diagnostics})
+                                   "data_wait": waited / max(spent, 1e-9), **terms, **batch, **self.diagnostics})
                     waited = spent = 0.0
                     self.diagnostics = {}
                     loss = distributed.all_reduce_mean(terms["loss"], self.dist, self.device) \
                         if cfg.train.guard.enabled else terms["loss"]
                     self._check_guard(self.guard.observe_loss(st.step, loss))
+                    if batch.get("batch_auc") is not None:
+                        self._check_guard(self.guard.observe_batch(st.step, batch["batch_auc"]))
                 if self.validator is not None and self.validator.due(st.step):
                     checked = self.validator.validate(self, metrics)
                     t0 += checked.seconds  # not training time (img/s)
