@@ -16,11 +16,11 @@ from ekd.output_paths import prepare_output_dir
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ekd.engine.preflight import load_checked_config as load_config
+    from ekd.engine.preflight import load_checked_config
     from ekd.engine.trainer import train
 
     overrides = [*args.set, "train.overwrite=true"] if args.overwrite else args.set
-    cfg = load_config(args.config, overrides)
+    cfg = load_checked_config(args.config, overrides)
     prepare_output_dir(cfg.train.output_dir, "train.output_dir")
     result = train(cfg)
     if result.interrupted:  # Ctrl-C: a resumable checkpoint, no model
