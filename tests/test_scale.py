@@ -154,6 +154,32 @@ def test_shared_embedding_format_imports(train_faces, tmp_path):
     assert torch.allclose(got[1], torch.from_numpy(npz["emb_flip"][row]), atol=1e-3)
 
 
+def test_view32_teacher_cache_gives_each_image_its_own_row_and_mirror(train_faces, tmp_path):
+    """The cpu3 teacher (T3: the crop seen at 32 px) through the cache a student trains with:
+    every image of two identities, both mirror flags, is the npz row of that very file."""
+    from pathlib import Path
+
+    import numpy as np
+    from conftest import need_faces
+
+    from ekd.data import ImageFolderDataset
+
+    need_faces("teacher_dlib_r29_view32/train.npz")
+    ds = ImageFolderDataset(train_faces / "train", input_size=32, identities=["cfp-003", "cfp-004"])
+    cache = TeacherCache(import_npz(train_faces / "teacher_dlib_r29_view32" / "train.npz", ds, tmp_path / "c"),
+                         dataset_fingerprint(ds.root, ds.samples))
+    npz = np.load(train_faces / "teacher_dlib_r29_view32" / "train.npz")
+    rows = {path: i for i, path in enumerate(npz["paths"])}
+    index = torch.arange(len(ds))
+    for flag, key in ((False, "emb"), (True, "emb_flip")):
+        got = cache.lookup(index, torch.full((len(ds),), flag))
+        want = np.stack([npz[key][rows[f"{Path(path).parent.name}/{Path(path).name}"]] for path, _ in ds.samples])
+        assert torch.allclose(got, torch.from_numpy(want).float(), atol=1e-3)
+    plain, mirrored = cache.lookup(index, torch.zeros(len(ds), dtype=torch.bool)), \
+        cache.lookup(index, torch.ones(len(ds), dtype=torch.bool))
+    assert not torch.allclose(plain, mirrored, atol=1e-3)  # the flag picks another row
+
+
 # --------------------------------------------------------------------------- DDP (gloo)
 
 def torchrun_env(rank: int, world: int, port: int) -> None:
