@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ekd.commands import demo as D
+from ekd.commands import demo as demo_command
 from ekd.commands.eval_report import evaluate_checkpoint
 from ekd.commands.side_by_side import train_side_by_side
 
@@ -35,11 +35,11 @@ PLAN_KEYS = ("train_identities", "train_images", "eval_identities", "eval_images
              "teacher_width", "student_width", "teacher_identities", "preload")
 
 
-def load_plan(demo: Path) -> D.DemoPlan:
+def load_plan(demo: Path) -> demo_command.DemoPlan:
     recorded = json.loads((demo / "plan.json").read_text())
     recorded.pop("quick")
     recorded["seeds"] = tuple(recorded["seeds"])
-    return D.DemoPlan(**recorded)
+    return demo_command.DemoPlan(**recorded)
 
 
 def row_name(spec: str) -> str:
@@ -47,23 +47,23 @@ def row_name(spec: str) -> str:
     return f"{kind}_e{epochs}_s{seed}" + (f"_w{float(width[0]):g}" if width else "")
 
 
-def row_config(plan: D.DemoPlan, demo: Path, out: Path, spec: str):  # noqa: ANN201
+def row_config(plan: demo_command.DemoPlan, demo: Path, out: Path, spec: str):  # noqa: ANN201
     kind, epochs, seed, *width = spec.split(":")
     epochs, seed, name = int(epochs), int(seed), row_name(spec)
     if width:
         plan = replace(plan, student_width=float(width[0]))
     if kind == "teacher":
-        cfg = D.teacher_config(plan, demo, "cpu", epochs, name, seed)
+        cfg = demo_command.teacher_config(plan, demo, "cpu", epochs, name, seed)
     else:
-        cfg = D.student_config(plan, demo, kind, seed, "cpu", epochs, name)
+        cfg = demo_command.student_config(plan, demo, kind, seed, "cpu", epochs, name)
     cfg.train.output_dir, cfg.train.tensorboard = str(out / name), False
     return name, plan, cfg
 
 
-def score(plan: D.DemoPlan, demo: Path, model: Path) -> dict:
-    res = evaluate_checkpoint(model, D.eval_sets(demo), max_per_identity=plan.eval_images,
+def score(plan: demo_command.DemoPlan, demo: Path, model: Path) -> dict:
+    res = evaluate_checkpoint(model, demo_command.eval_sets(demo), max_per_identity=plan.eval_images,
                               device="cpu", progress=False)["sets"]
-    pairs, every = res[D.PAIRS], res[D.ALL_PAIRS]
+    pairs, every = res[demo_command.PAIRS], res[demo_command.ALL_PAIRS]
     return {"pairs_acc": pairs["accuracy"], "pairs_tpr@1e-3": pairs.get("tpr@1e-3"),
             "all_tpr@1e-3": every.get("tpr@1e-3"), "all_tpr@1e-4": every.get("tpr@1e-4"),
             "all_tpr@1e-5": every.get("tpr@1e-5")}

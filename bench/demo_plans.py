@@ -20,13 +20,13 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ekd.commands import demo as D
+from ekd.commands import demo as demo_command
 
 RESULTS = Path(__file__).resolve().parent / "results" / "demo_plans"
 
 #: The demo's first plan (FULL until plan D replaced it): 120 identities x 20 images, an
 #: IResNet-18 teacher and full-width students, 3 epochs each; the candidates change it.
-FIRST = D.DemoPlan(train_identities=120, train_images=20, eval_identities=120, eval_images=10,
+FIRST = demo_command.DemoPlan(train_identities=120, train_images=20, eval_identities=120, eval_images=10,
                    image_size=32, teacher_epochs=3, student_epochs=3, random_size=32,
                    identities_per_batch=8, num_pairs=6000)
 
@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=None, help="students at once (ekd demo --jobs)")
     ap.add_argument("--note", default="", help="how the machine was (idle, busy)")
     args = ap.parse_args(argv)
-    plan = D.FULL if args.plan == "FULL" else CANDIDATES[args.plan]
-    jobs = D.default_jobs("cpu") if args.jobs is None else args.jobs
+    plan = demo_command.FULL if args.plan == "FULL" else CANDIDATES[args.plan]
+    jobs = demo_command.default_jobs("cpu") if args.jobs is None else args.jobs
     start = time.perf_counter()
-    D.run_demo(args.out, device="cpu", jobs=jobs, plan=plan)
+    demo_command.run_demo(args.out, device="cpu", jobs=jobs, plan=plan)
     print(record(args.plan, args.out, jobs, time.perf_counter() - start, args.note))
     print(json.dumps(asdict(plan)))
     return 0
