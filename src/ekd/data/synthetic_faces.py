@@ -11,6 +11,7 @@ anti-aliased implicit functions on a numpy pixel grid, so generation is fast and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -167,8 +168,25 @@ class _Canvas:
             self.blend(win, a * opacity if opacity != 1.0 else a, color)
 
 
+@dataclass
+class _Pose:
+    """Where the face's inner features sit in one image (yaw and pitch moved them)."""
+
+    fa: float  # face half-width
+    fb: float  # face half-height
+    fcy: float  # face centre height
+    fx: float  # horizontal shift of the inner features (yaw)
+    fy: float  # vertical shift (pitch)
+    eye_y: float
+    tip_y: float
+    mouth_y: float
+    yaw: float
+
+
 def render_face(seed: int, identity: int, index: int, size: int = 64) -> np.ndarray:
-    """Render image ``index`` of ``identity`` as a ``uint8`` array ``[size, size, 3]``."""
+    """Render image ``index`` of ``identity`` as a ``uint8`` array ``[size, size, 3]``: the
+    image's nuisances are drawn first (a fixed draw order keeps generation deterministic), then
+    the head, eyes, nose and mouth are painted, then light and sensor noise are applied."""
     p = _identity(seed, identity)
     r = np.random.default_rng([seed, identity, 1, index])
     u = r.uniform
@@ -194,41 +212,78 @@ def render_face(seed: int, identity: int, index: int, size: int = 64) -> np.ndar
 
     cv = _Canvas(size, theta, scale, tx, ty)
     X, Y = _grid(size)
-    U, V, px = cv.U, cv.V, cv.px
     w = _unit(0.5 + 0.5 * (bg_dir[0] * X + bg_dir[1] * Y))
     cv.img[...] = bg1 + w * (bg2 - bg1)
 
     skin = _rgb(p["skin"])
-    fa, fb, fcy = p["face_a"] * (1 - 0.08 * abs(yaw)), p["face_b"], 0.05
-    fx = yaw * 0.13  # horizontal shift of the inner features (yaw)
-    fy = pitch * 0.07
+    fx, fy = yaw * 0.13, pitch * 0.07
     eye_y = p["eye_y"] + fy
     tip_y = eye_y + p["nose_len"] * (1 - 0.25 * abs(pitch))
-    mouth_y = tip_y + p["mouth_gap"]
+    pose = _Pose(p["face_a"] * (1 - 0.08 * abs(yaw)), p["face_b"], 0.05, fx, fy, eye_y, tip_y,
+                 tip_y + p["mouth_gap"], yaw)
     hair = _rgb(p["hair"])
 
+    outer = _paint_head(cv, p, pose, skin, hair)
+    _paint_eyes(cv, p, pose, skin, hair, eye_open, gaze)
+    _paint_nose(cv, p, pose, skin)
+    _paint_mouth(cv, p, pose, skin, smile, mouth_open)
+    if p["has_hair"]:
+        line = p["hairline"] + p["hair_tilt"] * cv.U + p["hair_curve"] * cv.U * cv.U
+        cv.blend(None, outer * _unit(0.5 - (cv.V - line) / cv.px), hair)
+
+    img = cv.img
+    if occlude:
+        (ow, oh), (ox, oy), ocol = occ
+        w0, h0 = int(ow * size), int(oh * size)
+        x0, y0 = int(ox * (size - w0)), int(oy * (size - h0))
+        img[:, y0:y0 + h0, x0:x0 + w0] = ocol
+
+    # illumination: contrast, gain with a linear gradient, colour cast; then sensor noise
+    light = np.maximum(1 + grad[0] * X + grad[1] * Y, 0.2) * (gain * contrast)
+    img += 128.0 * (1.0 - contrast) / contrast
+    img *= light * cast
+    if img.size <= 1 << 20:
+        noise = _noise_bank()[noise_at:noise_at + img.size].reshape(img.shape)
+    else:  # very large images: draw fresh noise
+        noise = r.standard_normal(img.shape, dtype=np.float32)
+    img += noise * sigma + 0.5
+    np.clip(img, 0.0, 255.0, out=img)
+    return np.ascontiguousarray(img.astype(np.uint8).transpose(1, 2, 0))
+
+
+def _paint_head(cv: _Canvas, p: dict, pose: _Pose, skin: np.ndarray, hair: np.ndarray) -> np.ndarray | None:
+    """Hair behind the head, ears, the face (elliptic top, superelliptic jaw, radial shading),
+    blush, moles and beard; returns the hair's outer mask (None without hair)."""
+    U, V, px = cv.U, cv.V, cv.px
+    fa, fb, fcy, fx, fy = pose.fa, pose.fb, pose.fcy, pose.fx, pose.fy
+    outer = None
     if p["has_hair"]:
         m = p["hair_margin"]
         outer = _ellipse(U, V, -0.3 * fx, fcy - 0.5 * m, fa + m, fb + m, px)
         cv.blend(None, outer * _unit(0.5 - (V - p["hair_bottom"]) / px), hair * 0.8)
     for side in (-1.0, 1.0):
-        shift = -0.5 * fx * (1 + side * (1.0 if yaw > 0 else -1.0))
+        shift = -0.5 * fx * (1 + side * (1.0 if pose.yaw > 0 else -1.0))
         cv.ellipse(side * fa * 0.97 + shift, p["ear_y"] + fy, 0.07, p["ear_ry"], skin * 0.88)
-    # face: elliptic top, superelliptic jaw, radial shading
     face = _ellipse(U, V, -0.3 * fx, fcy, fa, fb, px, p["jaw"])
     rad = np.minimum(((U + 0.3 * fx) / fa) ** 2 + ((V - fcy) / fb) ** 2, 1.2)
     cv.blend(None, face, skin * (1.0 - 0.16 * rad))
     if p["blush"] > 0.05:
         for side in (-1.0, 1.0):
-            cv.ellipse(side * p["eye_dx"] * 1.2 + fx, mouth_y - 0.1, 0.12, 0.08,
+            cv.ellipse(side * p["eye_dx"] * 1.2 + fx, pose.mouth_y - 0.1, 0.12, 0.08,
                        _rgb([220, 90, 90]), p["blush"], soft=3.0)
     for mx, my, mr in p["moles"]:
         cv.ellipse(mx + fx, my + fy, mr, mr, skin * 0.45, 0.85)
     if p["beard"]:
-        top = mouth_y - p["beard_top"]
+        top = pose.mouth_y - p["beard_top"]
         cv.blend(None, face * _unit(0.5 - (top - V) / (2 * px)) * p["beard_alpha"], hair)
+    return outer
 
-    # eyes: outline, sclera, iris, pupil; the eye turned away gets foreshortened
+
+def _paint_eyes(cv: _Canvas, p: dict, pose: _Pose, skin: np.ndarray, hair: np.ndarray,
+                eye_open: float, gaze: float) -> None:
+    """Eyes (outline, sclera, iris, pupil; the eye turned away foreshortened), brows, glasses."""
+    U, V, px = cv.U, cv.V, cv.px
+    fx, eye_y, yaw = pose.fx, pose.eye_y, pose.yaw
     rx0, ry0 = p["eye_rx"], p["eye_rx"] * p["eye_ratio"] * eye_open
     white, black = _rgb([238, 236, 230]), _rgb([12, 10, 10])
     iris = _rgb(p["iris"])
@@ -260,45 +315,28 @@ def render_face(seed: int, identity: int, index: int, size: int = 64) -> np.ndar
         cv.band(fx, eye_y - 0.02, max(gap, 0.02), p["glass_t"] * 2, -0.02, 0.0,
                 _rgb(p["glass_col"]) * 0.6)
 
-    # nose: bridge shadow, tip, nostrils
-    nx, nw = fx * 1.5, p["nose_w"]
-    cv.ellipse(nx + (1.0 if yaw > -1e-3 else -1.0) * nw * 0.7, (eye_y + tip_y) / 2, nw * 0.35,
+
+def _paint_nose(cv: _Canvas, p: dict, pose: _Pose, skin: np.ndarray) -> None:
+    """Bridge shadow, tip, nostrils."""
+    nx, nw = pose.fx * 1.5, p["nose_w"]
+    eye_y, tip_y = pose.eye_y, pose.tip_y
+    cv.ellipse(nx + (1.0 if pose.yaw > -1e-3 else -1.0) * nw * 0.7, (eye_y + tip_y) / 2, nw * 0.35,
                (tip_y - eye_y) * 0.45, skin * 0.78, 0.45, soft=2.0)
     cv.ellipse(nx, tip_y, nw, nw * 0.6, skin * 0.88, 0.5, soft=2.0)
     for side in (-1.0, 1.0):
         cv.ellipse(nx + side * nw * 0.5, tip_y + nw * 0.25, nw * 0.28, nw * 0.17, skin * 0.35)
 
-    # mouth: lips as a curved stroke, dark interior when open
-    mx, mw = fx * 1.1, p["mouth_w"]
+
+def _paint_mouth(cv: _Canvas, p: dict, pose: _Pose, skin: np.ndarray, smile: float,
+                 mouth_open: float) -> None:
+    """Lips as a curved stroke, a dark interior when open."""
+    mx, mw, mouth_y = pose.fx * 1.1, p["mouth_w"], pose.mouth_y
     bend = p["mouth_curv"] + smile
     lip_col = skin * _rgb(p["lip_tint"])
     cv.band(mx, mouth_y, mw, p["lip"] + mouth_open, bend, 0.0, lip_col)
     if mouth_open > 0.008:
         cv.ellipse(mx, mouth_y + 0.6 * bend, mw * 0.7, mouth_open * 0.5, _rgb([60, 20, 25]))
     cv.band(mx, mouth_y, mw, 0.3 * p["lip"], bend, 0.0, lip_col * 0.5, 0.5)
-
-    if p["has_hair"]:
-        line = p["hairline"] + p["hair_tilt"] * U + p["hair_curve"] * U * U
-        cv.blend(None, outer * _unit(0.5 - (V - line) / px), hair)
-
-    img = cv.img
-    if occlude:
-        (ow, oh), (ox, oy), ocol = occ
-        w0, h0 = int(ow * size), int(oh * size)
-        x0, y0 = int(ox * (size - w0)), int(oy * (size - h0))
-        img[:, y0:y0 + h0, x0:x0 + w0] = ocol
-
-    # illumination: contrast, gain with a linear gradient, colour cast; then sensor noise
-    light = np.maximum(1 + grad[0] * X + grad[1] * Y, 0.2) * (gain * contrast)
-    img += 128.0 * (1.0 - contrast) / contrast
-    img *= light * cast
-    if img.size <= 1 << 20:
-        noise = _noise_bank()[noise_at:noise_at + img.size].reshape(img.shape)
-    else:  # very large images: draw fresh noise
-        noise = r.standard_normal(img.shape, dtype=np.float32)
-    img += noise * sigma + 0.5
-    np.clip(img, 0.0, 255.0, out=img)
-    return np.ascontiguousarray(img.astype(np.uint8).transpose(1, 2, 0))
 
 
 def generate_identity_folder(out: Path, num_identities: int, images_per_identity: int,
