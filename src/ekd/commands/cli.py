@@ -200,7 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ekd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 title="commands")
+    _add_train_command(sub)
+    _add_eval_command(sub)
+    _add_compare_command(sub)
+    _add_teacher_cache_command(sub)
+    _add_demo_command(sub)
+    _add_diagnose_command(sub)
 
+    from ekd.commands.cli_data import add_data_commands
+
+    add_data_commands(sub)
+    from ekd.commands.cli_deploy import add_deploy_commands
+
+    add_deploy_commands(sub)
+    return parser
+
+
+def _add_train_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a teacher or a student from a YAML config")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -210,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(= --set train.overwrite=true)")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_eval_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate models on verification sets (LFW, CFP, IJB)")
     p.add_argument("--model", action="append", required=True,
                    help="ekd checkpoint, arcface_torch backbone.pth or .onnx (fp32, fp16 or INT8; "
@@ -223,12 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write roc_<set>.png per set into --out (needs matplotlib)")
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_compare_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="is a model really better? paired differences with "
                        "identity-bootstrap intervals",
                        description="Embed every model once on the sets (the options of ekd eval), "
-                       "report ekd eval's metrics and, per TPR@FPR, each model's difference to the "
-                       "first with a 95% interval from resampling identities (the benchmark's "
-                       "bootstrap) and a verdict: better, worse or within noise.")
+                       "report ekd eval's metrics and, per TPR@FPR (and on pair lists per accuracy and "
+                       "AUC), each model's difference to the first with a 95% interval from "
+                       "resampling identities (the benchmark's bootstrap) and a verdict: better, "
+                       "worse or within noise.")
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="ekd checkpoint, arcface_torch backbone.pth or .onnx; the first is the reference")
     _add_set_arguments(p)
@@ -241,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write compare.json, compare.md and roc_<set>.png into this folder")
     p.set_defaults(func=_cmd_compare)
 
+
+def _add_teacher_cache_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("teacher-cache", help="store a teacher's embeddings of a training set once",
                        description="Run a teacher once over a training set (identity folder or "
                        ".rec) and store its embeddings (original + mirrored) for training without "
@@ -264,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_teacher_cache)
 
+
+def _add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="synthetic faces: a teacher, students without/with EKD")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="a smoke run of every step (about a minute)")
@@ -274,19 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "1 on a GPU)")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_diagnose_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diagnose", help="gradient shares and EKD anchors of a run, in words")
     p.add_argument("run_dir", help="a training run directory (holds metrics.jsonl)")
     p.add_argument("--out", help="folder for the plots (default: RUN_DIR/diagnose)")
     p.add_argument("--no-plots", action="store_true", help="print the summary only")
     p.set_defaults(func=_cmd_diagnose)
-
-    from ekd.commands.cli_data import add_data_commands
-
-    add_data_commands(sub)
-    from ekd.commands.cli_deploy import add_deploy_commands
-
-    add_deploy_commands(sub)
-    return parser
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
