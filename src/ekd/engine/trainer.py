@@ -304,7 +304,8 @@ class Trainer:
         set_recording(self.distillers, False)
         embedding, self._embedding = self._embedding, None  # not kept (with its graph) past the step
         guard = self.cfg.train.guard
-        if guard.enabled and guard.batch_windows is not None and guard.chance_within is not None \
+        if embedding is not None and guard.enabled and guard.batch_windows is not None \
+                and guard.chance_within is not None \
                 and (self.state.step + 1) % self.cfg.train.log_every == 0:  # the batch chance rule
             self._batch_auc = batch_pair_auc(embedding, labels)
         held = self.auto_weights.held_back(self._term_owner) if self.auto_weights.calibrating else set()
