@@ -86,10 +86,12 @@ def test_replay_of_metrics_gives_the_live_guards_verdict(data, tmp_path, blow_up
     assert replay(read_rows(run / "metrics.jsonl"), cfg) is None
 
 
-def test_planted_collapse_to_chance_with_a_finite_loss(data, tmp_path, monkeypatch, capsys):
+@pytest.fixture()
+def collapse(monkeypatch):
+    """From step 4 on every weight is zero: one embedding for all faces, a finite loss."""
     original = Trainer.train_step
 
-    def collapse(self, *args):  # from step 4 on every weight is zero: one embedding for all faces
+    def planted(self, *args):
         out = original(self, *args)
         if self.state.step >= 4:
             with torch.no_grad():
@@ -97,7 +99,10 @@ def test_planted_collapse_to_chance_with_a_finite_loss(data, tmp_path, monkeypat
                     p.zero_()
         return out
 
-    monkeypatch.setattr(Trainer, "train_step", collapse)
+    monkeypatch.setattr(Trainer, "train_step", planted)
+
+
+def test_planted_collapse_to_chance_with_a_finite_loss(data, tmp_path, collapse, capsys):
     run = tmp_path / "run"
     assert _train(data, run, f"val.sets=[{{path: {data / 'faces'}, name: faces}}]",
                   "train.guard.loss_factor=null", "train.guard.warmup_epochs=1.5") == 2
@@ -143,19 +148,7 @@ def test_two_processes_stop_together(data, tmp_path):
     assert stop["stopped"] == "guard" and stop["step"] == 4
 
 
-def test_planted_collapse_without_a_validation_set_is_stopped_by_the_batch_rule(data, tmp_path, monkeypatch,
-                                                                                capsys):
-    original = Trainer.train_step
-
-    def collapse(self, *args):  # from step 4 on every weight is zero: one embedding for all faces
-        out = original(self, *args)
-        if self.state.step >= 4:
-            with torch.no_grad():
-                for p in self.student.parameters():
-                    p.zero_()
-        return out
-
-    monkeypatch.setattr(Trainer, "train_step", collapse)
+def test_planted_collapse_without_a_validation_set_is_stopped_by_the_batch_rule(data, tmp_path, collapse, capsys):
     run = tmp_path / "run"
     assert _train(data, run, "train.guard.loss_factor=null", "train.guard.warmup_epochs=1",
                   "train.guard.batch_windows=3") == 2
