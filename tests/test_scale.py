@@ -203,6 +203,7 @@ def _ddp_worker(rank, world, port, folder, out, ekd_params="", extra=()):
             torch.save({k: v.detach() for k, v in trainer.student.named_parameters()}, out / f"rank{rank}.pt")
             torch.save(trainer.diagnostics, out / f"diagnostics{rank}.pt")
             torch.save(trainer.state.auto_weights, out / f"auto_weights{rank}.pt")
+            torch.save(trainer._batch_auc, out / f"batch_auc{rank}.pt")
     finally:
         D.shutdown()
 
@@ -276,6 +277,8 @@ def test_two_process_step_equals_one_process_on_concatenated_batch(folder, tmp_p
         assert auto_weights.keys() == single.state.auto_weights.keys()
         for k, v in single.state.auto_weights.items():
             assert auto_weights[k] == pytest.approx(v, rel=1e-4), (rank, k)
+        # the guard's training-batch pair AUC: that of the concatenated batch (4 identities)
+        assert torch.load(tmp_path / f"batch_auc{rank}.pt") == pytest.approx(single._batch_auc, abs=1e-6)
     if "train.auto_weight_steps=1" in extra:
         assert set(single.state.auto_weights) == {"2"}
 

@@ -13,10 +13,10 @@ Rules, each configurable, all off with ``train.guard.enabled: false``:
   ``warmup_epochs`` (a collapsed model with a finite loss);
 - **batch chance**: without a validation set too: the AUC of the training batch's genuine
   against impostor pairs, scored by the student's embeddings (``batch_auc`` in
-  ``metrics.jsonl``, :func:`batch_pair_auc`), at or below ``0.5 + chance_within`` for
-  ``batch_windows`` logging windows in a row after warm-up. A healthy student separates the
-  identities it trains on within the first epochs; a collapsed one (every face one embedding, a
-  finite loss) scores 0.5.
+  ``metrics.jsonl``, :func:`batch_pair_auc`; under ``torchrun`` the gathered global batch's),
+  at or below ``0.5 + chance_within`` for ``batch_windows`` logging windows in a row after
+  warm-up. A healthy student separates the identities it trains on within the first epochs; a
+  collapsed one (every face one embedding, a finite loss) scores 0.5.
 
 No rule fires up to the end of warm-up, so a short run that ends near chance is not an error.
 

@@ -307,7 +307,8 @@ class Trainer:
         if embedding is not None and guard.enabled and guard.batch_windows is not None \
                 and guard.chance_within is not None \
                 and (self.state.step + 1) % self.cfg.train.log_every == 0:  # the batch chance rule
-            self._batch_auc = batch_pair_auc(embedding, labels)
+            self._batch_auc = batch_pair_auc(distributed.gather_no_grad(embedding.detach(), self.dist),
+                                             distributed.gather_no_grad(labels, self.dist))  # global batch
         held = self.auto_weights.held_back(self._term_owner) if self.auto_weights.calibrating else set()
         total = sum(v for k, v in terms.items() if k not in held)  # weight "auto": measured, not applied yet
         self.optimizer.zero_grad(set_to_none=True)
@@ -495,9 +496,8 @@ class Trainer:
                                  "img/s": f"{rate:.0f}"})
                 if st.step % cfg.train.log_every == 0:
                     batch = {}
-                    if self._batch_auc is not None:  # the mean over ranks' batches (null: no pairs)
-                        auc = distributed.all_reduce_mean(self._batch_auc, self.dist, self.device)
-                        batch["batch_auc"] = auc if math.isfinite(auc) else None
+                    if self._batch_auc is not None:  # the global batch's, the same on every rank
+                        batch["batch_auc"] = self._batch_auc if math.isfinite(self._batch_auc) else None
                     self._batch_auc = None
                     metrics.write({"epoch": st.epoch, "step": st.step, "lr": lr, "images_per_s": rate,
                                    "data_wait": waited / max(spent, 1e-9), **terms, **batch, **self.diagnostics})
