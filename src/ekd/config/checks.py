@@ -27,6 +27,7 @@ _CHOICES = {
     "head.kind": ("arcface", "cosface"),
     "teacher.kind": ("none", "checkpoint", "onnx", "cache"),
     "teacher.centers": ("classifier", "mean_embedding"),
+    "teacher.center": ("none", "train_mean"),  # = ekd.teachers.centering.CENTER_CHOICES (tested)
     "teacher.onnx_color": ("RGB", "BGR"),
     "teacher.onnx_layout": ("NCHW", "NHWC"),
     "train.amp": ("none", "bf16", "fp16"),
@@ -60,6 +61,7 @@ def _check_values(cfg: Config) -> None:
         "val.batch_size": cfg.val.batch_size,
         "train.log_every": cfg.train.log_every,
         "data.preload_max_gb": cfg.data.preload_max_gb,
+        "teacher.center_images": cfg.teacher.center_images,
     }
     for key, value in positive.items():
         if value <= 0:

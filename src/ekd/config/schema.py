@@ -97,6 +97,13 @@ class TeacherConfig:
     # head ("classifier"), or the normalised mean cached embedding of each training identity
     # ("mean_embedding", for embedding-only teachers read from a cache).
     centers: str = "classifier"
+    # Distil from the teacher's embedding less its mean direction over the training images
+    # ("train_mean"), for teachers whose embeddings share one direction (a narrow cone, e.g. a
+    # metric-loss teacher); "none" uses them as they are. See ekd.teachers.centering.
+    center: str = "none"
+    # center=train_mean with a live teacher (checkpoint, onnx): how many training images, spaced
+    # evenly over the set and each also mirrored, give the mean (a cache uses all its rows).
+    center_images: int = 4096
 
 
 @dataclass

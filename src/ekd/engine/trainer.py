@@ -119,7 +119,8 @@ class Trainer:
         (``data.preload`` reads them all); the teacher's initialisation draws no numbers from the
         stream the student's initial weights come from."""
         with torch.random.fork_rng(devices=[]):
-            self.teacher = build_teacher(cfg.teacher, cfg.data.input_size, self.dataset, self.device)
+            self.teacher = build_teacher(cfg.teacher, cfg.data.input_size, self.dataset, self.device,
+                                         progress=cfg.train.progress and self.dist.is_main)
         self.validator = build_validator(cfg, self.dist, self.device)  # every val set checked and read now
 
     def _build_batches(self, cfg: Config) -> None:

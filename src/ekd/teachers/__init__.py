@@ -9,6 +9,7 @@ are in :mod:`.registry`; each kind is one module that registers a
 # Registered in this order (the order ``teacher.kind`` errors list them in).
 from ekd.teachers import checkpoint, onnx  # noqa: F401, I001  (register the kinds)
 from ekd.teachers import cache  # noqa: F401, I001
-from ekd.teachers.registry import TEACHER_KINDS, Teacher, TeacherKind, build_teacher, register_kind
+from ekd.teachers.build import build_teacher
+from ekd.teachers.registry import TEACHER_KINDS, Teacher, TeacherKind, register_kind
 
 __all__ = ["TEACHER_KINDS", "Teacher", "TeacherKind", "build_teacher", "register_kind"]

@@ -137,9 +137,10 @@ class CachedTeacher(Teacher):
 
 
 def mean_embedding_centers(cache: TeacherCache, labels: Sequence[int], num_classes: int,
-                           block: int = 1 << 16) -> torch.Tensor:
+                           block: int = 1 << 16, offset: torch.Tensor | None = None) -> torch.Tensor:
     """Class centres of an embedding-only teacher: per identity, the L2-normalised mean of the
-    unit embeddings of its images and their mirror images (``[num_classes, D]``, float32).
+    unit embeddings of its images and their mirror images (``[num_classes, D]``, float32), less
+    ``offset`` before normalising when given (``teacher.center``, :mod:`ekd.teachers.centering`).
     The cache is read in blocks of ``block`` rows."""
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if labels_t.shape[0] != len(cache):
@@ -151,6 +152,9 @@ def mean_embedding_centers(cache: TeacherCache, labels: Sequence[int], num_class
     empty = (sums.norm(dim=1) == 0).nonzero().flatten().tolist()
     if empty:
         raise DataError(f"teacher cache {cache.folder}: no embedding for class(es) {empty[:10]}")
+    if offset is not None:
+        counts = torch.bincount(labels_t, minlength=num_classes).clamp(min=1).float()
+        sums = sums / (2 * counts[:, None]) - offset.float()[None]
     return sums / sums.norm(dim=1, keepdim=True)
 
 

@@ -1,5 +1,5 @@
 """The teacher contract and the registry of teacher kinds (``teacher.kind``); each kind is one
-module beside this one that registers a :class:`TeacherKind`."""
+module beside this one that registers a :class:`TeacherKind` (built by :mod:`.build`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ekd.errors import ConfigError
 if TYPE_CHECKING:
     from ekd.config import TeacherConfig
 
-__all__ = ["TEACHER_KINDS", "Teacher", "TeacherKind", "build_teacher", "register_kind"]
+__all__ = ["TEACHER_KINDS", "Teacher", "TeacherKind", "register_kind"]
 
 
 class Teacher:
@@ -53,17 +53,3 @@ def register_kind(kind: TeacherKind) -> TeacherKind:
         raise ValueError(f"teacher kind {kind.name!r} is registered twice")
     TEACHER_KINDS[kind.name] = kind
     return kind
-
-
-def build_teacher(teacher_config: TeacherConfig, input_size: int, dataset: Any,
-                  device: torch.device) -> Teacher | None:
-    """The teacher of the ``teacher`` config section, or None for ``teacher.kind: none``."""
-    kind = teacher_config.kind
-    if kind == "none":
-        return None
-    if teacher_config.centers == "mean_embedding" and kind != "cache":
-        raise ConfigError(f"teacher.centers=mean_embedding needs teacher.kind=cache (class centres are "
-                          f"averaged from cached embeddings), got teacher.kind={kind}")
-    if kind not in TEACHER_KINDS:
-        raise ConfigError(f"teacher.kind: unknown {kind!r}; valid: none, {', '.join(TEACHER_KINDS)}")
-    return TEACHER_KINDS[kind].build(teacher_config, input_size, dataset, device)
