@@ -76,11 +76,12 @@ class Table:
     def teacher_section(self, teacher: str, method: str) -> dict:
         if method == "no KD":
             return {"kind": "none"}
+        center = {"center": self.profile.teacher_center} if self.profile.teacher_center != "none" else {}
         if teacher in TEACHER_EMBEDDINGS:
             return {"kind": "cache", "path": str(self.cache / f"teacher_{teacher.lower()}"),
                     "centers": "mean_embedding" if needs_teacher_classifier(DISTILLERS.get(method, Distiller))
-                    else "classifier"}
-        return {"kind": "checkpoint", "path": str(self.t1_dir() / "run" / "model.pt")}
+                    else "classifier", **center}
+        return {"kind": "checkpoint", "path": str(self.t1_dir() / "run" / "model.pt"), **center}
 
     def config_tree(self, cell: Cell) -> dict:
         p = self.profile

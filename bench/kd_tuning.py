@@ -18,7 +18,7 @@ with ``adopted_from``). Committed cells: ``bench/results/kd_tuning/cpu3/``; repo
 ``docs/results/kd_tuning_cpu3.md``. The cpu3 table (``bench/kd_table.py --profile cpu3``) reads
 the choices from the committed cells.
 
-    python -m bench.kd_tuning [--phase grid|preset|all] [--budget S] [--jobs 2]
+    python -m bench.kd_tuning [--phase grid|preset|all] [--budget S] [--jobs 2] [--profile cpu3]
     python -m bench.kd_tuning --smoke          # 2 steps per cell: the path
     python -m bench.kd_tuning --report-only
 """
@@ -36,7 +36,7 @@ from bench.kd_cells import CellStore, common_arguments, run_and_report
 from bench.kd_choices import (FEATURE_BASELINES, PRESET_BASE, PRESET_ROWS, PRESET_SEEDS,
                               PRESET_VARIANTS, WEIGHT_GRID, choose_preset, choose_weight, grid_records,
                               preset_weight_row, tuned_settings, tuning_records, weight_row)
-from bench.kd_profiles import CPU3, Cell, auto_weighted
+from bench.kd_profiles import CPU3, PROFILES, Cell, auto_weighted
 from bench.kd_table import REPO, smoke
 
 RESULTS = REPO / "bench" / "results" / "kd_tuning"
@@ -154,10 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase", choices=("grid", "preset", "all"), default="all",
                     help="grid: the feature baselines' weights; preset: the EKD rows; all: both")
     ap.add_argument("--smoke", action="store_true", help="2 steps per cell, results in the cache")
+    ap.add_argument("--profile", choices=[p for p in PROFILES if p.startswith("cpu3")], default="cpu3",
+                    help="cpu3: T3 centred (the table's teacher); cpu3-uncentred: the first grid, T3 as stored")
     args = ap.parse_args(argv)
-    profile = CPU3
+    profile = PROFILES[args.profile]
     if args.smoke:
-        profile = smoke(CPU3)
+        profile = smoke(profile)
         args.results, args.out = args.cache / "smoke-results", args.cache / "smoke-report"
     phases = ("grid", "preset") if args.phase == "all" else (args.phase,)
     table = Tuning(args.faces, args.cache, args.results, phases, profile)

@@ -11,7 +11,7 @@ import bench.kd_choices as H
 import bench.kd_table as K
 import bench.kd_tuning as T
 from bench.kd_cells import CellStore
-from bench.kd_profiles import V3_AUTO, V3_GATE, ZOO_V2, gate_verdict
+from bench.kd_profiles import CPU3_UNCENTRED, V3_AUTO, V3_GATE, ZOO_V2, gate_verdict
 
 from ekd.config import Config, from_dict, validate
 
@@ -94,7 +94,13 @@ def test_the_grid_grows_while_its_largest_weight_is_best_and_the_choice_reaches_
     tree = cpu3.config_tree(K.Cell("T3", "fitnet", 0))
     assert tree["distill"] == [{"name": "fitnet", "weight": 10.0, "params": {}}]
     assert tree["teacher"] == {"kind": "cache", "path": str((tmp_path / "cache" / "teacher_t3").resolve()),
-                               "centers": "classifier"}
+                               "centers": "classifier", "center": "train_mean"}  # cpu3 distils from T3 centred
+    validate(from_dict(Config, tree))
+    # the tuning cells see the teacher as the table does; the first gate's profile as stored
+    assert table.config_tree(K.Cell("T3", "cosine x10", 0, 0.5))["teacher"]["center"] == "train_mean"
+    uncentred = K.Table(CPU3_UNCENTRED, tmp_path / "faces", tmp_path / "cache", tmp_path / "results",
+                        tuning=tmp_path / "tuning")
+    assert "center" not in uncentred.teacher_section("T3", "fitnet")
     assert "EKD (ours)" not in cpu3.profile.tuned  # the EKD rows have no cells yet
 
 
