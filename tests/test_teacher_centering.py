@@ -84,8 +84,12 @@ def test_trainer_distils_from_the_centred_cache(cached, tmp_path, caplog):
     assert np.abs(centred.mean(0)).max() < 1e-6  # the training set's centred embeddings average to 0
     result = trainer.fit()
     assert np.isfinite(result.final_terms["cosine"])
-    plain = Trainer(load_config(None, _overrides(root, cache, tmp_path / "p", "distill=[{name: cosine}]")))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ekd.teachers.centering"):
+        plain = Trainer(load_config(None, _overrides(root, cache, tmp_path / "p", "distill=[{name: cosine}]")))
     assert not isinstance(plain.teacher, CenteredTeacher)  # the default leaves the teacher as it is
+    assert f"mean unit embedding of norm {np.linalg.norm(mu):.2f} over {n} cached images" in caplog.text
+    assert "consider teacher.center=train_mean" in caplog.text
 
 
 def test_mean_embedding_centres_are_class_means_of_the_centred_embeddings(cached, tmp_path):
@@ -123,6 +127,17 @@ def test_live_teacher_mean_over_evenly_spaced_images_and_its_classifier(cached):
     x = images[:3]
     assert torch.allclose(centred.embed(x, torch.arange(3), torch.zeros(3, dtype=torch.bool)),
                           F.normalize(fn(x), dim=1) - mu_all)
+
+
+def test_a_spread_teacher_gets_no_cone_warning(tmp_path, caplog):
+    root = tmp_path / "train"
+    generate_identity_folder(root, num_identities=6, images_per_identity=4, image_size=32, seed=5)
+    proj = torch.randn(3 * 32 * 32, DIM, generator=torch.Generator().manual_seed(1))
+    cache = build_cache(lambda x: x.flatten(1) @ proj, ImageFolderDataset(root, input_size=32), tmp_path / "cache",
+                        teacher_fp="t", teacher_name="spread", progress=False)
+    with caplog.at_level(logging.INFO, logger="ekd.teachers.centering"):
+        Trainer(load_config(None, _overrides(root, cache, tmp_path / "run", "distill=[{name: cosine}]")))
+    assert "share one direction" not in caplog.text
 
 
 def test_bad_values_name_the_key(cached, tmp_path):

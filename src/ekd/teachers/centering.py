@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 #: ``teacher.center`` values.
 CENTER_CHOICES = ("none", "train_mean")
+#: An uncentred cache whose mean unit embedding is longer than this gets a warning.
+CONE_WARNING_NORM = 0.5
+#: ... estimated from at most this many rows, spaced evenly over the cache.
+CONE_CHECK_ROWS = 1 << 16
 
 
 class CenteredTeacher(Teacher):
@@ -103,14 +107,26 @@ def live_mean_direction(teacher: Teacher, dataset: Any, device: torch.device, im
     return (total / (2 * len(chosen))).float(), len(chosen)
 
 
+def _warn_if_cone(cache: Any) -> None:
+    """Warn when a cache's embeddings share one direction (estimated on evenly spaced rows)."""
+    rows = np.unique(np.linspace(0, len(cache) - 1, num=min(len(cache), CONE_CHECK_ROWS)).round().astype(np.int64))
+    norm = float(cache_mean_direction(cache.embeddings[rows]).norm())
+    if norm > CONE_WARNING_NORM:
+        log.warning("the teacher's embeddings share one direction (mean unit embedding of norm %.2f over %d "
+                    "cached images): distillers that match embeddings will mostly match that direction, which "
+                    "carries no identity; consider teacher.center=train_mean", norm, len(rows))
+
+
 def center_teacher(teacher: Teacher, teacher_config: Any, dataset: Any, device: torch.device,
                    progress: bool = True) -> Teacher:
     """``teacher`` as ``teacher.center`` asks: itself for ``none``, centred for ``train_mean``.
     Class centres averaged from a cache (``teacher.centers: mean_embedding``) are averaged again
     from the centred embeddings: the normalised ``mean_c - mu``."""
-    if teacher_config.center == "none":
-        return teacher
     cache = getattr(teacher, "cache", None)
+    if teacher_config.center == "none":
+        if cache is not None:
+            _warn_if_cone(cache)
+        return teacher
     head_state = None
     if cache is not None:
         mean, used = cache_mean_direction(cache.embeddings), len(cache)
