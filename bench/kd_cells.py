@@ -17,10 +17,12 @@ resamplings can be drawn later.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,6 +162,26 @@ def auto_weight_events(run_dir: Path) -> list[dict]:
             if line.strip() and "auto_weight" in (row := json.loads(line))]
 
 
+#: LFW pairs are half genuine: below this accuracy a student has learnt nothing usable.
+CHANCE_ACC = 0.55
+
+
+def keep_training_log(store_root: Path, name: str, metrics: dict, run_dir: Path) -> str | None:
+    """A cell that trained to chance keeps its ``metrics.jsonl`` (gzipped, beside its record) so
+    that the divergence can be replayed (``ekd.engine.guard.replay``) on any machine; returns the
+    file name written, or None for a healthy cell or a run without a log."""
+    log_file = Path(run_dir) / "metrics.jsonl"
+    if (metrics.get("lfw_acc") or 0.0) >= CHANCE_ACC or not log_file.is_file():
+        return None
+    target = Path(store_root) / f"{name}.metrics.jsonl.gz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    with open(log_file, "rb") as src, gzip.GzipFile(tmp, "wb", mtime=0) as dst:
+        shutil.copyfileobj(src, dst)
+    os.replace(tmp, target)
+    return target.name
+
+
 def cell_record(spec: dict, metrics: dict, seconds: dict, tail_n: int, extra: dict) -> dict:
     """The committed JSON of one finished cell."""
     return {"schema": SCHEMA, **spec["meta"], "name": spec["name"], "hash": spec["hash"],
@@ -282,8 +304,10 @@ def run_cell(cell_dir: Path) -> None:
     np.savez_compressed(cell_dir / "tail.npz", **tail.to_arrays())
     boot, boot_s = bootstrap_record(tail)
     seconds = {"train": train_s, "eval": eval_s, "bootstrap": boot_s}
+    kept = keep_training_log(Path(spec["results"]), spec["name"], metrics, trained.run_dir)
     record = cell_record(spec, metrics, seconds, int(tail.neg_scores.size),
-                         {"final_terms": trained.final_terms, "auto_weights": auto_weight_events(trained.run_dir)})
+                         {"final_terms": trained.final_terms, "auto_weights": auto_weight_events(trained.run_dir),
+                          **({"training_log": kept} if kept else {})})
     CellStore(Path(spec["results"])).write(spec["name"], record, boot)
     _atomic(cell_dir / "result.json", json.dumps(record, indent=1, default=float))
 

@@ -5,6 +5,7 @@ real cell end to end."""
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 from pathlib import Path
 
@@ -151,3 +152,20 @@ def test_report_command_shows_no_machine_paths(tmp_path):
     shown = R.shown_command(command)
     assert shown == "python bench/kd_table.py --cache CACHE --out docs/results --jobs 2"
     assert str(tmp_path) not in shown
+
+
+def test_a_cell_at_chance_keeps_its_training_log(tmp_path):
+    from bench.kd_cells import CHANCE_ACC, keep_training_log
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"epoch": 0, "step": 20, "loss": 20.5}, {"epoch": 0, "step": 40, "epoch_end": True}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store = tmp_path / "results"
+    assert keep_training_log(store, "T3-kd-s0-abc", {"lfw_acc": CHANCE_ACC + 0.2}, run) is None
+    assert not store.exists()  # a healthy cell commits no log
+    name = keep_training_log(store, "T3-kd-s0-abc", {"lfw_acc": 0.5005}, run)
+    assert name == "T3-kd-s0-abc.metrics.jsonl.gz"
+    with gzip.open(store / name, "rt") as fh:
+        assert [json.loads(line) for line in fh] == rows  # the run's log, line for line
+    assert keep_training_log(store, "T3-kd-s1-abc", {"lfw_acc": 0.5}, tmp_path / "gone") is None
