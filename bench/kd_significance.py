@@ -48,19 +48,20 @@ def verdict(intervals: list[np.ndarray]) -> list[str]:
     return ["+" if a else "-" if b else "" for a, b in zip(above, below)]
 
 
-def significance(runs: list[dict], boots: dict[str, dict]) -> dict:
+def significance(runs: list[dict], boots: dict[str, dict], references: tuple[str, ...] = REFERENCES) -> dict:
     """For one student's runs (records with ``name``, ``method``, ``seed``): per method, the per
-    seed TPR intervals and, per reference, the per seed paired intervals and the verdict."""
+    seed TPR intervals and, per reference row (default :data:`REFERENCES`), the per seed paired
+    intervals and the verdict."""
     by = {(r["method"], r["seed"]): r["name"] for r in runs if r["name"] in boots}
     out: dict = {}
     for (method, seed), name in sorted(by.items()):
-        row = out.setdefault(method, {"tpr": {}, "diff": {ref: {} for ref in REFERENCES}})
+        row = out.setdefault(method, {"tpr": {}, "diff": {ref: {} for ref in references}})
         row["tpr"][seed] = interval(_valid(boots[name]["samples"])).tolist()
-        for ref in REFERENCES:
+        for ref in references:
             ref_name = by.get((ref, seed))
             if ref_name is not None and ref != method:
                 row["diff"][ref][seed] = paired_interval(boots[name], boots[ref_name]).tolist()
     for row in out.values():
         row["real"] = {ref: verdict([np.array(v) for v in row["diff"][ref].values()])
-                       for ref in REFERENCES}
+                       for ref in references}
     return out
