@@ -10,8 +10,9 @@ direction, which carries no identity. A student trained with a margin softmax al
 cone.
 
 Centring moves every teacher vector by the mean direction ``mu`` of its unit embeddings over the
-training images (both mirror views): ``t' = t / |t| - mu``. Each distiller L2-normalises the
-result as it does any teacher embedding. The class centres of ``teacher.centers`` move the same
+training images (both mirror views): ``t' = t / |t| - mu``. It works on directions, as cosine
+scores do: distillers that normalise see the centred direction; those that use raw magnitudes
+(``fitnet``) regress ``t'`` itself, whose norm is ``|t / |t| - mu|``, not the teacher's raw norm. The class centres of ``teacher.centers`` move the same
 way: ``w_c' = w_c / |w_c| - mu``, renormalised. The new vectors are cosine-comparable with each
 other, as the originals were. ``mu`` is computed once, before the first step, and the same way on
 every process:
