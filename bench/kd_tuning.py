@@ -117,8 +117,10 @@ def report(table: Tuning, out: Path) -> Path:
     """``kd_tuning_cpu3.md``: every row (validation split), then each rule's choice and why."""
     table.plan()
     rows = collect_rows(table)
-    lines = rows_section(table, rows, "cpu3 settings chosen on the validation split (teacher T3)",
-                         "bench/kd_tuning.py")
+    view = ("centred, `teacher.center: train_mean`" if table.profile.teacher_center != "none"
+            else "as stored")
+    lines = rows_section(table, rows, f"{table.profile.name.removeprefix('ablation-')} settings chosen on the "
+                         f"validation split (teacher T3, {view})", "bench/kd_tuning.py")
     settings, reasons = tuned_settings(table.store_records(), PRESET_ROWS, PRESET_SEEDS)
     lines += ["", "## What the rules chose (`bench/kd_choices.py`, fixed before the cells finished)", ""]
     for method in (*FEATURE_BASELINES, "EKD (ours)"):
