@@ -60,6 +60,8 @@ class Profile:
     # teacher.center of every KD cell (ekd.teachers.centering); left out of the tree when "none",
     # so the cpu, cpu2 and gpu hashes are unchanged.
     teacher_center: str = "none"
+    # target_share of the weight-auto rows (None: ekd.engine.auto_weight.DEFAULT_TARGET_SHARE).
+    auto_target_share: float | None = None
 
 
 HEAD_COSFACE = {"kind": "cosface", "scale": 32.0, "margin": 0.2}
@@ -113,7 +115,8 @@ GPU = Profile(name="gpu", teachers=("T1", "T2"), input_size=112, epochs=GPU_EPOC
 # T3 centred (teacher.center: train_mean, every KD cell, every method alike); the first gate, with
 # T3 as stored, is kept as profile cpu3-uncentred (its cells and its weight grid).
 CPU3 = replace(CPU2, name="cpu3", teachers=("T3",), plan="v3", teacher_center="train_mean")
-CPU3_UNCENTRED = replace(CPU3, name="cpu3-uncentred", teacher_center="none")
+# Its weight-auto cells ran at the provisional default target share of the time, 0.5.
+CPU3_UNCENTRED = replace(CPU3, name="cpu3-uncentred", teacher_center="none", auto_target_share=0.5)
 PROFILES = {p.name: p for p in (CPU, CPU2, CPU3, CPU3_UNCENTRED, GPU)}
 
 #: Teachers known only by their stored embeddings: folder of the faces tree holding
@@ -176,7 +179,7 @@ def zoo_distill(name: str) -> list[dict]:
     return read_yaml(REPO / "configs" / "zoo" / f"{name}.yaml")["distill"]
 
 
-def auto_weighted(terms: list[dict]) -> list[dict]:
+def auto_weighted(terms: list[dict], target_share: float | None = None) -> list[dict]:
     """``terms`` with ``weight: auto`` (ekd.engine.auto_weight; each term a 1/n share of the default
     target), unless a term replaces the margin softmax (auto measures a share of its gradient):
     then unchanged."""
@@ -184,11 +187,12 @@ def auto_weighted(terms: list[dict]) -> list[dict]:
         return terms
     from ekd.engine.auto_weight import DEFAULT_TARGET_SHARE
 
-    share = DEFAULT_TARGET_SHARE / len(terms)
+    share = (DEFAULT_TARGET_SHARE if target_share is None else target_share) / len(terms)
     return [{**t, "weight": "auto", "target_share": share} for t in terms]
 
 
-def method_distill(method: str, teacher: str = "T2", plan: str = "v2", tuned: dict | None = None) -> list[dict]:
+def method_distill(method: str, teacher: str = "T2", plan: str = "v2", tuned: dict | None = None,
+                   auto_share: float | None = None) -> list[dict]:
     """A row's ``distill`` section; ``plan`` v1 keeps the v1 "EKD (ours)" (see EKD_OURS); ``plan``
     v3 takes the feature baselines and "EKD (ours)" from ``tuned`` (chosen on the validation
     split) and gives the one-seed rows ``weight: auto`` (:data:`V3_AUTO`)."""
@@ -197,7 +201,7 @@ def method_distill(method: str, teacher: str = "T2", plan: str = "v2", tuned: di
             raise KeyError(f"{method}: not chosen on the validation split yet (bench/kd_tuning.py)")
         return [dict(t) for t in tuned[method]]
     if plan == "v3" and method in V3_AUTO:
-        return auto_weighted(method_distill(method, teacher, "v2"))
+        return auto_weighted(method_distill(method, teacher, "v2"), auto_share)
     ours = EKD_OURS_V1 if plan == "v1" else EKD_OURS
     if method == "no KD":
         return []

@@ -100,7 +100,7 @@ class Table:
             "model": model,
             "head": dict(p.head),
             "teacher": self.teacher_section(cell.teacher, cell.method),
-            "distill": method_distill(cell.method, cell.teacher, p.plan, p.tuned),
+            "distill": method_distill(cell.method, cell.teacher, p.plan, p.tuned, p.auto_target_share),
             "optim": dict(p.optim),
             "train": {"epochs": p.epochs, "device": p.device, "seed": cell.seed, "ce_on": "all",
                       "progress": False, "log_every": 20, "amp": "bf16" if p.device == "cuda" else "none",

@@ -51,15 +51,17 @@ def feature_row(method: str, weight: float) -> list[dict]:
     return [{"name": method, "weight": float(weight), "params": {}}]
 
 
-def row_configs(extra_weights: dict[str, list[float]] | None = None) -> dict[str, list[dict] | None]:
+def row_configs(extra_weights: dict[str, list[float]] | None = None,
+                auto_share: float | None = None) -> dict[str, list[dict] | None]:
     """Every tuning row: name -> ``distill`` section (None = no KD). ``extra_weights``: weights
-    past the grid that :func:`kd_choices.choose_weight` asked for, by method."""
+    past the grid that :func:`kd_choices.choose_weight` asked for, by method; ``auto_share``: the
+    weight-auto rows' target share (None: the library default)."""
     rows: dict[str, list[dict] | None] = {"no KD": None}
     for method in FEATURE_BASELINES:
         for w in (*WEIGHT_GRID, *(extra_weights or {}).get(method, [])):
             rows[weight_row(method, w)] = feature_row(method, w)
     for method in FEATURE_BASELINES:  # does weight auto land where the grid's choice does?
-        rows[auto_row(method)] = auto_weighted(feature_row(method, 1.0))
+        rows[auto_row(method)] = auto_weighted(feature_row(method, 1.0), auto_share)
     for name in PRESET_VARIANTS:
         rows[name] = ABLATION_ROWS[name]
     for w in WEIGHT_GRID[1:]:
@@ -72,7 +74,7 @@ class Tuning(Ablation):
 
     def __init__(self, faces: Path, cache: Path, results: Path, phases: tuple[str, ...], profile=CPU3) -> None:  # noqa: ANN001
         super().__init__(profile, faces, cache, results, [], PRESET_SEEDS, teacher=TEACHER,
-                         row_configs=row_configs())
+                         row_configs=row_configs(auto_share=profile.auto_target_share))
         self.store = CellStore(results / profile.name)
         self.phases = phases
 
@@ -91,7 +93,7 @@ class Tuning(Ablation):
         return tuning_records(self.store.root)
 
     def plan(self) -> list[Cell]:  # type: ignore[override]
-        self.row_configs = row_configs(self.extra_weights())
+        self.row_configs = row_configs(self.extra_weights(), self.profile.auto_target_share)
         grid = [r for r in self.row_configs if r.split(" x")[0] in FEATURE_BASELINES]
         grid += [auto_row(m) for m in FEATURE_BASELINES]  # after the fixed weights
         cells = [Cell(TEACHER, "no KD", s, WIDTH) for s in range(PRESET_SEEDS)]
