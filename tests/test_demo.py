@@ -59,3 +59,28 @@ def test_demo_quick_writes_finite_results(tmp_path, capsys):
     assert results["student no KD (seed 0)"]["parameters"] < results["teacher MobileFaceNet x0.5"]["parameters"] / 2
     ekd_rows = [json.loads(line) for line in (out / "student_ekd_s1" / "metrics.jsonl").read_text().splitlines()]
     assert any("ekd_neg" in row for row in ekd_rows)
+
+
+def test_the_demo_trains_and_compares_every_method_of_its_plan(tmp_path):
+    from dataclasses import replace
+
+    import pytest
+
+    from ekd.commands import demo as D
+    from ekd.errors import EkdError
+
+    plan = replace(D.QUICK, methods=("cosine", "ekd"), train_identities=6, train_images=4, teacher_identities=12,
+                   eval_identities=6, eval_images=4, num_pairs=40)
+    out = tmp_path / "demo"
+    results = D.run_demo(out, device="cpu", plan=plan)
+    distilled = {f"student {name} (seed {s})" for name in ("cosine", "EKD") for s in (0, 1)}
+    assert set(results) == {"teacher MobileFaceNet x0.5", "student no KD (seed 0)", "student no KD (seed 1)", *distilled}
+    rows = json.loads((out / "comparison.json").read_text())
+    assert {r["method"] for r in rows} == {"cosine", "EKD"}
+    assert all(r["verdict"] in (f"{r['method']} better", f"{r['method']} worse", NOISE) for r in rows)
+    report = (out / "results.md").read_text()
+    assert "## cosine vs no KD" in report and "## EKD vs no KD" in report and "| cosine (mean of 2) |" in report
+    cosine_cfg = (out / "student_cosine_s1" / "config.yaml").read_text()
+    assert "name: cosine" in cosine_cfg and "weight: 10.0" in cosine_cfg and "kind: cache" in cosine_cfg
+    with pytest.raises(EkdError, match="demo: unknown method 'fitnets'; valid: nokd, ekd, cosine"):
+        D.student_config(plan, out, "fitnets", 0, "cpu")

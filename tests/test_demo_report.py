@@ -75,3 +75,13 @@ def test_comparisons_read_evaluation_results_and_skip_missing_metrics():
     assert [r.metric for r in rows] == ["acc", "tpr"] and skipped == ["tpr5"]
     assert rows[0].nokd == (0.6, 0.7) and rows[1].ekd == (0.3, 0.4)
     assert rows[1].teacher == 0.5
+
+
+def test_another_method_is_named_in_its_verdict_table_and_summary():
+    rows = [compare("acc", 0.9, [0.5, 0.6], [0.7, 0.75], method="cosine"),
+            compare("tpr", 0.9, [0.5, 0.6], [0.52, 0.58], method="cosine")]
+    assert [r.verdict for r in rows] == ["cosine better", "within noise"]
+    table = comparison_table(rows).splitlines()
+    assert table[0].startswith("| metric | teacher | no KD (mean of 2) | cosine (mean of 2) | cosine − no KD |")
+    assert summary(rows) == ("Cosine beats no KD by more than the seed spread on acc; "
+                             "the difference is within seed noise on tpr.")

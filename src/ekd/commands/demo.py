@@ -5,13 +5,14 @@
 2. Train the teacher with CosFace alongside the no-KD students (they do not need it), then embed
    the students' images with it once (a teacher cache, as ``ekd teacher-cache``), so the EKD
    students never run the teacher.
-3. Train the EKD students (the settings of ``docs/methods.md``, "EKD options beyond the paper")
-   on the same data, sampler and schedule as the no-KD ones, two seeds each; on a CPU two models
-   at a time, each in its own process with its share of the cores
-   (:mod:`ekd.commands.side_by_side`).
+3. Train the distilled students of each method of the plan (``DemoPlan.methods``, keys of
+   :data:`DEMO_METHODS`: EKD with the settings of ``docs/methods.md``, "EKD options beyond the
+   paper", and cosine matching) on the same data, sampler and schedule as the no-KD ones, two
+   seeds each; on a CPU two models at a time, each in its own process with its share of the
+   cores (:mod:`ekd.commands.side_by_side`).
 4. Evaluate every model (pair-list 10-fold accuracy, all-pairs TPR at FPR), print the per-run
-   table and the comparison: mean of the seeds, share of the teacher - no-KD gap closed per
-   metric, and whether the EKD - no-KD difference exceeds the seed spread
+   table and, per method, the comparison: mean of the seeds, share of the teacher - no-KD gap
+   closed per metric, and whether the method - no-KD difference exceeds the seed spread
    (:mod:`ekd.commands.demo_report`).
 
 Everything (data, run directories, ``plan.json``, ``results.md``, ``metrics.json``) goes into one
@@ -38,6 +39,7 @@ from ekd.commands.eval_report import evaluate_checkpoint, write_report
 from ekd.commands.side_by_side import train_side_by_side
 from ekd.config import Config, DistillerConfig, from_dict, validate
 from ekd.data.synthetic_benchmark import make_synthetic_benchmark
+from ekd.errors import EkdError
 from ekd.teachers.cache_builder import cache_for_data
 
 log = logging.getLogger("ekd.demo")
@@ -71,6 +73,8 @@ class DemoPlan:
     #: (None: the students' own); the evaluation identities come after all of them.
     teacher_identities: int | None = None
     preload: bool = False  # data.preload for every model
+    #: the distillation methods trained beside no KD, keys of :data:`DEMO_METHODS`, in table order
+    methods: tuple[str, ...] = ("ekd",)
 
     @property
     def teacher_ids(self) -> int:
@@ -108,7 +112,26 @@ QUICK = DemoPlan(train_identities=24, train_images=6, eval_identities=12, eval_i
                  teacher_width=0.5, student_width=0.25, teacher_identities=48, preload=True,
                  ekd={**DEMO_EKD, "memory_size": 64})
 
-NOKD, EKD = "student no KD", "student EKD"
+NOKD = "student no KD"
+
+
+def ekd_section(plan: DemoPlan) -> list[DistillerConfig]:
+    """EKD with the demo's options (:data:`DEMO_EKD`)."""
+    return [DistillerConfig(name="ekd", weight=1.0, params=dict(plan.ekd))]
+
+
+def cosine_section(plan: DemoPlan) -> list[DistillerConfig]:  # noqa: ARG001 - same for every plan
+    """Cosine embedding matching at the weight the cpu3 validation grid chose (10)."""
+    return [DistillerConfig(name="cosine", weight=10.0)]
+
+
+#: Methods the demo can train beside no KD: key -> (name in its tables, its ``distill`` section).
+DEMO_METHODS = {"ekd": ("EKD", ekd_section), "cosine": ("cosine", cosine_section)}
+
+
+def method_label(method: str) -> str:
+    """The run label of a method's students (``student EKD``)."""
+    return f"student {DEMO_METHODS[method][0]}"
 
 
 def demo_config(plan: DemoPlan, out: Path, name: str, backbone: str, epochs: int,
@@ -176,15 +199,17 @@ def teacher_config(plan: DemoPlan, out: Path, device: str, epochs: int | None = 
 
 def student_config(plan: DemoPlan, out: Path, method: str, seed: int, device: str,
                    epochs: int | None = None, name: str | None = None) -> Config:
-    """The config of one demo student: ``method`` ``"nokd"`` or ``"ekd"`` (from the teacher cache
-    in ``out/teacher_cache``, made from ``out/teacher/model.pt``)."""
+    """The config of one demo student: ``method`` ``"nokd"`` or a key of :data:`DEMO_METHODS`
+    (distilled from the teacher cache in ``out/teacher_cache``, made from ``out/teacher/model.pt``)."""
+    if method != "nokd" and method not in DEMO_METHODS:
+        raise EkdError(f"demo: unknown method {method!r}; valid: nokd, {', '.join(DEMO_METHODS)}")
     cfg = demo_config(plan, out, name or f"student_{method}_s{seed}", "mobilefacenet",
                       epochs or plan.student_epochs, device, seed, plan.student_width,
                       students=True)
-    if method == "ekd":
+    if method != "nokd":
         cfg.teacher.kind, cfg.teacher.path = "cache", str(out / "teacher_cache")
         cfg.teacher.cache_teacher = str(out / "teacher" / "model.pt")
-        cfg.distill = [DistillerConfig(name="ekd", weight=1.0, params=dict(plan.ekd))]
+        cfg.distill = DEMO_METHODS[method][1](plan)
     validate(cfg)
     return cfg
 
@@ -231,20 +256,23 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto", jobs: int | N
     log.info("embedding the students' training images with the teacher once (teacher cache)")
     cache_for_data(root, plan.image_size, out / "teacher_cache",
                    teacher=str(teacher.model_path), device=device, progress=True)
-    log.info("step 3/4: training the EKD students (%s, seeds %s), %d at a time",
-             epochs(plan.student_epochs), ", ".join(map(str, plan.seeds)), jobs)
-    ekd_runs = train_side_by_side([student_config(plan, out, "ekd", seed, device)
-                                   for seed in plan.seeds], jobs)
+    names = ", ".join(DEMO_METHODS[m][0] for m in plan.methods)
+    log.info("step 3/4: training the distilled students (%s; %s, seeds %s), %d at a time",
+             names, epochs(plan.student_epochs), ", ".join(map(str, plan.seeds)), jobs)
+    distilled = train_side_by_side([student_config(plan, out, m, seed, device)
+                                    for m in plan.methods for seed in plan.seeds], jobs)
     runs = {plan.teacher_label: teacher}
-    for seed, nokd_run, ekd_run in zip(plan.seeds, nokd_runs, ekd_runs):
-        runs[run_label(NOKD, seed)], runs[run_label(EKD, seed)] = nokd_run, ekd_run
+    for seed, nokd_run in zip(plan.seeds, nokd_runs):
+        runs[run_label(NOKD, seed)] = nokd_run
+    for i, (m, seed) in enumerate((m, seed) for m in plan.methods for seed in plan.seeds):
+        runs[run_label(method_label(m), seed)] = distilled[i]
 
     results, table, comparison = evaluate_and_compare(out, plan, runs, device)
     total = time.perf_counter() - start
     (out / "timing.json").write_text(json.dumps({"total_seconds": total, "quick": quick,
                                                  "jobs": jobs}))
     print(f"\nEKD demo ({'quick' if quick else 'full'}), {total / 60:.1f} min; results in {out}\n")
-    print(table + "\n\nEKD vs no KD (gap closed = (EKD - no KD) / (teacher - no KD)):\n")
+    print(table + "\n\nEach method vs no KD (gap closed = (method - no KD) / (teacher - no KD)):\n")
     print(comparison)
     return results
 
@@ -271,17 +299,21 @@ def evaluate_and_compare(out: Path, plan: DemoPlan, runs: dict,
         res["train_seconds"] = run.seconds
         results[label] = res
     table = write_report(results, out)
-    rows, skipped = comparisons_from_results(results[plan.teacher_label],
-                                             [results[run_label(NOKD, s)] for s in plan.seeds],
-                                             [results[run_label(EKD, s)] for s in plan.seeds])
-    comparison = comparison_table(rows) + "\n\n" + summary(rows)
-    if skipped:
-        comparison += ("\n\nNot compared (too few negative pairs for that FPR): "
-                       + ", ".join(skipped) + ".")
-    (out / "comparison.json").write_text(json.dumps(
-        [{"metric": r.metric, "teacher": r.teacher, "nokd": r.nokd, "ekd": r.ekd,
-          "gap_closed": r.gap_closed, "spread": r.spread, "verdict": r.verdict} for r in rows],
-        indent=1))
+    sections, records = [], []
+    for m in plan.methods:
+        name = DEMO_METHODS[m][0]
+        rows, skipped = comparisons_from_results(results[plan.teacher_label],
+                                                 [results[run_label(NOKD, s)] for s in plan.seeds],
+                                                 [results[run_label(method_label(m), s)] for s in plan.seeds],
+                                                 method=name)
+        text = comparison_table(rows) + "\n\n" + summary(rows)
+        if skipped:
+            text += ("\n\nNot compared (too few negative pairs for that FPR): " + ", ".join(skipped) + ".")
+        sections.append(f"## {name} vs no KD\n\n{text}")
+        records += [{"method": name, "metric": r.metric, "teacher": r.teacher, "nokd": r.nokd, "ekd": r.ekd,
+                     "gap_closed": r.gap_closed, "spread": r.spread, "verdict": r.verdict} for r in rows]
+    comparison = "\n\n".join(sections)
+    (out / "comparison.json").write_text(json.dumps(records, indent=1))
     with open(out / "results.md", "a") as fh:
-        fh.write("\n## EKD vs no KD\n\n" + comparison + "\n")
+        fh.write("\n" + comparison + "\n")
     return results, table, comparison

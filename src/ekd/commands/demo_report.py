@@ -1,8 +1,9 @@
-"""The demo's comparison: EKD student vs no-KD student over seeds, against the teacher.
+"""The demo's comparison: a distilled student (EKD, or another method the demo trains) vs the
+no-KD student over seeds, against the teacher.
 
 Per metric: the mean over seeds of each student, the seed spread (the larger of the two
-students' ranges, max - min over seeds), the share of the teacher - no-KD gap that EKD closes,
-``(EKD - no KD) / (teacher - no KD)``, and a verdict: the difference of the means counts only
+students' ranges, max - min over seeds), the share of the teacher - no-KD gap the method closes,
+``(method - no KD) / (teacher - no KD)``, and a verdict: the difference of the means counts only
 when it is larger than the seed spread, otherwise the table says "within noise".
 Pure functions on numbers, so that the logic is tested on known values.
 """
@@ -32,12 +33,14 @@ BETTER, WORSE, NOISE = "EKD better", "EKD worse", "within noise"
 
 @dataclass(frozen=True)
 class MetricComparison:
-    """One metric: the teacher's value and each student's value per seed."""
+    """One metric: the teacher's value and each student's value per seed; ``ekd`` holds the
+    distilled student's values, whose method ``method`` names (EKD by default)."""
 
     metric: str
     teacher: float
     nokd: tuple[float, ...]
     ekd: tuple[float, ...]
+    method: str = "EKD"
 
     @property
     def nokd_mean(self) -> float:
@@ -72,10 +75,11 @@ class MetricComparison:
         spread = self.spread
         if spread is None or abs(self.difference) <= spread:
             return NOISE
-        return BETTER if self.difference > 0 else WORSE
+        return f"{self.method} {'better' if self.difference > 0 else 'worse'}"
 
 
-def compare(metric: str, teacher: float, nokd: Sequence[float], ekd: Sequence[float]) -> MetricComparison:
+def compare(metric: str, teacher: float, nokd: Sequence[float], ekd: Sequence[float],
+            method: str = "EKD") -> MetricComparison:
     """Build one :class:`MetricComparison`; every value must be a number and each student
     needs at least one seed."""
     if not nokd or not ekd:
@@ -83,11 +87,11 @@ def compare(metric: str, teacher: float, nokd: Sequence[float], ekd: Sequence[fl
     values = [teacher, *nokd, *ekd]
     if any(v is None for v in values):
         raise EkdError(f"demo comparison of {metric}: a value is missing (n/a) in {values}")
-    return MetricComparison(metric, float(teacher), tuple(map(float, nokd)), tuple(map(float, ekd)))
+    return MetricComparison(metric, float(teacher), tuple(map(float, nokd)), tuple(map(float, ekd)), method)
 
 
 def comparisons_from_results(teacher: dict, nokd: Sequence[dict], ekd: Sequence[dict],
-                             metrics: Sequence[tuple[str, str, str]] = DEMO_METRICS
+                             metrics: Sequence[tuple[str, str, str]] = DEMO_METRICS, method: str = "EKD"
                              ) -> tuple[list[MetricComparison], list[str]]:
     """Comparisons from :func:`ekd.commands.eval_report.evaluate_checkpoint` results (one per
     seed), and the labels of the metrics left out because some model has no value for them
@@ -98,7 +102,7 @@ def comparisons_from_results(teacher: dict, nokd: Sequence[dict], ekd: Sequence[
         if any(v is None for v in values):
             skipped.append(label)
             continue
-        rows.append(compare(label, values[0], values[1:1 + len(nokd)], values[1 + len(nokd):]))
+        rows.append(compare(label, values[0], values[1:1 + len(nokd)], values[1 + len(nokd):], method))
     return rows, skipped
 
 
@@ -109,7 +113,8 @@ def _pct(v: float | None) -> str:
 def comparison_table(rows: Sequence[MetricComparison]) -> str:
     """Markdown: teacher, mean of each student, seed spread, gap closed and the verdict."""
     seeds = min(min(len(r.nokd), len(r.ekd)) for r in rows)
-    lines = [f"| metric | teacher | no KD (mean of {seeds}) | EKD (mean of {seeds}) | EKD − no KD | "
+    method = rows[0].method if rows else "EKD"
+    lines = [f"| metric | teacher | no KD (mean of {seeds}) | {method} (mean of {seeds}) | {method} − no KD | "
              "seed spread | gap closed | verdict |", "|" + "---|" * 8]
     for r in rows:
         spread = "n/a" if r.spread is None else f"{r.spread:.4f}"
@@ -120,17 +125,18 @@ def comparison_table(rows: Sequence[MetricComparison]) -> str:
 
 def summary(rows: Sequence[MetricComparison]) -> str:
     """One plain sentence on what the comparison shows."""
-    better = [r.metric for r in rows if r.verdict == BETTER]
-    worse = [r.metric for r in rows if r.verdict == WORSE]
+    method = rows[0].method if rows else "EKD"
+    better = [r.metric for r in rows if r.verdict == f"{method} better"]
+    worse = [r.metric for r in rows if r.verdict == f"{method} worse"]
     parts = []
     if better:
-        parts.append("EKD beats no KD by more than the seed spread on " + ", ".join(better))
+        parts.append(f"{method} beats no KD by more than the seed spread on " + ", ".join(better))
     if worse:
-        parts.append("EKD is worse than no KD by more than the seed spread on " + ", ".join(worse))
+        parts.append(f"{method} is worse than no KD by more than the seed spread on " + ", ".join(worse))
     noise = [r.metric for r in rows if r.verdict == NOISE]
     if noise:
         parts.append(("the difference is within seed noise on " if parts else
-                      "The difference between EKD and no KD is within seed noise on every metric: ")
+                      f"The difference between {method} and no KD is within seed noise on every metric: ")
                      + ", ".join(noise))
     text = "; ".join(parts) + "."
     return text[0].upper() + text[1:]
