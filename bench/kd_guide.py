@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
 from bench.kd_profiles import PROFILES, TEACHER_EMBEDDINGS, plan_stage
 from bench.kd_report import capacity, collect, gap_closed, plot_capacity, student_parameters, summarise
 from bench.kd_significance import significance
+from bench.kd_summary import replace_block
 from bench.kd_table import REPO, Table
 
 #: (profile, teacher, what the regime means for a user)
@@ -133,15 +133,8 @@ def guide(faces: Path, cache: Path, results: Path | None, out: Path) -> str:
 
 
 def update_readme(readme: Path, block: str) -> bool:
-    """Replace the guide's block in ``readme``; False (untouched) when it has no markers."""
-    if not readme.is_file():
-        return False
-    text = readme.read_text()
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        return False
-    readme.write_text(pattern.sub(lambda _: block, text, count=1))
-    return True
+    """Replace the guide's block in ``readme``; False (untouched) when it or its markers are missing."""
+    return replace_block(readme, BEGIN, END, block)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,12 +129,19 @@ def summary_block(profile: str, summaries: dict, teachers: dict, runs: list[dict
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, profile: str, block: str) -> bool:
-    """Replace the profile's block in ``readme``; False (file untouched) when it has no markers."""
-    begin, end = markers(profile)
+def replace_block(readme: Path, begin: str, end: str, block: str) -> bool:
+    """Replace the text from ``begin`` to ``end`` (markers included) in ``readme`` by ``block``;
+    False (file untouched) when the file or its markers are missing."""
+    if not readme.is_file():
+        return False
     text = readme.read_text()
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if not pattern.search(text):
         return False
     readme.write_text(pattern.sub(lambda _: block, text, count=1))
     return True
+
+
+def update_readme(readme: Path, profile: str, block: str) -> bool:
+    """Replace the profile's block in ``readme``; False (file untouched) when it has no markers."""
+    return replace_block(readme, *markers(profile), block)
