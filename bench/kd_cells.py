@@ -338,6 +338,8 @@ def run_all(table, jobs: int, budget_s: float | None = None) -> float:  # noqa: 
         over = budget_s is not None and time.perf_counter() - start > budget_s
         pending = []
         if replan and not over:
+            if hasattr(table, "refresh"):  # choices committed since the last plan (a v3 table's tuned settings)
+                table.refresh()
             pending = [job for job in table.pending() if str(job[1]) not in running and str(job[1]) not in failed
                        and lock_holder(job[1]) is None]  # not run by another runner on this cache
             plan = table.plan()

@@ -66,11 +66,17 @@ class Table:
 
     def __init__(self, profile: Profile, faces: Path, cache: Path, results: Path | None = None,
                  tuning: Path | None = None) -> None:
-        if profile.plan == "v3":  # the settings chosen on the validation split (bench/kd_tuning.py)
-            tuned, _ = tuned_settings(tuning_records((tuning or TUNING) / profile.name), PRESET_ROWS, PRESET_SEEDS)
-            profile = dataclasses.replace(profile, tuned=tuned)
         self.profile, self.faces, self.cache = profile, faces.resolve(), cache.resolve()
+        self.tuning = tuning or TUNING
+        self.refresh()
         self.store = CellStore((results or RESULTS) / profile.name)
+
+    def refresh(self) -> None:
+        """Read again what the validation split has chosen (v3 profiles: ``bench/kd_tuning.py``'s
+        committed cells), so that a runner's next plan has the choices committed since it started."""
+        if self.profile.plan == "v3":
+            tuned, _ = tuned_settings(tuning_records(self.tuning / self.profile.name), PRESET_ROWS, PRESET_SEEDS)
+            self.profile = dataclasses.replace(self.profile, tuned=tuned)
 
     # -- configs ------------------------------------------------------------------------
     def teacher_section(self, teacher: str, method: str) -> dict:

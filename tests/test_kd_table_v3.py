@@ -224,3 +224,38 @@ def test_a_cell_stopped_before_its_first_checkpoint_starts_again(tmp_path):
     again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = [r["step"] for r in again if "lr" in r]
     assert logged and logged == [r["step"] for r in rows if "lr" in r]
+
+
+def test_a_table_reads_choices_committed_after_it_started(tmp_path):
+    cpu3 = K.Table(K.CPU3, tmp_path / "faces", tmp_path / "cache", tmp_path / "results", tuning=tmp_path / "tuning")
+    assert {c.method for c in cpu3.plan()} == {"no KD"}  # nothing chosen yet: the gate has no rows
+    table = _tuning(tmp_path, ("grid",))
+    for w, t in ((1.0, 0.10), (10.0, 0.20), (100.0, 0.15)):
+        _commit_tuning(table, f"cosine x{w:g}", 0, t)
+    assert {c.method for c in cpu3.plan()} == {"no KD"}  # the running table's plan is stale ...
+    cpu3.refresh()  # ... until it reads the choices again, as the runner does before each plan
+    assert {c.method for c in cpu3.plan()} == {"no KD", "cosine"}
+    assert cpu3.config_tree(K.Cell("T3", "cosine", 0))["distill"][0]["weight"] == 10.0
+
+
+def test_the_runner_reads_the_choices_again_before_each_plan():
+    from bench.kd_cells import run_all
+
+    class Fake:
+        profile, refreshed = K.CPU3, 0
+
+        def refresh(self):
+            self.refreshed += 1
+
+        def pending(self):
+            return []
+
+        def plan(self):
+            return []
+
+        def result(self, cell):
+            return None
+
+    fake = Fake()
+    run_all(fake, jobs=1)
+    assert fake.refreshed == 1
