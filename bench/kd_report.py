@@ -196,6 +196,8 @@ def markdown(table, runs: list[dict], teachers: dict, missing: list[str], wall: 
         lines += [f"**Incomplete: {len(missing)} cell(s) not run yet** ({', '.join(missing)}).", ""]
     if stage:
         lines += ["**Later cells not planned yet** (`plan_v3`):", ""] + [f"- {s}" for s in stage] + [""]
+    if p.drop:
+        lines += [f"Left out to hold the compute budget (profile `drop`): {', '.join(p.drop)}.", ""]
     lines += [f"Students MobileFaceNet (width {', '.join(f'{w:g}' for w in p.students)}) at "
               f"{p.input_size}×{p.input_size}, {p.epochs} epochs of "
               f"{p.random_size} random + {p.identities_per_batch}×{p.samples_per_identity} balanced "

@@ -139,7 +139,10 @@ def test_the_gate_runs_alone_first_and_a_failed_gate_stops_the_plan(tmp_path):
         assert {(m, s) for s in range(3)} <= full
     half = {(c.method, c.seed) for c in plan if c.width == 0.5}
     assert half == {(m, s) for m in ("no KD", "EKD (authors)", "EKD (ours)", "cosine") for s in range(3)}
-    assert {m for m, s in full if s == 0} >= set(ZOO_V2) | set(V3_AUTO)
+    dropped = set(K.CPU3.drop)  # one-seed rows really worse under T2, left out for the budget
+    assert dropped and not dropped & {m for m, _ in full}
+    assert {m for m, s in full if s == 0} >= (set(ZOO_V2) | set(V3_AUTO)) - dropped
+    assert not dropped & {"no KD", "EKD (authors)", "EKD (ours)", "cosine", "fitnet", "AdaDistill", "proxylesskd"}
     # one-seed rows get weight auto unless the term replaces the margin softmax
     darkrank = table.config_tree(K.Cell("T3", "darkrank", 0))["distill"]
     assert darkrank[0]["weight"] == "auto" and darkrank[0]["target_share"] > 0
