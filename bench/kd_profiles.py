@@ -117,9 +117,9 @@ GPU = Profile(name="gpu", teachers=("T1", "T2"), input_size=112, epochs=GPU_EPOC
 #
 # Budget (30 h of summed cell time for the tuning and the table): the first gate and its grid used
 # 9.5 h, the centred grid 1.2 h; the rest of the plan at measured cell times (full width ~35 min,
-# half width ~13 min) comes to about 41 h. So, by the rule, the one-seed rows of methods
-# that were really worse than no KD at TPR@1e-4 under T2 (docs/results/kd_table_cpu2_summary.md)
-# are left out, never a 3-seed row; that saves about 6 h.
+# half width ~13 min) comes to about 37 h in all. So, by the rule, the one-seed rows of
+# methods that were really worse than no KD at TPR@1e-4 under T2 (docs/results/kd_table_cpu2_summary.md)
+# are left out, never a 3-seed row; that saves about 5 h.
 V3_DROP = ("rkd", "shrinkteanet", "triplet_distill", "coupleface", "unified_kd", "kd", "margin_distill",
            "icd_face", "EKD + AdaDistill")
 CPU3 = replace(CPU2, name="cpu3", teachers=("T3",), plan="v3", teacher_center="train_mean", drop=V3_DROP)
