@@ -4,14 +4,9 @@ module beside this one that registers a :class:`TeacherKind` (built by :mod:`.bu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
-
-from ekd.errors import ConfigError
-
-if TYPE_CHECKING:
-    from ekd.config import TeacherConfig
 
 __all__ = ["TEACHER_KINDS", "Teacher", "TeacherKind", "register_kind"]
 
