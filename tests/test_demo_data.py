@@ -55,8 +55,9 @@ def test_configs_train_teacher_on_all_and_students_on_their_subset(tmp_path):
     assert D.student_config(same, tmp_path, "nokd", 0, "cpu").data.kind == "synthetic"
 
 
-def test_the_demo_runs_the_measured_plan_d():
+def test_the_demo_runs_the_measured_plan_e():
     import bench.demo_plans as demo_plans
 
-    assert demo_plans.CANDIDATES["D"] == D.FULL  # docs/results/demo_synthetic.md measures D
+    assert demo_plans.CANDIDATES["E"] == D.FULL  # docs/results/demo_synthetic.md measures E
     assert D.FULL.students_subset and D.QUICK.students_subset  # the quick run takes the same path
+    assert D.QUICK.methods == D.FULL.methods == ("cosine", "ekd")

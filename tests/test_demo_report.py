@@ -10,42 +10,42 @@ from ekd.errors import EkdError
 
 
 def test_gap_closed_and_better_when_difference_exceeds_spread():
-    row = compare("m", teacher=0.9, nokd=[0.5, 0.6], ekd=[0.7, 0.75])
+    row = compare("m", teacher=0.9, nokd=[0.5, 0.6], distilled=[0.7, 0.75])
     assert row.nokd_mean == pytest.approx(0.55)
-    assert row.ekd_mean == pytest.approx(0.725)
+    assert row.distilled_mean == pytest.approx(0.725)
     assert row.spread == pytest.approx(0.1)  # no-KD range 0.1 > EKD range 0.05
     assert row.gap_closed == pytest.approx(0.175 / 0.35)
     assert row.verdict == BETTER
 
 
 def test_within_noise_when_difference_is_at_most_the_spread():
-    row = compare("m", teacher=0.9, nokd=[0.5, 0.6], ekd=[0.6, 0.6])  # +0.05 vs spread 0.1
+    row = compare("m", teacher=0.9, nokd=[0.5, 0.6], distilled=[0.6, 0.6])  # +0.05 vs spread 0.1
     assert row.verdict == NOISE
     assert row.gap_closed == pytest.approx(0.05 / 0.35)  # still reported
     assert compare("m", 0.9, [0.5, 0.6], [0.6, 0.65]).verdict == NOISE  # +0.075 <= 0.1
 
 
 def test_worse_and_negative_gap_closed():
-    row = compare("m", teacher=0.2, nokd=[0.10, 0.11], ekd=[0.05, 0.06])
+    row = compare("m", teacher=0.2, nokd=[0.10, 0.11], distilled=[0.05, 0.06])
     assert row.verdict == WORSE
     assert row.gap_closed == pytest.approx(-0.05 / 0.095)
 
 
 def test_gap_closed_undefined_when_teacher_not_above_nokd():
-    assert compare("m", teacher=0.5, nokd=[0.5, 0.5], ekd=[0.6, 0.6]).gap_closed is None
-    assert compare("m", teacher=0.4, nokd=[0.5, 0.5], ekd=[0.6, 0.6]).gap_closed is None
+    assert compare("m", teacher=0.5, nokd=[0.5, 0.5], distilled=[0.6, 0.6]).gap_closed is None
+    assert compare("m", teacher=0.4, nokd=[0.5, 0.5], distilled=[0.6, 0.6]).gap_closed is None
 
 
 def test_one_seed_is_never_called_significant():
-    row = compare("m", teacher=0.9, nokd=[0.5], ekd=[0.8])
+    row = compare("m", teacher=0.9, nokd=[0.5], distilled=[0.8])
     assert row.spread is None and row.verdict == NOISE
 
 
 def test_missing_values_are_errors():
     with pytest.raises(EkdError, match="missing"):
-        compare("TPR", teacher=0.9, nokd=[None, 0.5], ekd=[0.6, 0.6])
+        compare("TPR", teacher=0.9, nokd=[None, 0.5], distilled=[0.6, 0.6])
     with pytest.raises(EkdError, match="seed"):
-        compare("TPR", teacher=0.9, nokd=[], ekd=[0.6])
+        compare("TPR", teacher=0.9, nokd=[], distilled=[0.6])
 
 
 def test_table_and_summary_text():
@@ -73,7 +73,7 @@ def test_comparisons_read_evaluation_results_and_skip_missing_metrics():
     rows, skipped = comparisons_from_results(res(0.9, 0.5, 0.1), [res(0.6, 0.1), res(0.7, 0.2)],
                                              [res(0.8, 0.3), res(0.8, 0.4)], metrics)
     assert [r.metric for r in rows] == ["acc", "tpr"] and skipped == ["tpr5"]
-    assert rows[0].nokd == (0.6, 0.7) and rows[1].ekd == (0.3, 0.4)
+    assert rows[0].nokd == (0.6, 0.7) and rows[1].distilled == (0.3, 0.4)
     assert rows[1].teacher == 0.5
 
 

@@ -289,13 +289,13 @@ def _add_teacher_cache_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_demo_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="synthetic faces: a teacher, students without/with EKD")
+    p = sub.add_parser("demo", help="synthetic faces: a teacher, students without KD, with cosine matching and with EKD")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="a smoke run of every step (about a minute)")
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=int, default=None,
                    help="models trained at once, sharing the cores: the teacher beside the no-KD "
-                        "students, then the EKD students (default: 2 on a CPU with 2+ cores, "
+                        "students, then the distilled students (default: 2 on a CPU with 2+ cores, "
                         "1 on a GPU)")
     p.set_defaults(func=_cmd_demo)
 

@@ -33,13 +33,13 @@ BETTER, WORSE, NOISE = "EKD better", "EKD worse", "within noise"
 
 @dataclass(frozen=True)
 class MetricComparison:
-    """One metric: the teacher's value and each student's value per seed; ``ekd`` holds the
+    """One metric: the teacher's value and each student's value per seed; ``distilled`` holds the
     distilled student's values, whose method ``method`` names (EKD by default)."""
 
     metric: str
     teacher: float
     nokd: tuple[float, ...]
-    ekd: tuple[float, ...]
+    distilled: tuple[float, ...]
     method: str = "EKD"
 
     @property
@@ -47,30 +47,30 @@ class MetricComparison:
         return fmean(self.nokd)
 
     @property
-    def ekd_mean(self) -> float:
-        return fmean(self.ekd)
+    def distilled_mean(self) -> float:
+        return fmean(self.distilled)
 
     @property
     def difference(self) -> float:
-        """Mean EKD minus mean no-KD."""
-        return self.ekd_mean - self.nokd_mean
+        """Mean of the distilled students minus mean no-KD."""
+        return self.distilled_mean - self.nokd_mean
 
     @property
     def spread(self) -> float | None:
         """The larger seed range (max - min) of the two students; None with a single seed."""
-        if len(self.nokd) < 2 or len(self.ekd) < 2:
+        if len(self.nokd) < 2 or len(self.distilled) < 2:
             return None
-        return max(max(self.nokd) - min(self.nokd), max(self.ekd) - min(self.ekd))
+        return max(max(self.nokd) - min(self.nokd), max(self.distilled) - min(self.distilled))
 
     @property
     def gap_closed(self) -> float | None:
-        """``(EKD - no KD) / (teacher - no KD)``; None when the teacher is not above no-KD."""
+        """``(method - no KD) / (teacher - no KD)``; None when the teacher is not above no-KD."""
         gap = self.teacher - self.nokd_mean
         return None if gap <= 0 else self.difference / gap
 
     @property
     def verdict(self) -> str:
-        """``EKD better`` / ``EKD worse`` when the difference exceeds the seed spread, else
+        """``<method> better`` / ``<method> worse`` when the difference exceeds the seed spread, else
         ``within noise`` (also with one seed, where the noise is unknown)."""
         spread = self.spread
         if spread is None or abs(self.difference) <= spread:
@@ -78,19 +78,19 @@ class MetricComparison:
         return f"{self.method} {'better' if self.difference > 0 else 'worse'}"
 
 
-def compare(metric: str, teacher: float, nokd: Sequence[float], ekd: Sequence[float],
+def compare(metric: str, teacher: float, nokd: Sequence[float], distilled: Sequence[float],
             method: str = "EKD") -> MetricComparison:
     """Build one :class:`MetricComparison`; every value must be a number and each student
     needs at least one seed."""
-    if not nokd or not ekd:
+    if not nokd or not distilled:
         raise EkdError(f"demo comparison of {metric}: each student needs at least one seed")
-    values = [teacher, *nokd, *ekd]
+    values = [teacher, *nokd, *distilled]
     if any(v is None for v in values):
         raise EkdError(f"demo comparison of {metric}: a value is missing (n/a) in {values}")
-    return MetricComparison(metric, float(teacher), tuple(map(float, nokd)), tuple(map(float, ekd)), method)
+    return MetricComparison(metric, float(teacher), tuple(map(float, nokd)), tuple(map(float, distilled)), method)
 
 
-def comparisons_from_results(teacher: dict, nokd: Sequence[dict], ekd: Sequence[dict],
+def comparisons_from_results(teacher: dict, nokd: Sequence[dict], distilled: Sequence[dict],
                              metrics: Sequence[tuple[str, str, str]] = DEMO_METRICS, method: str = "EKD"
                              ) -> tuple[list[MetricComparison], list[str]]:
     """Comparisons from :func:`ekd.commands.eval_report.evaluate_checkpoint` results (one per
@@ -98,7 +98,7 @@ def comparisons_from_results(teacher: dict, nokd: Sequence[dict], ekd: Sequence[
     (a set with too few negative pairs for that FPR)."""
     rows, skipped = [], []
     for label, set_name, key in metrics:
-        values = [r["sets"][set_name].get(key) for r in (teacher, *nokd, *ekd)]
+        values = [r["sets"][set_name].get(key) for r in (teacher, *nokd, *distilled)]
         if any(v is None for v in values):
             skipped.append(label)
             continue
@@ -112,13 +112,13 @@ def _pct(v: float | None) -> str:
 
 def comparison_table(rows: Sequence[MetricComparison]) -> str:
     """Markdown: teacher, mean of each student, seed spread, gap closed and the verdict."""
-    seeds = min(min(len(r.nokd), len(r.ekd)) for r in rows)
+    seeds = min(min(len(r.nokd), len(r.distilled)) for r in rows)
     method = rows[0].method if rows else "EKD"
     lines = [f"| metric | teacher | no KD (mean of {seeds}) | {method} (mean of {seeds}) | {method} − no KD | "
              "seed spread | gap closed | verdict |", "|" + "---|" * 8]
     for r in rows:
         spread = "n/a" if r.spread is None else f"{r.spread:.4f}"
-        lines.append(f"| {r.metric} | {r.teacher:.4f} | {r.nokd_mean:.4f} | {r.ekd_mean:.4f} | "
+        lines.append(f"| {r.metric} | {r.teacher:.4f} | {r.nokd_mean:.4f} | {r.distilled_mean:.4f} | "
                      f"{r.difference:+.4f} | {spread} | {_pct(r.gap_closed)} | {r.verdict} |")
     return "\n".join(lines)
 
