@@ -139,8 +139,11 @@ def test_the_gate_runs_alone_first_and_a_failed_gate_stops_the_plan(tmp_path):
         assert {(m, s) for s in range(3)} <= full
     half = {(c.method, c.seed) for c in plan if c.width == 0.5}
     assert half == {(m, s) for m in ("no KD", "EKD (authors)", "EKD (ours)", "cosine") for s in range(3)}
-    dropped = set(K.CPU3.drop)  # one-seed rows really worse under T2, left out for the budget
+    dropped = set(K.CPU3.drop)  # one-seed rows left out for the budget (really worse under T2 first)
     assert dropped and not dropped & {m for m, _ in full}
+    assert ("gkd", 0) in full and ("gkd", 1) not in full  # the only ZOO_V2 row left: seeds 1-2 once s0 is in
+    _commit_table(table, K.Cell("T3", "gkd", 0), 0.85, 0.26)
+    assert {("gkd", 1), ("gkd", 2)} <= {(c.method, c.seed) for c in table.plan()}
     assert {m for m, s in full if s == 0} >= (set(ZOO_V2) | set(V3_AUTO)) - dropped
     assert not dropped & {"no KD", "EKD (authors)", "EKD (ours)", "cosine", "fitnet", "AdaDistill", "proxylesskd"}
     # one-seed rows get weight auto unless the term replaces the margin softmax
