@@ -220,6 +220,7 @@ class Table:
         if self.needs_t1():
             meta = {"teacher": "T1", "method": "teacher", "seed": 0, "width": 1.0}
             return [(self.t1_name(), self.t1_dir(), self.spec(self.t1_name(), self.t1_tree(), meta))]
+        self.adopt_same_config()
         jobs = []
         for cell in self.plan():
             if self.store.load(self.cell_name(cell)) is None:
@@ -227,6 +228,25 @@ class Table:
                 name = self.cell_name(cell)
                 jobs.append((name, self.cell_dir(cell), self.spec(name, self.config_tree(cell), meta)))
         return jobs
+
+    def adopt_same_config(self) -> list[str]:
+        """Commit each planned cell whose config is that of a committed cell of another row (same
+        hash: same teacher, seed, width and losses, e.g. "EKD (ours)" when the validation split
+        chose the authors' settings) as a copy of it with ``adopted_from``, instead of training the
+        same run twice; returns the names written."""
+        plan = [(cell, self.cell_name(cell)) for cell in self.plan()]
+        committed = {name.rsplit("-", 1)[1]: name for _, name in plan if self.store.load(name) is not None}
+        written = []
+        for cell, name in plan:
+            origin = committed.get(name.rsplit("-", 1)[1])
+            if origin is None or origin == name or self.store.load(name) is not None:
+                continue
+            boot = self.store.root / f"{origin}.boot.json"
+            self.store.write(name, {**self.store.load(origin), "name": name, "method": cell.method,
+                                    "adopted_from": f"{self.profile.name}/{origin}"},
+                             json.loads(boot.read_text()) if boot.is_file() else None)
+            written.append(name)
+        return written
 
     def needs_t1(self) -> bool:
         """T1 must (re)train: no committed record, or T1 cells pending and its model not in the

@@ -265,3 +265,26 @@ def test_the_runner_reads_the_choices_again_before_each_plan():
     fake = Fake()
     run_all(fake, jobs=1)
     assert fake.refreshed == 1
+
+
+def test_a_row_whose_config_is_another_rows_adopts_its_cells_instead_of_training_again(tmp_path):
+    # the validation split chose the authors' settings for "EKD (ours)": both rows are one config
+    authors = {**TUNED, "EKD (ours)": [{"name": "ekd", "weight": 1.0, "params": {}}]}
+    table = _cpu3(tmp_path, authors)
+    ours, theirs = K.Cell("T3", "EKD (ours)", 1, 0.5), K.Cell("T3", "EKD (authors)", 1, 0.5)
+    assert table.cell_name(ours).rsplit("-", 1)[1] == table.cell_name(theirs).rsplit("-", 1)[1]
+    for s in range(3):  # a passed gate plans the EKD rows
+        _commit_table(table, K.Cell("T3", "no KD", s), 0.80 + 0.001 * s, 0.20 + 0.001 * s)
+        _commit_table(table, K.Cell("T3", "cosine", s), 0.84 + 0.001 * s, 0.25 + 0.001 * s)
+        _commit_table(table, K.Cell("T3", "fitnet", s), 0.80 + 0.001 * s, 0.30 + 0.001 * s)
+    pending = {name for name, _, _ in table.pending()}
+    assert table.cell_name(ours) in pending and table.cell_name(theirs) in pending
+    _commit_table(table, theirs, 0.83, 0.22)
+    pending = {name for name, _, _ in table.pending()}
+    assert table.cell_name(ours) not in pending  # adopted, not trained twice
+    adopted = table.store.load(table.cell_name(ours))
+    assert adopted["method"] == "EKD (ours)" and adopted["metrics"]["lfw_acc"] == 0.83
+    assert adopted["adopted_from"] == f"cpu3/{table.cell_name(theirs)}"
+    # a different setting keeps its own cells
+    other = _cpu3(tmp_path / "o", TUNED)
+    assert other.cell_name(ours).rsplit("-", 1)[1] != other.cell_name(theirs).rsplit("-", 1)[1]
