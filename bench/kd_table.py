@@ -216,16 +216,19 @@ class Table:
                 "threads": p.threads, "eval_device": "cuda" if p.device == "cuda" else "cpu"}
 
     def pending(self) -> list[tuple[str, Path, dict]]:
-        """Cells still to run, as (name, cache folder, spec); T1 first when needed."""
+        """Cells still to run, as (name, cache folder, spec); T1 first when needed. Of several
+        cells with one config only the first runs; the others adopt its record when it is in
+        (:meth:`adopt_same_config`)."""
         if self.needs_t1():
             meta = {"teacher": "T1", "method": "teacher", "seed": 0, "width": 1.0}
             return [(self.t1_name(), self.t1_dir(), self.spec(self.t1_name(), self.t1_tree(), meta))]
         self.adopt_same_config()
-        jobs = []
+        jobs, hashes = [], set()
         for cell in self.plan():
-            if self.store.load(self.cell_name(cell)) is None:
+            name = self.cell_name(cell)
+            if self.store.load(name) is None and name.rsplit("-", 1)[1] not in hashes:
+                hashes.add(name.rsplit("-", 1)[1])
                 meta = {"teacher": cell.teacher, "method": cell.method, "seed": cell.seed, "width": cell.width}
-                name = self.cell_name(cell)
                 jobs.append((name, self.cell_dir(cell), self.spec(name, self.config_tree(cell), meta)))
         return jobs
 

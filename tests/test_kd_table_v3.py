@@ -278,7 +278,7 @@ def test_a_row_whose_config_is_another_rows_adopts_its_cells_instead_of_training
         _commit_table(table, K.Cell("T3", "cosine", s), 0.84 + 0.001 * s, 0.25 + 0.001 * s)
         _commit_table(table, K.Cell("T3", "fitnet", s), 0.80 + 0.001 * s, 0.30 + 0.001 * s)
     pending = {name for name, _, _ in table.pending()}
-    assert table.cell_name(ours) in pending and table.cell_name(theirs) in pending
+    assert (table.cell_name(ours) in pending) != (table.cell_name(theirs) in pending)  # one run per config
     _commit_table(table, theirs, 0.83, 0.22)
     pending = {name for name, _, _ in table.pending()}
     assert table.cell_name(ours) not in pending  # adopted, not trained twice
