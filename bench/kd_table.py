@@ -244,10 +244,7 @@ class Table:
             origin = committed.get(name.rsplit("-", 1)[1])
             if origin is None or origin == name or self.store.load(name) is not None:
                 continue
-            boot = self.store.root / f"{origin}.boot.json"
-            self.store.write(name, {**self.store.load(origin), "name": name, "method": cell.method,
-                                    "adopted_from": f"{self.profile.name}/{origin}"},
-                             json.loads(boot.read_text()) if boot.is_file() else None)
+            self._copy_cell(self.store, origin, name, self.profile.name, method=cell.method)
             written.append(name)
         return written
 
@@ -304,12 +301,16 @@ class Table:
             record = source.load(origin)
             if record is None or record.get("hash") != name.rsplit("-", 1)[1]:
                 continue
-            boot = source.root / f"{origin}.boot.json"
-            self.store.write(name, {**record, "name": name, "profile": self.profile.name, "teacher": cell.teacher,
-                                    "adopted_from": f"{folder}/{origin}"},
-                             json.loads(boot.read_text()) if boot.is_file() else None)
+            self._copy_cell(source, origin, name, folder, profile=self.profile.name, teacher=cell.teacher)
             written.append(name)
         return written
+
+    def _copy_cell(self, source: CellStore, origin: str, name: str, folder: str, **fields: str) -> None:
+        """Commit ``source``'s record ``origin`` (and its bootstrap samples) as cell ``name`` with
+        ``fields`` changed and ``adopted_from: folder/origin``."""
+        boot = source.root / f"{origin}.boot.json"
+        self.store.write(name, {**source.load(origin), "name": name, **fields, "adopted_from": f"{folder}/{origin}"},
+                         json.loads(boot.read_text()) if boot.is_file() else None)
 
     def write_cell(self, cell_dir: Path, spec: dict) -> None:
         cell_dir.mkdir(parents=True, exist_ok=True)
