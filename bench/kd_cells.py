@@ -67,6 +67,21 @@ def recorded_compile(record: dict) -> bool:
     return bool(record.get("config", {}).get("train", {}).get("compile", False))
 
 
+def cell_seconds(record: dict) -> float:
+    """One cell's compute: training + evaluation + bootstrap seconds."""
+    return record["train_seconds"] + record["eval_seconds"] + record.get("bootstrap_seconds", 0.0)
+
+
+def adopted_clause(records: list[dict]) -> str:
+    """The compute line's note on adopted cells (``adopted_from``: a committed record of the same
+    config elsewhere, copied instead of trained), which the budget does not count twice."""
+    adopted = [r for r in records if "adopted_from" in r]
+    if not adopted:
+        return ""
+    return (f"; not counted: {len(adopted)} cells adopted from committed cells of the same config "
+            f"({sum(cell_seconds(r) for r in adopted) / 3600:.2f} h when they were trained)")
+
+
 def layout_summary(runs: list[dict]) -> str:
     """One report line: how many cells ran with the student in NHWC / NCHW, and compiled."""
     nhwc = sum(recorded_channels_last(r) for r in runs)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.kd_cells import environment, git, layout_summary
+from bench.kd_cells import adopted_clause, cell_seconds, environment, git, layout_summary
 from bench.kd_convergence_criterion import committed_runs, evidence_lines
 from bench.kd_profiles import TEACHER_EMBEDDINGS, plan_stage
 from bench.kd_protocols import METRICS
@@ -227,7 +227,8 @@ def markdown(table, runs: list[dict], teachers: dict, missing: list[str], wall: 
                 f"{100 * by[params[w]]:+.1f}%" if params[w] in by else "–" for w in p.students) + " |")
         lines += ["", f"![capacity](kd_table_{p.name}_capacity.png)", ""]
     lines += convergence_section(table)
-    compute = sum(r["train_seconds"] + r["eval_seconds"] + r.get("bootstrap_seconds", 0.0) for r in runs)
+    trained = [r for r in runs if "adopted_from" not in r]
+    compute = sum(cell_seconds(r) for r in trained)
     dirty = git("status", "--porcelain", "--", "src", "bench", "configs")
     lines += ["## How these numbers were made", "",
               f"- Command: `{shown_command(command)}`"
@@ -237,8 +238,9 @@ def markdown(table, runs: list[dict], teachers: dict, missing: list[str], wall: 
               + (" (with uncommitted changes)" if dirty else ""),
               f"- Environment: `{json.dumps(environment())}`",
               f"- Compute: {compute / 3600:.2f} h of cell time (training + evaluation + bootstrap, summed "
-              f"over {len(runs)} runs, {p.jobs} at a time × {p.threads} thread(s)); this invocation's wall "
-              f"time {wall / 3600:.2f} h (committed cells are not rerun).", layout_summary(runs), ""]
+              f"over the {len(trained)} runs trained for this table, {p.jobs} at a time × {p.threads} "
+              f"thread(s){adopted_clause(runs)}); this invocation's wall time {wall / 3600:.2f} h "
+              f"(committed cells are not rerun).", layout_summary(runs), ""]
     return "\n".join(lines), summaries
 
 

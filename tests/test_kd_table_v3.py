@@ -288,3 +288,19 @@ def test_a_row_whose_config_is_another_rows_adopts_its_cells_instead_of_training
     # a different setting keeps its own cells
     other = _cpu3(tmp_path / "o", TUNED)
     assert other.cell_name(ours).rsplit("-", 1)[1] != other.cell_name(theirs).rsplit("-", 1)[1]
+
+
+def test_adopted_cells_are_named_in_the_compute_line_but_not_counted(tmp_path):
+    from bench.ekd_ablation import collect_rows, compute_lines
+
+    table = _tuning(tmp_path, ("grid",))
+    _commit_tuning(table, "cosine x1", 0, 0.10)  # trained here: 61 s
+    adopted = K.Cell("T3", "no KD", 0, 0.5)
+    name = table.cell_name(adopted)
+    table.store.write(name, {"teacher": "T3", "method": "no KD", "seed": 0, "width": 0.5, "name": name,
+                             "metrics": _val(0.1), "train_seconds": 3599.0, "eval_seconds": 1.0,
+                             "adopted_from": "ekd_ablation/ablation-cpu2/x"}, None)
+    planned = len(table.plan())  # the plan fixes the table's rows
+    line = compute_lines(table, collect_rows(table))[0]
+    assert line.startswith(f"2 of {planned} cells committed; 0.02 h of cell time")
+    assert "not counted: 1 cells adopted" in line and "(1.00 h when they were trained)" in line
