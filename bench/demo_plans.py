@@ -51,6 +51,9 @@ CANDIDATES = {
 #: E: D (the demo's FULL) training cosine students (weight 10, cpu3's choice) beside EKD's, as
 #: cpu3's decision guide asks (cosine is the method really ahead of no KD there).
 CANDIDATES["E"] = replace(CANDIDATES["D"], methods=("cosine", "ekd"))
+#: F: E with AdaDistill students too (the cpu3 table's first AdaDistill cell was ahead of every
+#: other row at TPR@1e-4): what a third method costs in the 10 minutes, and whether it wins here.
+CANDIDATES["F"] = replace(CANDIDATES["D"], methods=("cosine", "adadistill", "ekd"))
 
 
 def record(name: str, out: Path, jobs: int, wall: float, note: str = "") -> Path:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import filecmp
 from dataclasses import replace
+from pathlib import Path
 
 from ekd.commands import demo as D
+from ekd.config import read_yaml
 
 PLAN = replace(D.QUICK, train_identities=3, train_images=2, teacher_identities=6,
                eval_identities=3, eval_images=2, num_pairs=6, identities_per_batch=2,
@@ -61,3 +63,15 @@ def test_the_demo_runs_the_measured_plan_e():
     assert demo_plans.CANDIDATES["E"] == D.FULL  # docs/results/demo_synthetic.md measures E
     assert D.FULL.students_subset and D.QUICK.students_subset  # the quick run takes the same path
     assert D.QUICK.methods == D.FULL.methods == ("cosine", "ekd")
+
+
+def test_every_demo_method_distils_from_the_teacher_cache_with_its_tables_settings(tmp_path):
+    D.prepare_data(PLAN, tmp_path)
+    for method in D.DEMO_METHODS:
+        cfg = D.student_config(PLAN, tmp_path, method, 1, "cpu")
+        assert cfg.teacher.kind == "cache" and cfg.teacher.path == str(tmp_path / "teacher_cache")
+        assert cfg.distill == D.DEMO_METHODS[method][1](PLAN) and cfg.train.seed == 1
+    ada = D.student_config(PLAN, tmp_path, "adadistill", 0, "cpu").distill[0]
+    zoo = read_yaml(Path(__file__).resolve().parents[1] / "configs" / "zoo" / "adadistill.yaml")["distill"][0]
+    assert ada.name == "adadistill" and ada.weight == 1.0
+    assert ada.params == zoo["params"]  # the cpu3 table's AdaDistill: the authors' settings

@@ -7,7 +7,7 @@
    students never run the teacher.
 3. Train the distilled students of each method of the plan (``DemoPlan.methods``, keys of
    :data:`DEMO_METHODS`: EKD with the settings of ``docs/methods.md``, "EKD options beyond the
-   paper", and cosine matching) on the same data, sampler and schedule as the no-KD ones, two
+   paper", cosine matching and AdaDistill at the cpu3 table's settings) on the same data, sampler and schedule as the no-KD ones, two
    seeds each; on a CPU two models at a time, each in its own process with its share of the
    cores (:mod:`ekd.commands.side_by_side`).
 4. Evaluate every model (pair-list 10-fold accuracy, all-pairs TPR at FPR), print the per-run
@@ -128,8 +128,17 @@ def cosine_section(plan: DemoPlan) -> list[DistillerConfig]:  # noqa: ARG001 - s
     return [DistillerConfig(name="cosine", weight=10.0)]
 
 
+def adadistill_section(plan: DemoPlan) -> list[DistillerConfig]:  # noqa: ARG001 - same for every plan
+    """AdaDistill with the authors' settings (configs/zoo/adadistill.yaml, as the cpu3 table):
+    ArcFace s = 64, m = 0.45 on teacher-distilled class centres, replacing the student's CE."""
+    return [DistillerConfig(name="adadistill", weight=1.0,
+                            params={"kind": "arcface", "scale": 64.0, "margin": 0.45,
+                                    "hard_weighting": True, "replace_ce": True, "duplicates": "last"})]
+
+
 #: Methods the demo can train beside no KD: key -> (name in its tables, its ``distill`` section).
-DEMO_METHODS = {"ekd": ("EKD", ekd_section), "cosine": ("cosine", cosine_section)}
+DEMO_METHODS = {"ekd": ("EKD", ekd_section), "cosine": ("cosine", cosine_section),
+                "adadistill": ("AdaDistill", adadistill_section)}
 
 
 def method_label(method: str) -> str:
