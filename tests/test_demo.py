@@ -1,4 +1,5 @@
-"""End to end: ``ekd demo --quick`` trains a teacher, no-KD, cosine and EKD students x two seeds
+"""End to end: ``ekd demo --quick`` trains a teacher, no-KD, cosine, AdaDistill and EKD students x
+two seeds
 and writes the per-run table and each method's comparison with no KD."""
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from ekd.commands.cli import main
 from ekd.commands.demo_report import BETTER, NOISE, WORSE
 
 RUNS = {"teacher MobileFaceNet x0.5", "student no KD (seed 0)", "student no KD (seed 1)",
-        "student cosine (seed 0)", "student cosine (seed 1)", "student EKD (seed 0)", "student EKD (seed 1)"}
+        "student cosine (seed 0)", "student cosine (seed 1)", "student AdaDistill (seed 0)",
+        "student AdaDistill (seed 1)", "student EKD (seed 0)", "student EKD (seed 1)"}
 
 
 def test_demo_quick_writes_finite_results(tmp_path, capsys):
@@ -21,6 +23,7 @@ def test_demo_quick_writes_finite_results(tmp_path, capsys):
     assert "gap closed" in printed and "seed spread" in printed
     report = (out / "results.md").read_text()
     assert "## cosine vs no KD" in report and "## EKD vs no KD" in report and "mean of 2" in report
+    assert "## AdaDistill vs no KD" in report
     results = json.loads((out / "metrics.json").read_text())
     assert set(results) == RUNS
     for res in results.values():
@@ -35,9 +38,9 @@ def test_demo_quick_writes_finite_results(tmp_path, capsys):
     # the quick set is too small for TPR at 1e-4 and below: those metrics are named as skipped
     assert rows and rows[0]["metric"] == "pairs accuracy"
     skipped = [line for line in report.splitlines() if line.startswith("Not compared")]
-    assert len(skipped) == 2 and all("all-pairs TPR@FPR=1e-5" in line for line in skipped)
-    assert {r["method"] for r in rows} == {"cosine", "EKD"}
-    for method in ("cosine", "EKD"):  # every metric is compared or named, per method
+    assert len(skipped) == 3 and all("all-pairs TPR@FPR=1e-5" in line for line in skipped)
+    assert {r["method"] for r in rows} == {"cosine", "AdaDistill", "EKD"}
+    for method in ("cosine", "AdaDistill", "EKD"):  # every metric is compared or named, per method
         assert sum(r["method"] == method for r in rows) + skipped[0].count(",") + 1 == 5
     for row in rows:
         assert len(row["nokd"]) == len(row["distilled"]) == 2
@@ -46,10 +49,13 @@ def test_demo_quick_writes_finite_results(tmp_path, capsys):
         diff = sum(row["distilled"]) / 2 - sum(row["nokd"]) / 2
         spread = max(abs(row["nokd"][0] - row["nokd"][1]), abs(row["distilled"][0] - row["distilled"][1]))
         assert (row["verdict"] == NOISE) == (abs(diff) <= spread)
-    for run in ("teacher", "student_nokd_s0", "student_nokd_s1", "student_cosine_s0", "student_ekd_s0", "student_ekd_s1"):
+    for run in ("teacher", "student_nokd_s0", "student_nokd_s1", "student_cosine_s0", "student_adadistill_s1",
+                "student_ekd_s0", "student_ekd_s1"):
         assert (out / run / "model.pt").is_file()
         assert (out / run / "checkpoints" / "last.pt").is_file()
         assert (out / run / "config.yaml").is_file()
+    ada_cfg = (out / "student_adadistill_s1" / "config.yaml").read_text()
+    assert "name: adadistill" in ada_cfg and "replace_ce: true" in ada_cfg and "kind: cache" in ada_cfg
     ekd_cfg = (out / "student_ekd_s0" / "config.yaml").read_text()
     assert "kind: cache" in ekd_cfg and "bias_correction: true" in ekd_cfg
     # the students train on the first 24 of the teacher's 48 identities (QUICK)

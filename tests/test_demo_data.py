@@ -57,12 +57,12 @@ def test_configs_train_teacher_on_all_and_students_on_their_subset(tmp_path):
     assert D.student_config(same, tmp_path, "nokd", 0, "cpu").data.kind == "synthetic"
 
 
-def test_the_demo_runs_the_measured_plan_e():
+def test_the_demo_runs_the_measured_plan_f():
     import bench.demo_plans as demo_plans
 
-    assert demo_plans.CANDIDATES["E"] == D.FULL  # docs/results/demo_synthetic.md measures E
+    assert demo_plans.CANDIDATES["F"] == D.FULL  # docs/results/demo_synthetic.md measures F
     assert D.FULL.students_subset and D.QUICK.students_subset  # the quick run takes the same path
-    assert D.QUICK.methods == D.FULL.methods == ("cosine", "ekd")
+    assert D.QUICK.methods == D.FULL.methods == ("cosine", "adadistill", "ekd")
 
 
 def test_every_demo_method_distils_from_the_teacher_cache_with_its_tables_settings(tmp_path):

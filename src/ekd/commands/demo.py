@@ -99,16 +99,16 @@ def network_name(backbone: str, width: float) -> str:
     return name if width == 1.0 else f"{name} x{width:g}"
 
 
-#: Plan E of ``bench/demo_plans.py`` (docs/results/demo_synthetic.md): a MobileFaceNet x0.5
+#: Plan F of ``bench/demo_plans.py`` (docs/results/demo_synthetic.md): a MobileFaceNet x0.5
 #: teacher on 480 identities, quarter-width students on the first 60 of them (the synthetic task
 #: is data-limited: a teacher on the students' own identities is no better than they are); cosine
-#: students beside EKD's, since cosine is the method the cpu3 table (a teacher that sees the
-#: student's input, as here) found really ahead of no KD.
+#: and AdaDistill students beside EKD's, the methods the cpu3 table (a teacher that sees the
+#: student's input, as here) found ahead of no KD.
 FULL = DemoPlan(train_identities=60, train_images=16, eval_identities=120, eval_images=10,
                 image_size=32, teacher_epochs=8, student_epochs=24, random_size=32,
                 identities_per_batch=8, num_pairs=6000, teacher_backbone="mobilefacenet",
                 teacher_width=0.5, student_width=0.25, teacher_identities=480, preload=True,
-                methods=("cosine", "ekd"))
+                methods=("cosine", "adadistill", "ekd"))
 QUICK = DemoPlan(train_identities=24, train_images=6, eval_identities=12, eval_images=4,
                  image_size=32, teacher_epochs=1, student_epochs=1, random_size=16,
                  identities_per_batch=4, num_pairs=200, teacher_backbone="mobilefacenet",
