@@ -54,6 +54,9 @@ CANDIDATES["E"] = replace(CANDIDATES["D"], methods=("cosine", "ekd"))
 #: F: E with AdaDistill students too (the cpu3 table's first AdaDistill cell was ahead of every
 #: other row at TPR@1e-4): what a third method costs in the 10 minutes, and whether it wins here.
 CANDIDATES["F"] = replace(CANDIDATES["D"], methods=("cosine", "adadistill", "ekd"))
+#: G: F with EKD at the cpu3 table's preset (the authors' defaults: its validation split found no
+#: option that helps when the teacher sees the student's input) instead of the demo's options.
+CANDIDATES["G"] = replace(CANDIDATES["F"], ekd=dict(demo_command.CPU3_EKD))
 
 
 def record(name: str, out: Path, jobs: int, wall: float, note: str = "") -> Path:

@@ -57,12 +57,13 @@ def test_configs_train_teacher_on_all_and_students_on_their_subset(tmp_path):
     assert D.student_config(same, tmp_path, "nokd", 0, "cpu").data.kind == "synthetic"
 
 
-def test_the_demo_runs_the_measured_plan_f():
+def test_the_demo_runs_the_measured_plan_g():
     import bench.demo_plans as demo_plans
 
-    assert demo_plans.CANDIDATES["F"] == D.FULL  # docs/results/demo_synthetic.md measures F
+    assert demo_plans.CANDIDATES["G"] == D.FULL  # docs/results/demo_synthetic.md measures G
     assert D.FULL.students_subset and D.QUICK.students_subset  # the quick run takes the same path
     assert D.QUICK.methods == D.FULL.methods == ("cosine", "adadistill", "ekd")
+    assert D.QUICK.ekd == D.FULL.ekd == D.CPU3_EKD == {}  # cpu3's EKD preset: the authors' loss
 
 
 def test_every_demo_method_distils_from_the_teacher_cache_with_its_tables_settings(tmp_path):
@@ -75,3 +76,13 @@ def test_every_demo_method_distils_from_the_teacher_cache_with_its_tables_settin
     zoo = read_yaml(Path(__file__).resolve().parents[1] / "configs" / "zoo" / "adadistill.yaml")["distill"][0]
     assert ada.name == "adadistill" and ada.weight == 1.0
     assert ada.params == zoo["params"]  # the cpu3 table's AdaDistill: the authors' settings
+
+
+def test_the_demos_settings_are_the_cpu3_tables_committed_choices(tmp_path):
+    """EKD's preset and cosine's weight come from the committed validation-split cells of cpu3."""
+    import bench.kd_table as K
+
+    tuned = K.Table(K.CPU3, tmp_path / "faces", tmp_path / "cache", None).profile.tuned
+    assert tuned["EKD (ours)"] == [{"name": "ekd", "weight": 1.0, "params": D.CPU3_EKD}]
+    cosine = D.cosine_section(D.FULL)[0]
+    assert tuned["cosine"] == [{"name": "cosine", "weight": cosine.weight, "params": cosine.params}]

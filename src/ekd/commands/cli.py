@@ -289,7 +289,7 @@ def _add_teacher_cache_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_demo_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="synthetic faces: a teacher, students without KD, with cosine matching and with EKD")
+    p = sub.add_parser("demo", help="synthetic faces: a teacher, students without KD, with cosine matching, AdaDistill and EKD")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="a smoke run of every step (about a minute)")
     p.add_argument("--device", default="auto")
