@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.kd_cells import (CellStore, adopted_clause, auto_weight_events, common_arguments, environment, git,
-                            layout_summary, run_and_report, train_cell)
+from bench.kd_cells import (CellStore, adopted_clause, auto_weight_events, cell_seconds, common_arguments,
+                            environment, git, layout_summary, run_and_report, train_cell)
 from bench.kd_choices import choose_preset
 from bench.kd_profiles import CPU2, TEACHER_EMBEDDINGS, Cell, Profile
 from bench.kd_table import REPO, Table, reproduce, smoke
@@ -293,10 +293,9 @@ def rows_section(table: Ablation, rows: dict[str, list[dict]], title: str, comma
 def compute_lines(table: Ablation, rows: dict[str, list[dict]]) -> list[str]:
     """How many cells are committed, their summed time, their memory layout."""
     records = [x for rs in rows.values() for x in rs]
-    compute = sum(x["train_seconds"] + x["eval_seconds"] for x in records if "adopted_from" not in x)
+    compute = sum(cell_seconds(x) for x in records if "adopted_from" not in x)
     return [f"{len(records)} of {len(table.plan())} cells committed; {compute / 3600:.2f} h of cell time"
-            f"{adopted_clause(records)}.",
-            layout_summary([x for rs in rows.values() for x in rs])]
+            f"{adopted_clause(records)}.", layout_summary(records)]
 
 
 def report(table: Ablation, out: Path) -> Path:
