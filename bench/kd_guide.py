@@ -23,9 +23,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from bench.kd_profiles import PROFILES, TEACHER_EMBEDDINGS, plan_stage
-from bench.kd_report import capacity, collect, gap_closed, plot_capacity, student_parameters, summarise
+from bench.kd_report import (capacity, collect, gap_closed, plot_capacity, roc_name, student_parameters,
+                             summarise)
 from bench.kd_significance import significance
 from bench.kd_summary import replace_block
 from bench.kd_table import REPO, Table
@@ -81,13 +83,68 @@ def student_guide(label: str, summary: dict, teacher: dict, sig: dict, plain: st
     return rows, advice
 
 
-def regime_guide(table: Table, teacher: str) -> tuple[list[str], list[str], dict, dict, int]:
+class Regime(NamedTuple):
+    """One regime's part of the guide: table rows, advice per student, seed summaries per
+    (teacher, width), the teachers' metrics, planned cells still missing, and per student the EKD
+    rows' standing (:func:`ekd_standing`)."""
+    rows: list[str]
+    advice: list[str]
+    summaries: dict
+    teachers: dict
+    missing: int
+    ekd: list[dict]
+
+
+def ekd_standing(sig: dict, label: str, summary: dict, plain: str | None) -> dict:
+    """The EKD rows' TPR@1e-4 verdicts for one student: against no KD and the better plain baseline."""
+    return {"student": label, "plain": plain,
+            "verdicts": {m: (_verdicts(sig, m, "no KD")[1], _verdicts(sig, m, plain)[1] if plain else None)
+                         for m in ("EKD (authors)", "EKD (ours)") if m in summary}}
+
+
+def standing_paragraph(standings: list[dict]) -> list[str]:
+    """Where EKD stands, in plain words: per EKD row, in how many students (of both regimes) it is
+    better / within noise / worse than no KD and than the better plain baseline at TPR@1e-4."""
+    lines = ["**Where EKD stands against no KD and the plain baselines** (TPR@1e-4; better / worse: "
+             "every seed's 95% paired interval on that side of 0):", ""]
+    for method in ("EKD (authors)", "EKD (ours)"):
+        had = [s for s in standings if method in s["verdicts"]]
+        if not had:
+            continue
+        parts = []
+        for ref, index in (("no KD", 0), ("the better plain baseline", 1)):
+            groups: dict[str, list[str]] = {}
+            for s in had:
+                verdict = s["verdicts"][method][index]
+                if verdict is not None:
+                    name = s["student"].split(" (")[0] + (f", vs {s['plain']}" if index else "")
+                    groups.setdefault(verdict, []).append(name)
+            counted = sum(len(v) for v in groups.values())
+            said = ", ".join(f"{w} in {len(groups[w])} ({'; '.join(groups[w])})"
+                             for w in ("better", "within noise", "worse", "n/a") if w in groups)
+            students = f"{counted} student{'s' if counted != 1 else ''}"
+            parts.append(f"against {ref} ({students}): {said}" if counted else f"no {ref.removeprefix('the better ')} to compare with")
+        lines.append(f"- {method}: " + "; ".join(parts) + ".")
+    return lines + [""]
+
+
+def roc_links(profile: str, teacher: str, widths: tuple[float, ...], out: Path) -> str:
+    """Links to a regime's per-student ROC plots (written by ``bench.kd_table --report-only``)."""
+    links = []
+    for width in widths:
+        png = out / roc_name(profile, teacher, width)
+        if png.exists():
+            links.append(f"[{'full' if width == 1.0 else f'×{width:g}'} width]({os.path.relpath(png, REPO)})")
+    return f"ROC curves, LFW all-pairs, {teacher}: " + " · ".join(links) if links else ""
+
+
+def regime_guide(table: Table, teacher: str) -> Regime:
     """Rows and advice of one regime per student, its summaries, teacher metrics and missing cells."""
     runs, teachers, missing = collect(table)
     boots = {r["name"]: b for r in runs if (b := table.store.load_boot(r["name"])) is not None}
-    rows, advice, summaries = [], [], {}
+    rows, advice, summaries, ekd = [], [], {}, []
     if teacher not in teachers:
-        return rows, advice, summaries, teachers, len(missing)
+        return Regime(rows, advice, summaries, teachers, len(missing), ekd)
     for width in table.profile.students:
         summary = summarise(runs, teacher, width)
         if "no KD" not in summary:
@@ -102,15 +159,17 @@ def regime_guide(table: Table, teacher: str) -> tuple[list[str], list[str], dict
         r, a = student_guide(label, summary, teachers[teacher], sig, plain)
         rows += r
         advice.append(a)
-    return rows, advice, summaries, teachers, len(missing)
+        ekd.append(ekd_standing(sig, label, summary, plain))
+    return Regime(rows, advice, summaries, teachers, len(missing), ekd)
 
 
 def guide(faces: Path, cache: Path, results: Path | None, out: Path) -> str:
     """The README block (markdown) and the capacity plot of both teachers in ``out``."""
-    lines, points, params = [BEGIN], {}, {}
+    lines, points, params, standings = [BEGIN], {}, {}, []
     for profile, teacher, meaning in REGIMES:
         table = Table(PROFILES[profile], faces, cache, results)
-        rows, advice, summaries, teachers, missing = regime_guide(table, teacher)
+        rows, advice, summaries, teachers, missing, ekd = regime_guide(table, teacher)
+        standings += ekd
         stage = plan_stage(table.profile, table.result)
         state = ("complete" if not missing and not stage else
                  f"**partial: {missing} planned cells still to run"
@@ -120,9 +179,12 @@ def guide(faces: Path, cache: Path, results: Path | None, out: Path) -> str:
             lines += ["| student | method | seeds | gap closed @1e-3 | @1e-4 | @1e-5 | vs no KD (1e-3 / 1e-4 / 1e-5) "
                       "| vs better plain baseline @1e-4 |", "|---|---|---|---|---|---|---|---|", *rows, ""]
         lines += [a + "\n" for a in advice]
+        if roc := roc_links(profile, teacher, table.profile.students, out):
+            lines += [roc, ""]
         for width in table.profile.students:
             params[width] = student_parameters(width, 128, table.profile.input_size)
         points.update(capacity(summaries, teachers, params))
+    lines += standing_paragraph(standings) if standings else []
     out.mkdir(parents=True, exist_ok=True)
     keep = {m: v for m, v in points.items() if m.rsplit(" (", 1)[0] in ("EKD (authors)", "EKD (ours)", *PLAIN)}
     png = plot_capacity(keep, "gap closed at TPR@1e-4 vs capacity, both teachers", out / "kd_guide_capacity.png")
@@ -147,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme", type=Path, default=REPO / "README.md")
     args = ap.parse_args(argv)
     block = guide(args.faces, args.cache, args.results, args.out)
-    beside = os.path.relpath(args.out / "kd_guide_capacity.png", REPO)  # the plot's link, from the README
-    (args.out / "kd_guide.md").write_text(block.replace(f"]({beside})", "](kd_guide_capacity.png)") + "\n")
+    beside = os.path.relpath(args.out, REPO) + "/"  # the plots' links from the README; kd_guide.md is beside them
+    (args.out / "kd_guide.md").write_text(block.replace(f"]({beside}", "](") + "\n")
     print(block)
     if not update_readme(args.readme, block):
         print(f"{args.readme}: no kd_guide markers, README left as it is")

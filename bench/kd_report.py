@@ -299,11 +299,12 @@ def student_section(table, t: str, width: float, params: int, summary: dict, tm:
     sig = significance(runs, boots)
     if sig:
         lines += [""] + significance_lines(sig, order)
-    lines += ["", f"![LFW all-pairs ROC]({_roc_name(table.profile.name, t, width)})", ""]
+    lines += ["", f"![LFW all-pairs ROC]({roc_name(table.profile.name, t, width)})", ""]
     return lines
 
 
-def _roc_name(profile: str, teacher: str, width: float) -> str:
+def roc_name(profile: str, teacher: str, width: float) -> str:
+    """File name of one student's ROC plot (teacher and seed-mean curves) in the results folder."""
     w = "" if width == 1.0 else f"_w{width:g}"
     return f"kd_table_{profile}_{teacher.lower()}{w}_roc.png"
 
@@ -337,7 +338,7 @@ def write_report(table, out: Path, wall: float, command: list[str]) -> Path:  # 
             curves[f"{method} ({len(s['seeds'])} seed{'s' if len(s['seeds']) > 1 else ''})"] = \
                 {"fpr": s["roc_fpr"], "tpr": s["roc_tpr"]}
         plot_roc(curves, f"LFW all-pairs, teacher {t}, width {width:g}, {table.profile.name.upper()} profile",
-                 out / _roc_name(table.profile.name, t, width), xlim=(1e-6, 1.0), ylog=True)
+                 out / roc_name(table.profile.name, t, width), xlim=(1e-6, 1.0), ylog=True)
     plot_capacity(capacity(summaries, teachers, params), f"{table.profile.name.upper()}: gap closed vs capacity",
                   out / f"{name}_capacity.png")
     labels = {key: f"{key[0]} → {_student_label(key[1], params[key[1]])}" for key in summaries}

@@ -45,7 +45,7 @@ def _table(tmp_path, rows: dict[str, float]):
 def test_the_guide_picks_the_row_ahead_of_no_kd_on_every_seed(tmp_path):
     table = _table(tmp_path, {"no KD": 0.10, "EKD (authors)": 0.10, "EKD (ours)": 0.14, "cosine": 0.12,
                               "fitnet": 0.09, "darkrank": 0.18})
-    rows, advice, summaries, _, missing = G.regime_guide(table, "T2")
+    rows, advice, summaries, _, missing, ekd = G.regime_guide(table, "T2")
     assert missing > 0  # the rest of the cpu2 plan is not committed here
     full = next(a for a in advice if "full width" in a)
     # darkrank: +20% of the gap (0.18 - 0.10) / (0.5 - 0.10), better than no KD at every FPR
@@ -60,7 +60,7 @@ def test_the_guide_picks_the_row_ahead_of_no_kd_on_every_seed(tmp_path):
 
 def test_the_guide_says_plainly_when_nothing_is_ahead_and_rewrites_only_its_block(tmp_path):
     table = _table(tmp_path, {"no KD": 0.10, "EKD (authors)": 0.10, "cosine": 0.08})
-    _, advice, _, _, _ = G.regime_guide(table, "T2")
+    _, advice, _, _, _, _ = G.regime_guide(table, "T2")
     assert advice[0].startswith("**T2, full width (0.98 M): no distiller is really ahead of no KD at TPR@1e-4.** "
                                 "The best row, EKD (authors), closes +0.0% (within noise).")
     readme = tmp_path / "README.md"
@@ -71,3 +71,29 @@ def test_the_guide_says_plainly_when_nothing_is_ahead_and_rewrites_only_its_bloc
     plain.write_text("no markers\n")
     assert not G.update_readme(plain, "x") and plain.read_text() == "no markers\n"
     assert not G.update_readme(tmp_path / "missing.md", "x")
+
+
+def test_where_ekd_stands_counts_every_students_verdicts(tmp_path):
+    table = _table(tmp_path, {"no KD": 0.10, "EKD (authors)": 0.10, "EKD (ours)": 0.14, "cosine": 0.12})
+    regime = G.regime_guide(table, "T2")
+    assert regime.ekd == [{"student": "T2, full width (0.98 M)", "plain": "cosine",
+                           "verdicts": {"EKD (authors)": ("within noise", "worse"), "EKD (ours)": ("better", "better")}}]
+    half = {"student": "T3, ×0.5 width (0.33 M)", "plain": None, "verdicts": {"EKD (authors)": ("worse", None)}}
+    lines = G.standing_paragraph(regime.ekd + [half])
+    authors = next(line for line in lines if line.startswith("- EKD (authors)"))
+    assert authors == ("- EKD (authors): against no KD (2 students): within noise in 1 (T2, full width), worse in 1 "
+                       "(T3, ×0.5 width); against the better plain baseline (1 student): worse in 1 "
+                       "(T2, full width, vs cosine).")
+    ours = next(line for line in lines if line.startswith("- EKD (ours)"))
+    assert ours == ("- EKD (ours): against no KD (1 student): better in 1 (T2, full width); against the better "
+                    "plain baseline (1 student): better in 1 (T2, full width, vs cosine).")
+    assert G.standing_paragraph([half])[2] == ("- EKD (authors): against no KD (1 student): worse in 1 "
+                                               "(T3, ×0.5 width); no plain baseline to compare with.")
+
+
+def test_roc_links_name_only_the_plots_that_exist(tmp_path):
+    assert G.roc_links("cpu3", "T3", (1.0, 0.5), tmp_path) == ""
+    (tmp_path / "kd_table_cpu3_t3_w0.5_roc.png").write_bytes(b"png")
+    link = G.roc_links("cpu3", "T3", (1.0, 0.5), tmp_path)
+    assert link.startswith("ROC curves, LFW all-pairs, T3: [×0.5 width](") and "full width" not in link
+    assert link.endswith("kd_table_cpu3_t3_w0.5_roc.png)")
