@@ -351,4 +351,16 @@ def plan_stage(profile: Profile, result: Result) -> list[str]:
     return lines
 
 
+def gate_statement(profile: Profile, result: Result) -> str:
+    """The report's line on the v3 sanity gate (:func:`gate_verdict`), with its numbers; empty for
+    the other plans."""
+    if profile.plan != "v3":
+        return ""
+    passed, reasons = gate_verdict(profile, result)
+    word = {None: "waiting for its cells", True: "**passed**", False: "**failed**"}[passed]
+    return (f"Sanity gate (no KD, cosine and FitNet at full width, 3 seeds; a baseline passes when its seed-mean "
+            f"lead over no KD at LFW accuracy and at TPR@1e-3 is larger than the seed spread): {word}"
+            + (" (" + "; ".join(reasons) + ")." if passed is not None else "."))
+
+
 PLANS = {"v1": plan_v1, "v2": plan_v2, "key": plan_key, "v3": plan_v3}

@@ -18,7 +18,7 @@ import numpy as np
 
 from bench.kd_cells import adopted_clause, cell_seconds, environment, git, layout_summary
 from bench.kd_convergence_criterion import committed_runs, evidence_lines
-from bench.kd_profiles import TEACHER_EMBEDDINGS, plan_stage
+from bench.kd_profiles import TEACHER_EMBEDDINGS, gate_statement, plan_stage
 from bench.kd_protocols import METRICS
 from bench.kd_significance import REFERENCES, significance
 from bench.kd_summary import at_chance, summary_block
@@ -198,6 +198,8 @@ def markdown(table, runs: list[dict], teachers: dict, missing: list[str], wall: 
         lines += ["**Later cells not planned yet** (`plan_v3`):", ""] + [f"- {s}" for s in stage] + [""]
     if p.drop:
         lines += [f"Left out to hold the compute budget (profile `drop`): {', '.join(p.drop)}.", ""]
+    if gate := gate_statement(p, table.result):
+        lines += [gate, ""]
     lines += [f"Students MobileFaceNet (width {', '.join(f'{w:g}' for w in p.students)}) at "
               f"{p.input_size}×{p.input_size}, {p.epochs} epochs of "
               f"{p.random_size} random + {p.identities_per_batch}×{p.samples_per_identity} balanced "

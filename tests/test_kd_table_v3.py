@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 
 import bench.kd_choices as H
+import bench.kd_report as R
 import bench.kd_table as K
 import bench.kd_tuning as T
 from bench.kd_cells import CellStore
-from bench.kd_profiles import CPU3_UNCENTRED, V3_AUTO, V3_GATE, ZOO_V2, gate_verdict
+from bench.kd_profiles import CPU3_UNCENTRED, V3_AUTO, V3_GATE, ZOO_V2, gate_statement, gate_verdict
 
 from ekd.config import Config, from_dict, validate
 
@@ -126,12 +127,17 @@ def test_the_gate_runs_alone_first_and_a_failed_gate_stops_the_plan(tmp_path):
     table = _cpu3(tmp_path, TUNED)
     gate = {(c.method, c.seed, c.width) for c in table.plan()}
     assert gate == {(m, s, 1.0) for m in V3_GATE for s in range(3)}
+    assert "waiting for its cells." in gate_statement(table.profile, table.result)
     for s in range(3):  # cosine ahead at both metrics by more than the seed spread; FitNet not
         _commit_table(table, K.Cell("T3", "no KD", s), 0.80 + 0.001 * s, 0.20 + 0.001 * s)
         _commit_table(table, K.Cell("T3", "cosine", s), 0.84 + 0.001 * s, 0.25 + 0.001 * s)
         _commit_table(table, K.Cell("T3", "fitnet", s), 0.80 + 0.001 * s, 0.30 + 0.001 * s)
     passed, reasons = gate_verdict(table.profile, table.result)
     assert passed and any(r.startswith("fitnet vs no KD, lfw_acc: +0.0000") for r in reasons)
+    statement = gate_statement(table.profile, table.result)
+    assert ": **passed** (cosine vs no KD, lfw_acc: +0.0400 (seed spread 0.0020);" in statement
+    assert gate_statement(K.CPU2, table.result) == ""
+    assert statement in R.markdown(table, [], {}, [], 0.0, ["python"])[0]  # the report says it
     plan = table.plan()
     assert {(c.method, c.seed, c.width) for c in plan[:9]} == gate  # the gate's cells stay first
     full = {(c.method, c.seed) for c in plan if c.width == 1.0}
