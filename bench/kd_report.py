@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.kd_cells import adopted_clause, cell_seconds, environment, git, layout_summary
+from bench.kd_cells import CHANCE_ACC, adopted_clause, cell_seconds, environment, git, layout_summary
 from bench.kd_convergence_criterion import committed_runs, evidence_lines
 from bench.kd_profiles import TEACHER_EMBEDDINGS, gate_statement, plan_stage
 from bench.kd_protocols import METRICS
@@ -280,8 +280,7 @@ def student_section(table, t: str, width: float, params: int, summary: dict, tm:
         lines.append(f"| {method} | {len(s['seeds'])} | "
                      + " | ".join(_cell(s["mean"][m], s["std"][m]) for m in METRICS) + " |")
     failed = at_chance(runs)
-    if failed:
-        lines += ["", failed]
+    lines += ["", failed or f"No run trained to chance (LFW accuracy below {CHANCE_ACC:g}): none diverged."]
     gaps = gap_closed(summary, tm)
     lines += ["", "Share of the teacher − no-KD gap closed ((student − no KD) / (teacher − no KD)):", ""]
     if not gaps:

@@ -300,6 +300,7 @@ def test_report_from_synthetic_committed_cells(tmp_path):
     assert "Really better than no KD at TPR@1e-4 (every seed's interval): EKD (ours)." in half
     assert "| T2 → MobileFaceNet ×0.5 width (0.33 M parameters) | EKD (authors) | 3 | 0.8000 | 0.1000 ± 0.0000 | +0.0% | within noise |" in summary
     assert "Trained to chance" not in text + summary
+    assert text.count("No run trained to chance (LFW accuracy below 0.55): none diverged.") == 2  # per student
 
 
 def test_a_run_at_chance_is_named_in_report_and_summary(tmp_path):
