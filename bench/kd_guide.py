@@ -93,6 +93,7 @@ class Regime(NamedTuple):
     teachers: dict
     missing: int
     ekd: list[dict]
+    best: set[str]
 
 
 def ekd_standing(sig: dict, label: str, summary: dict, plain: str | None) -> dict:
@@ -128,6 +129,12 @@ def standing_paragraph(standings: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def plotted(points: dict[str, list[tuple[int, float]]], best: set[str]) -> dict[str, list[tuple[int, float]]]:
+    """The capacity plot's series (``"method (teacher)"``): EKD, the plain baselines, and each
+    student's best row (``best``, same naming), so that a user sees the pick beside EKD."""
+    return {m: v for m, v in points.items() if m.rsplit(" (", 1)[0] in NAMED or m in best}
+
+
 def roc_links(profile: str, teacher: str, widths: tuple[float, ...], out: Path) -> str:
     """Links to a regime's per-student ROC plots (written by ``bench.kd_table --report-only``)."""
     links = []
@@ -142,9 +149,9 @@ def regime_guide(table: Table, teacher: str) -> Regime:
     """Rows and advice of one regime per student, its summaries, teacher metrics and missing cells."""
     runs, teachers, missing = collect(table)
     boots = {r["name"]: b for r in runs if (b := table.store.load_boot(r["name"])) is not None}
-    rows, advice, summaries, ekd = [], [], {}, []
+    rows, advice, summaries, ekd, best = [], [], {}, [], set()
     if teacher not in teachers:
-        return Regime(rows, advice, summaries, teachers, len(missing), ekd)
+        return Regime(rows, advice, summaries, teachers, len(missing), ekd, best)
     for width in table.profile.students:
         summary = summarise(runs, teacher, width)
         if "no KD" not in summary:
@@ -160,16 +167,20 @@ def regime_guide(table: Table, teacher: str) -> Regime:
         rows += r
         advice.append(a)
         ekd.append(ekd_standing(sig, label, summary, plain))
-    return Regime(rows, advice, summaries, teachers, len(missing), ekd)
+        distilled = [m for m in summary if m != "no KD"]
+        if distilled:
+            best.add(f"{max(distilled, key=lambda m: summary[m]['mean']['lfw_tpr@1e-4'])} ({teacher})")
+    return Regime(rows, advice, summaries, teachers, len(missing), ekd, best)
 
 
 def guide(faces: Path, cache: Path, results: Path | None, out: Path) -> str:
     """The README block (markdown) and the capacity plot of both teachers in ``out``."""
-    lines, points, params, standings = [BEGIN], {}, {}, []
+    lines, points, params, standings, best = [BEGIN], {}, {}, [], set()
     for profile, teacher, meaning in REGIMES:
         table = Table(PROFILES[profile], faces, cache, results)
-        rows, advice, summaries, teachers, missing, ekd = regime_guide(table, teacher)
+        rows, advice, summaries, teachers, missing, ekd, regime_best = regime_guide(table, teacher)
         standings += ekd
+        best |= regime_best
         stage = plan_stage(table.profile, table.result)
         state = ("complete" if not missing and not stage else
                  f"**partial: {missing} planned cells still to run"
@@ -186,8 +197,8 @@ def guide(faces: Path, cache: Path, results: Path | None, out: Path) -> str:
         points.update(capacity(summaries, teachers, params))
     lines += standing_paragraph(standings) if standings else []
     out.mkdir(parents=True, exist_ok=True)
-    keep = {m: v for m, v in points.items() if m.rsplit(" (", 1)[0] in ("EKD (authors)", "EKD (ours)", *PLAIN)}
-    png = plot_capacity(keep, "gap closed at TPR@1e-4 vs capacity, both teachers", out / "kd_guide_capacity.png")
+    png = plot_capacity(plotted(points, best), "gap closed at TPR@1e-4 vs capacity, both teachers",
+                        out / "kd_guide_capacity.png", single_points=True)
     if png is not None:
         lines.append(f"![gap closed vs capacity, both teachers]({os.path.relpath(png, REPO)})")
     lines.append(END)

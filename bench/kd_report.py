@@ -160,21 +160,23 @@ def capacity(summaries: dict, teachers: dict, params: dict) -> dict[str, list[tu
     return {m: sorted(v) for m, v in out.items()}
 
 
-def plot_capacity(points: dict[str, list[tuple[int, float]]], title: str, out_png: Path) -> Path | None:
-    """Gap closed at TPR@1e-4 vs student parameters, one line per method (methods on >= 2
-    students)."""
+def plot_capacity(points: dict[str, list[tuple[int, float]]], title: str, out_png: Path,
+                  single_points: bool = False) -> Path | None:
+    """Gap closed at TPR@1e-4 vs student parameters, one line per method on >= 2 students; with
+    ``single_points`` a method run on one student only is drawn as a lone marker."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    lines = {m: v for m, v in points.items() if len(v) >= 2}
+    lines = {m: v for m, v in points.items() if len(v) >= 2 or (single_points and v)}
     if not lines:
         return None
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot(1, 1, 1)
-    for m, v in lines.items():
-        ax.plot([p for p, _ in v], [100 * g for _, g in v], marker="o", label=m)
+    for i, (m, v) in enumerate(lines.items()):
+        ax.plot([p for p, _ in v], [100 * g for _, g in v], marker="osD^vP*X"[i % 8], label=m,
+                linestyle="--" if m.endswith("(T2)") else "-")
     ax.set_xscale("log")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("student parameters")

@@ -45,7 +45,7 @@ def _table(tmp_path, rows: dict[str, float]):
 def test_the_guide_picks_the_row_ahead_of_no_kd_on_every_seed(tmp_path):
     table = _table(tmp_path, {"no KD": 0.10, "EKD (authors)": 0.10, "EKD (ours)": 0.14, "cosine": 0.12,
                               "fitnet": 0.09, "darkrank": 0.18})
-    rows, advice, summaries, _, missing, ekd = G.regime_guide(table, "T2")
+    rows, advice, summaries, _, missing, ekd, best = G.regime_guide(table, "T2")
     assert missing > 0  # the rest of the cpu2 plan is not committed here
     full = next(a for a in advice if "full width" in a)
     # darkrank: +20% of the gap (0.18 - 0.10) / (0.5 - 0.10), better than no KD at every FPR
@@ -56,11 +56,15 @@ def test_the_guide_picks_the_row_ahead_of_no_kd_on_every_seed(tmp_path):
     assert "(cosine) at TPR@1e-4: EKD (authors) worse (+0.0% vs +5.0%); EKD (ours) better (+10.0% vs +5.0%)" in full
     assert next(r for r in rows if "| fitnet |" in r).endswith("| worse |")
     assert next(r for r in rows if "| cosine |" in r).endswith("| – |")  # the reference itself
+    # the capacity plot: EKD, the plain baselines and each student's best row, nothing else
+    assert best == {"darkrank (T2)"}
+    points = {f"{m} (T2)": [(980_000, 0.1)] for m in ("EKD (ours)", "cosine", "darkrank", "sp")}
+    assert set(G.plotted(points, best)) == {"EKD (ours) (T2)", "cosine (T2)", "darkrank (T2)"}
 
 
 def test_the_guide_says_plainly_when_nothing_is_ahead_and_rewrites_only_its_block(tmp_path):
     table = _table(tmp_path, {"no KD": 0.10, "EKD (authors)": 0.10, "cosine": 0.08})
-    _, advice, _, _, _, _ = G.regime_guide(table, "T2")
+    _, advice, _, _, _, _, _ = G.regime_guide(table, "T2")
     assert advice[0].startswith("**T2, full width (0.98 M): no distiller is really ahead of no KD at TPR@1e-4.** "
                                 "The best row, EKD (authors), closes +0.0% (within noise).")
     readme = tmp_path / "README.md"
