@@ -38,7 +38,8 @@ REGIMES = (("cpu2", "T2", "the teacher sees more than the student (a 150-px chip
            ("cpu3", "T3", "the teacher sees what the student sees (the same 32-px crop)"))
 FPRS = ("lfw_tpr@1e-3", "lfw_tpr@1e-4", "lfw_tpr@1e-5")
 PLAIN = ("cosine", "fitnet")
-NAMED = ("EKD (authors)", "EKD (ours)", *PLAIN)
+EKD_ROWS = ("EKD (authors)", "EKD (ours)")
+NAMED = (*EKD_ROWS, *PLAIN)
 BEGIN = "<!-- kd_guide begin: written by bench/kd_guide.py from the committed cells of cpu2 and cpu3 -->"
 END = "<!-- kd_guide end -->"
 WORDS = {"+": "better", "-": "worse", "": "within noise"}
@@ -53,29 +54,34 @@ def _verdicts(sig: dict, method: str, ref: str) -> list[str]:
     return [WORDS[m] for m in marks] if marks else ["n/a"] * len(FPRS)
 
 
+def ranked(summary: dict) -> list[str]:
+    """A student's distilled rows, best seed-mean TPR@1e-4 first."""
+    return sorted((m for m in summary if m != "no KD"), key=lambda m: -summary[m]["mean"]["lfw_tpr@1e-4"])
+
+
 def student_guide(label: str, summary: dict, teacher: dict, sig: dict, plain: str | None) -> tuple[list[str], str]:
     """The guide's rows and its advice for one (regime, student); ``summary`` has no KD."""
     gaps = gap_closed(summary, teacher)
-    ranked = sorted((m for m in summary if m != "no KD"), key=lambda m: -summary[m]["mean"]["lfw_tpr@1e-4"])
-    shown = [m for m in NAMED if m in summary] + [m for m in ranked[:1] if m not in NAMED]
+    order = ranked(summary)
+    shown = [m for m in NAMED if m in summary] + [m for m in order[:1] if m not in NAMED]
     rows = []
     for m in shown:
         vs_plain = "–" if plain is None or m == plain else _verdicts(sig, m, plain)[1]
-        rows.append(f"| {label} | {m}{' (best)' if ranked and m == ranked[0] else ''} | {len(summary[m]['seeds'])} | "
+        rows.append(f"| {label} | {m}{' (best)' if m == order[0] else ''} | {len(summary[m]['seeds'])} | "
                     + " | ".join(_pct(gaps[m][k]) for k in FPRS) + " | "
                     + " / ".join(_verdicts(sig, m, "no KD")) + f" | {vs_plain} |")
-    ahead = [m for m in ranked if _verdicts(sig, m, "no KD")[1] == "better"]
+    ahead = [m for m in order if _verdicts(sig, m, "no KD")[1] == "better"]
     if ahead:
         pick = ahead[0]
         advice = (f"**{label}: pick {pick}**; it closes {_pct(gaps[pick]['lfw_tpr@1e-4'])} of the gap at "
                   f"TPR@1e-4, better than no KD on every seed.")
-    elif ranked:
+    elif order:
         advice = (f"**{label}: no distiller is really ahead of no KD at TPR@1e-4.** The best row, "
-                  f"{ranked[0]}, closes {_pct(gaps[ranked[0]]['lfw_tpr@1e-4'])} "
-                  f"({_verdicts(sig, ranked[0], 'no KD')[1]}).")
+                  f"{order[0]}, closes {_pct(gaps[order[0]]['lfw_tpr@1e-4'])} "
+                  f"({_verdicts(sig, order[0], 'no KD')[1]}).")
     else:
         advice = f"**{label}**: no distilled row yet."
-    ekd = [m for m in ("EKD (authors)", "EKD (ours)") if m in summary]
+    ekd = [m for m in EKD_ROWS if m in summary]
     if ekd and plain is not None:
         advice += " Against the better plain baseline (" + plain + ") at TPR@1e-4: " + "; ".join(
             f"{m} {_verdicts(sig, m, plain)[1]} ({_pct(gaps[m]['lfw_tpr@1e-4'])} vs "
@@ -100,7 +106,7 @@ def ekd_standing(sig: dict, label: str, summary: dict, plain: str | None) -> dic
     """The EKD rows' TPR@1e-4 verdicts for one student: against no KD and the better plain baseline."""
     return {"student": label, "plain": plain,
             "verdicts": {m: (_verdicts(sig, m, "no KD")[1], _verdicts(sig, m, plain)[1] if plain else None)
-                         for m in ("EKD (authors)", "EKD (ours)") if m in summary}}
+                         for m in EKD_ROWS if m in summary}}
 
 
 def standing_paragraph(standings: list[dict]) -> list[str]:
@@ -108,7 +114,7 @@ def standing_paragraph(standings: list[dict]) -> list[str]:
     better / within noise / worse than no KD and than the better plain baseline at TPR@1e-4."""
     lines = ["**Where EKD stands against no KD and the plain baselines** (TPR@1e-4; better / worse: "
              "every seed's 95% paired interval on that side of 0):", ""]
-    for method in ("EKD (authors)", "EKD (ours)"):
+    for method in EKD_ROWS:
         had = [s for s in standings if method in s["verdicts"]]
         if not had:
             continue
@@ -124,7 +130,8 @@ def standing_paragraph(standings: list[dict]) -> list[str]:
             said = ", ".join(f"{w} in {len(groups[w])} ({'; '.join(groups[w])})"
                              for w in ("better", "within noise", "worse", "n/a") if w in groups)
             students = f"{counted} student{'s' if counted != 1 else ''}"
-            parts.append(f"against {ref} ({students}): {said}" if counted else f"no {ref.removeprefix('the better ')} to compare with")
+            parts.append(f"against {ref} ({students}): {said}" if counted
+                         else f"no {ref.removeprefix('the better ')} to compare with")
         lines.append(f"- {method}: " + "; ".join(parts) + ".")
     return lines + [""]
 
@@ -167,9 +174,7 @@ def regime_guide(table: Table, teacher: str) -> Regime:
         rows += r
         advice.append(a)
         ekd.append(ekd_standing(sig, label, summary, plain))
-        distilled = [m for m in summary if m != "no KD"]
-        if distilled:
-            best.add(f"{max(distilled, key=lambda m: summary[m]['mean']['lfw_tpr@1e-4'])} ({teacher})")
+        best |= {f"{m} ({teacher})" for m in ranked(summary)[:1]}
     return Regime(rows, advice, summaries, teachers, len(missing), ekd, best)
 
 
