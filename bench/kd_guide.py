@@ -203,7 +203,7 @@ def guide(faces: Path, cache: Path, results: Path | None, out: Path) -> str:
     lines += standing_paragraph(standings) if standings else []
     out.mkdir(parents=True, exist_ok=True)
     png = plot_capacity(plotted(points, best), "gap closed at TPR@1e-4 vs capacity, both teachers",
-                        out / "kd_guide_capacity.png", single_points=True)
+                        out / "kd_guide_capacity.png", single_points=True, dashed=f"({REGIMES[0][1]})")
     if png is not None:
         lines.append(f"![gap closed vs capacity, both teachers]({os.path.relpath(png, REPO)})")
     lines.append(END)

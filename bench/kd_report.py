@@ -161,9 +161,10 @@ def capacity(summaries: dict, teachers: dict, params: dict) -> dict[str, list[tu
 
 
 def plot_capacity(points: dict[str, list[tuple[int, float]]], title: str, out_png: Path,
-                  single_points: bool = False) -> Path | None:
+                  single_points: bool = False, dashed: str | None = None) -> Path | None:
     """Gap closed at TPR@1e-4 vs student parameters, one line per method on >= 2 students; with
-    ``single_points`` a method run on one student only is drawn as a lone marker."""
+    ``single_points`` a method run on one student only is drawn as a lone marker; series whose
+    name ends with ``dashed`` are drawn dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,7 +177,7 @@ def plot_capacity(points: dict[str, list[tuple[int, float]]], title: str, out_pn
     ax = fig.add_subplot(1, 1, 1)
     for i, (m, v) in enumerate(lines.items()):
         ax.plot([p for p, _ in v], [100 * g for _, g in v], marker="osD^vP*X"[i % 8], label=m,
-                linestyle="--" if m.endswith("(T2)") else "-")
+                linestyle="--" if dashed and m.endswith(dashed) else "-")
     ax.set_xscale("log")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("student parameters")
